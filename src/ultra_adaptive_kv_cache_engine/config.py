@@ -1,0 +1,122 @@
+"""`KVCacheConfig`: the one place where defaults live. Frozen, typed, validated at construction.
+
+Every bad value raises `ValueError` naming the field, the value and what is allowed. Strings given for enum
+fields are normalised to their enum member at construction; derived values are properties, never stored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .types import CacheStrategy, CodecKind, DeviceKind, FsyncPolicy, KVDType, parse_enum
+
+MAX_BLOCK_SIZE = 1024
+
+
+def default_cache_root() -> Path:
+    """The user cache folder: $UAKV_CACHE_DIR, else $XDG_CACHE_HOME/ultra-adaptive-kv-cache, else ~/.cache/..."""
+    explicit = os.environ.get("UAKV_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ultra-adaptive-kv-cache"
+
+
+def _require_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ValueError(f"{name}={value!r} is out of range; expected an integer >= {minimum}{upper}")
+
+
+def _require_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+
+
+def _require_optional_str(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str | os.PathLike) or not str(value)):
+        raise ValueError(f"{name}={value!r} must be a non-empty string or None")
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """Configuration of a cache and its engine.
+
+    Seed fields: `max_tokens` (capacity of the in-memory cache, in tokens), `cache_strategy`,
+    `enable_persistence`, `persistence_path`, `enable_profiling`.
+    """
+
+    max_tokens: int = 4096
+    cache_strategy: CacheStrategy | str = CacheStrategy.ADAPTIVE
+    enable_persistence: bool = False
+    persistence_path: str | None = None
+    enable_profiling: bool = False
+    # Core: blocks and the accelerator pool.
+    block_size: int = 16
+    dtype: KVDType | str | None = None  # None: the model's own dtype
+    device: DeviceKind | str = DeviceKind.AUTO
+    reject_non_finite: bool = True
+    tenant_salt: str = ""
+    # Tiers below the pool (bytes; 0 disables a tier).
+    cpu_tier_bytes: int = 512 * 1024**2
+    disk_tier_bytes: int = 4 * 1024**3
+    redis_url: str | None = None
+    fsync_policy: FsyncPolicy | str = FsyncPolicy.BATCH
+    codec: CodecKind | str = CodecKind.IDENTITY
+    # Model.
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    model_cache_dir: str | None = None
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _require_int("max_tokens", self.max_tokens, 1)
+        _require_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
+        _require_int("cpu_tier_bytes", self.cpu_tier_bytes, 0)
+        _require_int("disk_tier_bytes", self.disk_tier_bytes, 0)
+        _require_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
+        for name in ("enable_persistence", "enable_profiling", "reject_non_finite"):
+            _require_bool(name, getattr(self, name))
+        for name in ("persistence_path", "redis_url", "model_path", "model_cache_dir"):
+            _require_optional_str(name, getattr(self, name))
+        if not isinstance(self.tenant_salt, str):
+            raise ValueError(f"tenant_salt={self.tenant_salt!r} must be a string")
+        if self.redis_url is not None and not str(self.redis_url).startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url={self.redis_url!r} must start with redis://, rediss:// or unix://")
+        set_ = object.__setattr__  # normalising the given value, not deriving a new one
+        set_(self, "cache_strategy", CacheStrategy.parse(self.cache_strategy))
+        set_(self, "device", parse_enum(DeviceKind, "device", self.device))
+        set_(self, "fsync_policy", parse_enum(FsyncPolicy, "fsync_policy", self.fsync_policy))
+        set_(self, "codec", parse_enum(CodecKind, "codec", self.codec))
+        if self.dtype is not None:
+            set_(self, "dtype", KVDType.parse(self.dtype))
+        for name in ("persistence_path", "model_path", "model_cache_dir"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(self, name, os.fspath(value))
+
+    @property
+    def persistence_dir(self) -> Path:
+        """Folder of the durable disk tier."""
+        if self.persistence_path is not None:
+            return Path(self.persistence_path)
+        return default_cache_root() / "blocks"
+
+    @property
+    def model_dir(self) -> Path:
+        """Folder where converted model weights are kept."""
+        if self.model_cache_dir is not None:
+            return Path(self.model_cache_dir)
+        return default_cache_root() / "models"
+
+    def with_(self, **changes: Any) -> KVCacheConfig:
+        """A copy with `changes` applied (and validated)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; expected some of: {', '.join(sorted(known))}")
+        return replace(self, **changes)

@@ -1,0 +1,80 @@
+"""Imports go downward only: a module may import from its own layer or lower ones, never from a higher one."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "ultra_adaptive_kv_cache_engine"
+ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+
+LAYERS: dict[str, int] = {
+    "types": 0, "config": 0, "metrics": 0,
+    "memory": 1, "prefix": 1, "policies": 1, "compression": 1,
+    "tiers": 2, "kernels": 2,
+    "cache": 3, "model": 3,
+    "engine": 4,
+    "server": 5, "cli": 5, "__main__": 5,
+}
+
+
+def _component(module_parts: list[str]) -> str | None:
+    """The top-level component ('memory', 'config', ...) of a module path inside the package."""
+    return module_parts[0] if module_parts else None
+
+
+def _imported_components(path: Path) -> set[str]:
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    package_parts = list(rel[:-1]) if rel[-1] != "__init__" else list(rel[:-1])
+    if rel[-1] == "__init__":
+        package_parts = list(rel[:-1])
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        targets: list[list[str]] = []
+        if isinstance(node, ast.Import):
+            targets = [a.name.split(".") for a in node.names]
+            targets = [t[1:] for t in targets if t[0] == PACKAGE]
+        elif isinstance(node, ast.ImportFrom):
+            mod = (node.module or "").split(".") if node.module else []
+            if node.level == 0:
+                if not mod or mod[0] != PACKAGE:
+                    continue
+                base = mod[1:]
+            else:
+                up = package_parts[: len(package_parts) - (node.level - 1)]
+                base = up + mod
+            targets = [base + [a.name] if not base else base for a in node.names]
+        for t in targets:
+            comp = _component(t)
+            if comp is not None:
+                found.add(comp)
+    return found
+
+
+def _modules() -> list[Path]:
+    return sorted(p for p in ROOT.rglob("*.py") if p != ROOT / "__init__.py")
+
+
+def test_every_component_has_a_layer():
+    comps = {p.relative_to(ROOT).parts[0].removesuffix(".py") for p in _modules()}
+    assert comps <= set(LAYERS), f"components without a layer: {sorted(comps - set(LAYERS))}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_upward_import(path: Path):
+    own = LAYERS[path.relative_to(ROOT).parts[0].removesuffix(".py")]
+    upward = {c: LAYERS[c] for c in _imported_components(path) if c in LAYERS and LAYERS[c] > own}
+    assert not upward, f"{path.relative_to(ROOT)} (layer {own}) imports upward: {upward}"
+
+
+def test_detector_catches_an_upward_import(tmp_path: Path):
+    # The checker itself must fail on a known-bad module.
+    bad = ROOT / "memory" / "_probe_upward.py"
+    bad.write_text("from ..engine import engine\n")
+    try:
+        assert "engine" in _imported_components(bad)
+    finally:
+        bad.unlink()
