@@ -12,7 +12,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-LOGGER_NAME = "ultra_adaptive_kv_cache_engine"
+from .metrics import LOGGER_NAME
+
 logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
 
 _EXPORTS: dict[str, str] = {

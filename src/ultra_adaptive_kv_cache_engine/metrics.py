@@ -121,3 +121,6 @@ class Counters:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
+
+
+LOGGER_NAME = "ultra_adaptive_kv_cache_engine"

@@ -1,1 +1,1 @@
-"""cache layer."""
+"""L3 cache layer: the seed's caches and the facade the engine talks to."""

@@ -1,0 +1,215 @@
+"""`BaseKVCache`: the seed's content-addressed tensor cache, an `nn.Module` with a token capacity.
+
+`store(key, value)` names the entry by a digest of the key tensor (dtype, shape, bytes); `retrieve(key)`
+returns a copy of the value or None. Capacity `config.max_tokens` is enforced by evicting through the policy
+that the configured strategy names in the policy registry. Subclasses customise storage and eviction through
+`_store(key, value)` and `_evict(num_tokens)`, exactly as the seed shows.
+
+Ownership: stored values are private clones; `retrieve` hands out clones, so callers may modify what they get.
+Thread-safety: every public method holds `self._lock` (an RLock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import KVCacheConfig
+from ..metrics import LOGGER_NAME, Counters
+from ..policies import EvictionPolicy, has_policy, make_policy
+from .keys import entry_tokens, tensor_digest
+
+
+@dataclass(slots=True)
+class CacheEntry:
+    """One stored value and the tokens it occupies."""
+
+    value: torch.Tensor
+    tokens: int
+
+
+class BaseKVCache(nn.Module):
+    """Base class for all KV cache implementations."""
+
+    def __init__(self, config: KVCacheConfig) -> None:
+        super().__init__()
+        if not isinstance(config, KVCacheConfig):
+            raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
+        self.config = config
+        self.logger = logging.getLogger(LOGGER_NAME)
+        self._lock = threading.RLock()
+        self.counters = Counters()
+        self.policy: EvictionPolicy | None = self._make_policy()
+        self._entries: dict[bytes, CacheEntry] = {}
+        self._tokens = 0
+        self._pending: tuple[torch.Tensor, bytes] | None = None
+
+    # ----------------------------------------------------------------- policy
+    def _policy_name(self) -> str:
+        return self.config.cache_strategy.value
+
+    def _make_policy(self) -> EvictionPolicy | None:
+        name = self._policy_name()
+        if not has_policy(name):
+            self.logger.debug("strategy %r has no registered policy; _evict must be overridden", name)
+            return None
+        return make_policy(name, capacity=self.config.max_tokens)
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def max_tokens(self) -> int:
+        return self.config.max_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens currently held."""
+        return self._tokens
+
+    def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Cache `value` under the content of `key`, evicting through the policy when over capacity.
+
+        Raises TypeError/ValueError (naming the bad input) and leaves the cache unchanged on bad input.
+        """
+        tokens = self._validate(key, value)
+        digest = tensor_digest(key)
+        with self._lock:
+            old = self._entries.get(digest)
+            need = self._tokens - (old.tokens if old else 0) + tokens - self.max_tokens
+            if need > 0:
+                self._evict(need)
+            self._pending = (key, digest)
+            try:
+                self._store(key, value)
+            finally:
+                self._pending = None
+            self.counters.add("stores")
+
+    def retrieve(self, key: torch.Tensor) -> torch.Tensor | None:
+        """A copy of the value stored under `key`'s content, or None (counted as a miss)."""
+        if not isinstance(key, torch.Tensor):
+            raise TypeError(f"key must be a torch.Tensor, got {type(key).__name__}")
+        digest = tensor_digest(key)
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                self.counters.add("misses")
+                return None
+            self.counters.add("hits")
+            if self.policy is not None:
+                self.policy.on_access(digest)
+            return entry.value.clone()
+
+    def contains(self, key: torch.Tensor) -> bool:
+        if not isinstance(key, torch.Tensor):
+            raise TypeError(f"key must be a torch.Tensor, got {type(key).__name__}")
+        digest = tensor_digest(key)
+        with self._lock:
+            return digest in self._entries
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, torch.Tensor) and self.contains(key)
+
+    def evict(self, num_tokens: int) -> int:
+        """Evict at least `num_tokens` tokens (fewer if the cache holds fewer); returns tokens freed."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens={num_tokens!r} must be a non-negative integer")
+        with self._lock:
+            before = self._tokens
+            if num_tokens:
+                self._evict(min(num_tokens, before))
+            return before - self._tokens
+
+    def clear(self) -> None:
+        with self._lock:
+            for digest in list(self._entries):
+                self._remove(digest)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            c = self.counters.snapshot()
+            hits, misses = c.get("hits", 0), c.get("misses", 0)
+            return {
+                "strategy": self.config.cache_strategy.value,
+                "entries": len(self._entries),
+                "tokens": self._tokens,
+                "max_tokens": self.max_tokens,
+                "hits": hits,
+                "misses": misses,
+                "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+                "stores": c.get("stores", 0),
+                "evictions": c.get("evictions", 0),
+            }
+
+    # ----------------------------------------------------------------- extension points
+    def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store `value` under `key` (capacity already made). Subclasses may replace this."""
+        digest = self._digest_of(key)
+        tokens = entry_tokens(value)
+        old = self._entries.pop(digest, None)
+        if old is not None:
+            self._tokens -= old.tokens
+            if self.policy is not None:
+                self.policy.on_remove(digest)
+        self._entries[digest] = CacheEntry(value.detach().clone(), tokens)
+        self._tokens += tokens
+        if self.policy is not None:
+            self.policy.on_insert(digest, tokens)
+
+    def _evict(self, num_tokens: int) -> None:
+        """Free at least `num_tokens` tokens, victims chosen by the policy. Subclasses may replace this."""
+        if self.policy is None:
+            raise RuntimeError(
+                f"strategy {self._policy_name()!r} has no eviction policy registered; register one with "
+                "register_strategy(name, policy=...) or override _evict"
+            )
+        freed = 0
+        while freed < num_tokens and self._entries:
+            victims = self.policy.victims(1)
+            if not victims:
+                break
+            freed += self._remove(victims[0])
+            self.counters.add("evictions")
+
+    # ----------------------------------------------------------------- helpers
+    def _digest_of(self, key: torch.Tensor) -> bytes:
+        pending = self._pending
+        if pending is not None and pending[0] is key:
+            return pending[1]
+        return tensor_digest(key)
+
+    def _remove(self, digest: Hashable) -> int:
+        """Drop one entry by digest; returns the tokens freed (0 if absent)."""
+        entry = self._entries.pop(digest, None)  # type: ignore[arg-type]
+        if self.policy is not None:
+            self.policy.on_remove(digest)
+        if entry is None:
+            return 0
+        self._tokens -= entry.tokens
+        return entry.tokens
+
+    def _validate(self, key: Any, value: Any) -> int:
+        for name, t in (("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if value.numel() == 0:
+            raise ValueError(f"value of shape {tuple(value.shape)} is empty; expected at least one element")
+        if self.config.reject_non_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                "value contains NaN or Inf; expected finite values (set reject_non_finite=False to allow them)"
+            )
+        tokens = entry_tokens(value)
+        if tokens > self.max_tokens:
+            raise ValueError(
+                f"entry of {tokens} tokens (value shape {tuple(value.shape)}) is larger than the whole "
+                f"capacity max_tokens={self.max_tokens}"
+            )
+        return tokens
