@@ -1,0 +1,100 @@
+"""`UltraAdaptiveKVCacheEngine`: the seed's front object. Thread-safe and safe under `asyncio.gather`.
+
+It owns a cache from the strategy registry (the seed's content-addressed `store`/`retrieve`), and, on first
+use of the `process` action, a model session that generates text with prefix reuse through the paged cache.
+Requests are dictionaries; each action is one handler in `self._actions` (a registry, not a branch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+
+from ..cache.factory import create_cache
+from ..config import KVCacheConfig
+from ..metrics import LOGGER_NAME, Profiler
+from .requests import require_dict, require_tensor, resolve_action
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class UltraAdaptiveKVCacheEngine:
+    """Ultra-adaptive KV cache with advanced features."""
+
+    def __init__(self, config: KVCacheConfig | None = None) -> None:
+        if config is None:
+            config = KVCacheConfig()
+        if not isinstance(config, KVCacheConfig):
+            raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
+        self.config = config
+        self.logger = logging.getLogger(LOGGER_NAME)
+        self.cache = create_cache(config)
+        self.profiler = Profiler(enabled=config.enable_profiling)
+        self._actions: dict[str, Handler] = {
+            "store": self._handle_store,
+            "retrieve": self._handle_retrieve,
+            "process": self._handle_process,
+        }
+        self._session: Any = None
+        self.logger.debug("engine ready: strategy=%s max_tokens=%d", config.cache_strategy, config.max_tokens)
+
+    # ----------------------------------------------------------------- seed's tensor API
+    def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Cache `value` under the content of `key`."""
+        with self.profiler.measure("store"):
+            self.cache.store(key, value)
+
+    def retrieve(self, key: torch.Tensor) -> torch.Tensor | None:
+        """The value stored under `key`'s content, or None."""
+        with self.profiler.measure("retrieve"):
+            return self.cache.retrieve(key)
+
+    # ----------------------------------------------------------------- requests
+    async def process_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one request: {'action': 'store'|'retrieve'|'process', ...}. Raises ValueError on bad input."""
+        require_dict(request)
+        action = resolve_action(request, sorted(self._actions))
+        start = time.perf_counter()
+        try:
+            return await self._actions[action](request)
+        finally:
+            self.profiler.record(f"request.{action}", time.perf_counter() - start)
+
+    async def _handle_store(self, request: dict[str, Any]) -> dict[str, Any]:
+        key, value = require_tensor(request, "key"), require_tensor(request, "value")
+        self.store(key, value)
+        return {"action": "store", "stored": True}
+
+    async def _handle_retrieve(self, request: dict[str, Any]) -> dict[str, Any]:
+        value = self.retrieve(require_tensor(request, "key"))
+        return {"action": "retrieve", "value": value, "cache_hit": value is not None}
+
+    async def _handle_process(self, request: dict[str, Any]) -> dict[str, Any]:
+        session = await asyncio.to_thread(self._model_session)
+        return await session.process(request)
+
+    def _model_session(self) -> Any:
+        """The model session, created on first use (loads the model)."""
+        if self._session is None:
+            from .session import ModelSession  # deferred: importing transformers is slow
+
+            self._session = ModelSession(self.config, profiler=self.profiler)
+        return self._session
+
+    # ----------------------------------------------------------------- introspection
+    def get_stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {"cache": self.cache.stats()}
+        if self._session is not None:
+            stats["model"] = self._session.stats()
+        return stats
+
+    def get_profiling_data(self) -> dict[str, Any]:
+        """Per-operation counts and latency percentiles (ms); requires `enable_profiling=True`."""
+        if not self.config.enable_profiling:
+            raise RuntimeError("profiling is off; create the engine with KVCacheConfig(enable_profiling=True)")
+        return {"enabled": True, "operations": self.profiler.snapshot()}

@@ -1,0 +1,173 @@
+"""BaseKVCache, strategy registry and the seed's extension patterns, in tiny worlds with exact state."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from ultra_adaptive_kv_cache_engine import (
+    BaseKVCache,
+    CacheStrategy,
+    KVCacheConfig,
+    create_cache,
+    register_strategy,
+)
+from ultra_adaptive_kv_cache_engine.cache.keys import entry_tokens, tensor_digest
+from ultra_adaptive_kv_cache_engine.policies.lru import LRUPolicy
+
+
+def kv(seed: int, tokens: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, tokens, 4, generator=g)
+
+
+def lru_cache(max_tokens: int = 6) -> BaseKVCache:
+    return create_cache(KVCacheConfig(max_tokens=max_tokens, cache_strategy=CacheStrategy.LRU))
+
+
+def test_store_retrieve_round_trip_and_copies():
+    cache = lru_cache()
+    key, value = kv(1), kv(2)
+    cache.store(key, value)
+    got = cache.retrieve(key)
+    assert torch.equal(got, value)
+    got.zero_()  # the caller's copy; the cache keeps its own
+    value.zero_()
+    assert torch.equal(cache.retrieve(key), kv(2))
+    assert cache.retrieve(kv(99)) is None
+    assert cache.stats() | {} == {
+        "strategy": "lru", "entries": 1, "tokens": 2, "max_tokens": 6, "hits": 2, "misses": 1,
+        "hit_rate": 2 / 3, "stores": 1, "evictions": 0,
+    }
+
+
+def test_key_names_content_dtype_and_shape():
+    a = torch.arange(8, dtype=torch.float32)
+    assert tensor_digest(a) == tensor_digest(a.clone())
+    assert tensor_digest(a) != tensor_digest(a.to(torch.float64))
+    assert tensor_digest(a) != tensor_digest(a.reshape(2, 4))
+    assert tensor_digest(torch.ones(3, dtype=torch.bfloat16)) != tensor_digest(torch.ones(3, dtype=torch.float16))
+    assert len(tensor_digest(a)) == 32
+    assert entry_tokens(torch.zeros(1, 8, 64)) == 8 and entry_tokens(torch.zeros(5)) == 1
+
+
+def test_lru_eviction_exact_order():
+    cache = lru_cache(max_tokens=6)  # three 2-token entries fit
+    keys = [kv(10 + i) for i in range(4)]
+    for i in range(3):
+        cache.store(keys[i], kv(20 + i))
+    assert cache.retrieve(keys[0]) is not None  # 0 becomes most recent: order 1, 2, 0
+    cache.store(keys[3], kv(23))  # evicts 1
+    assert [cache.contains(k) for k in keys] == [True, False, True, True]
+    assert cache.num_tokens == 6 and len(cache) == 3
+    assert cache.evict(3) == 4  # evicts 2 then 0
+    assert [cache.contains(k) for k in keys] == [False, False, False, True]
+    assert cache.stats()["evictions"] == 3
+
+
+def test_overwrite_same_key_keeps_token_count():
+    cache = lru_cache(max_tokens=4)
+    key = kv(1)
+    cache.store(key, kv(2, tokens=2))
+    cache.store(key, kv(3, tokens=4))
+    assert len(cache) == 1 and cache.num_tokens == 4
+    assert torch.equal(cache.retrieve(key), kv(3, tokens=4))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "error", "match"),
+    [
+        ("k", torch.ones(1, 2, 4), TypeError, "key must be a torch.Tensor, got str"),
+        (torch.ones(2), [1.0], TypeError, "value must be a torch.Tensor, got list"),
+        (torch.ones(2), torch.ones(0, 4), ValueError, "empty"),
+        (torch.ones(2), torch.tensor([[1.0, float("nan")]]), ValueError, "NaN or Inf"),
+        (torch.ones(2), torch.ones(1, 7, 4), ValueError, "larger than the whole capacity max_tokens=6"),
+    ],
+)
+def test_bad_input_leaves_cache_intact(key, value, error, match):
+    cache = lru_cache()
+    cache.store(kv(1), kv(2))
+    with pytest.raises(error, match=match):
+        cache.store(key, value)
+    assert len(cache) == 1 and cache.num_tokens == 2 and torch.equal(cache.retrieve(kv(1)), kv(2))
+
+
+def test_non_finite_allowed_when_configured():
+    cache = create_cache(KVCacheConfig(max_tokens=8, cache_strategy="lru", reject_non_finite=False))
+    cache.store(kv(1), torch.tensor([[float("inf")]]))
+    assert torch.isinf(cache.retrieve(kv(1))).all()
+
+
+def test_evict_rejects_negative():
+    with pytest.raises(ValueError, match="num_tokens=-1"):
+        lru_cache().evict(-1)
+
+
+def test_thread_safety_under_many_threads():
+    cache = lru_cache(max_tokens=64)
+    keys = [kv(i, tokens=1) for i in range(400)]
+
+    def work(lo: int) -> None:
+        for k in keys[lo : lo + 100]:
+            cache.store(k, k * 2)
+            cache.retrieve(k)
+
+    threads = [threading.Thread(target=work, args=(i * 100,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) == 64 and cache.num_tokens == 64 and len(cache.policy) == 64
+    assert cache.stats()["stores"] == 400
+
+
+def test_register_strategy_by_name_and_select_in_config():
+    class MRUPolicy(LRUPolicy):
+        name = "mru_test"
+
+        def victims(self, n):
+            return list(reversed(self._order))[:n]
+
+    member = register_strategy("mru_test", policy=MRUPolicy)
+    assert member is CacheStrategy.MRU_TEST and CacheStrategy("mru_test") is member
+    cache = create_cache(KVCacheConfig(max_tokens=4, cache_strategy="mru_test"))
+    a, b, c = kv(1), kv(2), kv(3)
+    cache.store(a, a)
+    cache.store(b, b)
+    cache.store(c, c)  # evicts the most recent: b
+    assert [cache.contains(x) for x in (a, b, c)] == [True, False, True]
+
+
+def test_seed_custom_strategy_pattern():
+    class CustomKVCache(BaseKVCache):
+        def __init__(self, config: KVCacheConfig):
+            super().__init__(config)
+            self.stored: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self.evicted: list[int] = []
+
+        def _evict(self, num_tokens: int) -> None:
+            self.evicted.append(num_tokens)
+
+        def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+            self.stored.append((key, value))
+
+    CacheStrategy.CUSTOM = "custom"
+
+    def create_custom_cache(config):
+        if config.cache_strategy == CacheStrategy.CUSTOM:
+            return CustomKVCache(config)
+
+    cache = create_custom_cache(KVCacheConfig(max_tokens=16, cache_strategy=CacheStrategy.CUSTOM))
+    assert isinstance(cache, CustomKVCache) and cache.policy is None
+    cache.store(kv(1), kv(2))
+    assert len(cache.stored) == 1 and cache.evicted == []
+
+
+def test_unregistered_strategy_has_a_clear_error():
+    CacheStrategy.NOTHING_HERE = "nothing_here"
+    with pytest.raises(ValueError, match="register_strategy\\('nothing_here'"):
+        create_cache(KVCacheConfig(cache_strategy="nothing_here"))
+    with pytest.raises(ValueError, match="cache_strategy='bogus' is not a known strategy"):
+        KVCacheConfig(cache_strategy="bogus")

@@ -1,0 +1,70 @@
+"""The seed's own tests (SEED-guia-de-desarrollo.md, section Testing), copied as the seed wrote them.
+
+Only `import torch` (the seed's snippets use it without importing it) is added.
+"""
+
+import pytest
+import torch
+from ultra_adaptive_kv_cache_engine import (
+    UltraAdaptiveKVCacheEngine,
+    KVCacheConfig,
+    CacheStrategy
+)
+
+@pytest.fixture
+def cache_config():
+    return KVCacheConfig(
+        max_tokens=1024,
+        cache_strategy=CacheStrategy.ADAPTIVE
+    )
+
+@pytest.fixture
+def cache_engine(cache_config):
+    return UltraAdaptiveKVCacheEngine(cache_config)
+
+def test_basic_storage(cache_engine):
+    """Test básico de almacenamiento."""
+    key = torch.randn(1, 8, 64)
+    value = torch.randn(1, 8, 64)
+    
+    cache_engine.store(key, value)
+    retrieved = cache_engine.retrieve(key)
+    
+    assert torch.allclose(retrieved, value)
+
+@pytest.mark.asyncio
+async def test_concurrent_access(cache_engine):
+    """Test de acceso concurrente."""
+    import asyncio
+    
+    async def store_task(i):
+        key = torch.randn(1, 8, 64)
+        value = torch.randn(1, 8, 64)
+        await cache_engine.process_request({
+            'key': key,
+            'value': value,
+            'action': 'store'
+        })
+    
+    tasks = [store_task(i) for i in range(100)]
+    await asyncio.gather(*tasks)
+
+import time
+
+def test_latency(cache_engine):
+    """Test de latencia."""
+    latencies = []
+    
+    for i in range(1000):
+        start = time.time()
+        cache_engine.store(torch.randn(1, 8, 64), torch.randn(1, 8, 64))
+        latencies.append((time.time() - start) * 1000)
+    
+    import numpy as np
+    p50 = np.percentile(latencies, 50)
+    p95 = np.percentile(latencies, 95)
+    p99 = np.percentile(latencies, 99)
+    
+    assert p50 < 10, f"P50 latency too high: {p50}ms"
+    assert p95 < 50, f"P95 latency too high: {p95}ms"
+    assert p99 < 100, f"P99 latency too high: {p99}ms"
