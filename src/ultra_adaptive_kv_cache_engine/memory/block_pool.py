@@ -1,0 +1,216 @@
+"""`BlockPool`: the preallocated paged KV tensor and the bookkeeping of its blocks.
+
+Ownership: a block is either held (ref count >= 1, owned by the sequences that hold it) or free (ref count
+0, in the free queue). A free block may still hold a hash: its content is cached and a prefix hit revives it
+(`incref`), until `allocate` hands it out again, which evicts the hash (reported through `on_evict` or
+`take_evicted`). The free queue is the eviction order: freed blocks without a hash go to its head (reused
+first, nothing is lost), freed blocks with a hash go to its tail, a sequence's blocks in reverse order so
+that its tail is evicted before its prefix.
+
+Bookkeeping is plain Python (no torch) except the backing tensor `kv`; all operations are O(1) per block.
+The pool is not thread-safe: its owner serialises calls.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .allocator import MemoryAllocator, TorchAllocator, check_allocation
+from .free_queue import FreeBlockQueue
+from .kv_spec import KVSpec
+
+
+@dataclass(frozen=True, slots=True)
+class EvictedBlock:
+    """A cached block whose slot was reallocated: `block_hash` no longer names `block_id`'s content."""
+
+    block_id: int
+    block_hash: bytes
+
+
+EvictCallback = Callable[[EvictedBlock], None]
+
+
+class BlockPool:
+    """`num_blocks` blocks of `spec` in one tensor `kv` of shape ``spec.pool_shape(num_blocks)``.
+
+    `allocator` is any object with ``allocate(size) -> Tensor`` and ``deallocate(tensor)`` (default:
+    `TorchAllocator(spec.dtype, spec.device)`); what it returns must match the spec's dtype and device and
+    have exactly ``num_blocks * spec.elements_per_block`` elements. `on_evict`, if given, is called for each
+    evicted cached block; otherwise evictions wait in a list drained by `take_evicted()`.
+    """
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        num_blocks: int,
+        allocator: MemoryAllocator | None = None,
+        on_evict: EvictCallback | None = None,
+    ) -> None:
+        if not isinstance(spec, KVSpec):
+            raise TypeError(f"spec={spec!r} must be a KVSpec")
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_blocks={num_blocks!r} must be a positive integer")
+        if allocator is None:
+            allocator = TorchAllocator(spec.dtype, spec.device)
+        if not (callable(getattr(allocator, "allocate", None)) and callable(getattr(allocator, "deallocate", None))):
+            raise TypeError(f"allocator={allocator!r} must have allocate(size) and deallocate(tensor) methods")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self._allocator = allocator
+        size = num_blocks * spec.elements_per_block
+        self._backing: torch.Tensor | None = check_allocation(allocator.allocate(size), size, spec.dtype, spec.device, allocator)
+        self.kv: torch.Tensor = self._backing.view(spec.pool_shape(num_blocks))
+        self._ref = [0] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks
+        self._free = FreeBlockQueue(num_blocks)
+        self._on_evict = on_evict
+        self._evicted: list[EvictedBlock] = []
+        self.num_evictions = 0
+
+    # -- allocation -------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks with ref count 0 (cached or not): how many `allocate` can hand out now."""
+        return len(self._free)
+
+    def allocate(self) -> int | None:
+        """The head of the free queue with ref count 1, evicting its hash if it had one; None if none free."""
+        block_id = self._free.popleft()
+        if block_id is None:
+            return None
+        self._ref[block_id] = 1
+        old_hash = self._hash[block_id]
+        if old_hash is not None:
+            self._hash[block_id] = None
+            self._report_eviction(EvictedBlock(block_id, old_hash))
+        return block_id
+
+    def allocate_many(self, n: int) -> list[int] | None:
+        """`n` blocks in free-queue order, or None (and nothing changed) if fewer than `n` are free."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n={n!r} must be a non-negative integer")
+        if n > len(self._free):
+            return None
+        blocks: list[int] = []
+        for _ in range(n):
+            block_id = self.allocate()
+            assert block_id is not None  # n <= num_free was checked
+            blocks.append(block_id)
+        return blocks
+
+    def incref(self, block_id: int) -> None:
+        """One more holder of `block_id`. Reviving a free block requires it to hold a hash (a prefix hit)."""
+        self._check_id(block_id)
+        if self._ref[block_id] == 0:
+            if self._hash[block_id] is None:
+                raise ValueError(f"block {block_id} is free and holds no cached content; allocate() it instead")
+            self._free.remove(block_id)
+        self._ref[block_id] += 1
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drops one reference to each of `block_ids`, last first; blocks reaching 0 join the free queue.
+
+        All ids are checked first: if any would drop below 0, ValueError and nothing changes.
+        """
+        counts = Counter(block_ids)
+        for block_id, count in counts.items():
+            self._check_id(block_id)
+            if self._ref[block_id] < count:
+                raise ValueError(
+                    f"block {block_id} has ref count {self._ref[block_id]}; cannot drop {count} reference(s)"
+                )
+        for block_id in reversed(block_ids):
+            self._ref[block_id] -= 1
+            if self._ref[block_id] == 0:
+                if self._hash[block_id] is None:
+                    self._free.appendleft(block_id)
+                else:
+                    self._free.append(block_id)
+
+    def decref(self, block_id: int) -> None:
+        """`free([block_id])`."""
+        self.free([block_id])
+
+    def ref_count(self, block_id: int) -> int:
+        self._check_id(block_id)
+        return self._ref[block_id]
+
+    def free_block_ids(self) -> list[int]:
+        """Free blocks in eviction order (head first)."""
+        return list(self._free)
+
+    # -- content names -------------------------------------------------------------------------------------
+    def block_hash(self, block_id: int) -> bytes | None:
+        self._check_id(block_id)
+        return self._hash[block_id]
+
+    def set_block_hash(self, block_id: int, block_hash: bytes) -> None:
+        """Names the content of a held block. A block keeps one name until it is cleared or evicted."""
+        self._check_id(block_id)
+        if not isinstance(block_hash, bytes) or not block_hash:
+            raise ValueError(f"block_hash={block_hash!r} must be non-empty bytes")
+        if self._ref[block_id] == 0:
+            raise ValueError(f"block {block_id} is free; only a held block can be given a hash")
+        current = self._hash[block_id]
+        if current is not None and current != block_hash:
+            raise ValueError(f"block {block_id} already holds hash {current.hex()[:16]}...; clear it first")
+        self._hash[block_id] = block_hash
+
+    def clear_block_hash(self, block_id: int) -> bytes | None:
+        """Forgets the name of `block_id` (returned); a free block moves to the head of the free queue."""
+        self._check_id(block_id)
+        old_hash = self._hash[block_id]
+        self._hash[block_id] = None
+        if old_hash is not None and self._ref[block_id] == 0:
+            self._free.remove(block_id)
+            self._free.appendleft(block_id)
+        return old_hash
+
+    def num_cached(self) -> int:
+        """Blocks that hold a hash (held or free). O(num_blocks)."""
+        return sum(h is not None for h in self._hash)
+
+    def take_evicted(self) -> list[EvictedBlock]:
+        """Evictions not yet taken, oldest first (always empty when an `on_evict` callback is set)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def block(self, block_id: int) -> torch.Tensor:
+        """View of one block's KV, shape ``spec.block_shape``."""
+        self._check_id(block_id)
+        return self.kv[block_id]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copies `src`'s KV into `dst`, which must be held only once and hold no hash (copy-on-write)."""
+        self._check_id(src)
+        self._check_id(dst)
+        if self._ref[dst] != 1 or self._hash[dst] is not None:
+            raise ValueError(f"block {dst} must be exclusively held and unnamed to be written")
+        self.kv[dst].copy_(self.kv[src])
+
+    def close(self) -> None:
+        """Hands the backing tensor back to the allocator; the pool is unusable afterwards."""
+        backing, self._backing = self._backing, None
+        if backing is not None:
+            self.kv = torch.empty(0, dtype=self.spec.dtype)
+            self._allocator.deallocate(backing)
+
+    def _report_eviction(self, evicted: EvictedBlock) -> None:
+        self.num_evictions += 1
+        if self._on_evict is not None:
+            self._on_evict(evicted)
+        else:
+            self._evicted.append(evicted)
+
+    def _check_id(self, block_id: object) -> None:
+        if isinstance(block_id, bool) or not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block id {block_id!r} is out of range; expected an int in [0, {self.num_blocks})")
+
+    def __repr__(self) -> str:
+        return f"BlockPool(num_blocks={self.num_blocks}, free={self.num_free}, spec={self.spec})"
