@@ -1,0 +1,199 @@
+"""`uakv`: the command line. One function per command, registered in COMMANDS (no if/elif dispatch).
+
+Commands:
+  demo      what `make run` shows: the cache API, then a scripted multi-turn chat with the embedded model,
+            each answer with its cached tokens and time to first token
+  generate  one completion for PROMPT
+  chat      interactive multi-turn chat; each turn shows cached tokens and TTFT
+  info      model, cache configuration and sizes
+  replay    replay a request trace through the eviction policies (hit rates against Belady's bound)
+Global options map onto KVCacheConfig fields (see `uakv --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import KVCacheConfig
+from .engine.engine import UltraAdaptiveKVCacheEngine
+from .types import CacheStrategy
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def config_from_args(args: argparse.Namespace) -> KVCacheConfig:
+    """KVCacheConfig from the global options (only those given; defaults live in KVCacheConfig)."""
+    fields = {
+        "model_path": args.model,
+        "max_tokens": args.max_tokens,
+        "cache_strategy": args.strategy,
+        "block_size": args.block_size,
+        "device": args.device,
+        "enable_persistence": True if args.persist else None,
+        "persistence_path": args.persistence_path,
+        "redis_url": args.redis_url,
+        "tenant_salt": args.tenant,
+        "enable_profiling": True if args.profile else None,
+    }
+    return KVCacheConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _print_turn(prefix: str, result: dict[str, Any]) -> None:
+    print(f"{prefix}{result['text'].strip()}")
+    print(
+        f"    [prompt {result['prompt_tokens']} tokens, cached {result['cached_tokens']}, "
+        f"ttft {result['ttft_ms']:.0f} ms, {result['completion_tokens']} new tokens in {result['latency_ms']:.0f} ms]"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    print("== 1. The cache API: store and retrieve tensors by content ==")
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=64, cache_strategy=CacheStrategy.LRU))
+    keys = [torch.randn(1, 8, 64, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    for k in keys:
+        engine.store(k, k * 2)
+    held = sum(engine.retrieve(k) is not None for k in keys)
+    print(f"stored 10 entries of 8 tokens in a 64-token LRU cache: {held} still held, "
+          f"stats {json.dumps(engine.cache.stats())}")
+    print("\n== 2. A multi-turn chat with the embedded model: each turn reuses the cached prefix ==")
+    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
+    messages: list[dict[str, str]] = [{"role": "system", "content": DEMO_SYSTEM}]
+    for question in DEMO_QUESTIONS:
+        messages.append({"role": "user", "content": question})
+        result = asyncio.run(engine.process_request(
+            {"action": "process", "messages": messages, "max_new_tokens": args.max_new_tokens, "seed": 0}))
+        print(f"\nuser> {question}")
+        _print_turn("assistant> ", result)
+        messages.append({"role": "assistant", "content": result["text"]})
+    print(f"\ncache stats: {json.dumps(engine.get_stats().get('model', {}), default=str)}")
+    return 0
+
+
+DEMO_SYSTEM = (
+    "You are a concise assistant. Answer in one or two sentences. You are helping a new engineer understand "
+    "how a key-value cache speeds up language model inference by reusing the attention keys and values of a "
+    "prompt prefix that was already computed, instead of computing it again for every request."
+)
+DEMO_QUESTIONS = (
+    "What is a KV cache?",
+    "Why does reusing a prefix make the first token arrive sooner?",
+    "Give one example of a workload where many requests share a prefix.",
+)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
+    request = {"action": "process", "text": args.prompt, "max_new_tokens": args.max_new_tokens,
+               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    result = asyncio.run(engine.process_request(request))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_turn("", result)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("uakv chat: type a message, an empty line or /exit to quit, /reset to start over.")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line or line == "/exit":
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        result = asyncio.run(engine.process_request(
+            {"action": "process", "messages": messages, "max_new_tokens": args.max_new_tokens,
+             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}))
+        _print_turn("assistant> ", result)
+        messages.append({"role": "assistant", "content": result["text"]})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
+    print(json.dumps(engine.describe(), indent=2, default=str))
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": cmd_demo,
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "info": cmd_info,
+}
+
+
+def _add_global_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cache and model (each maps onto a KVCacheConfig field; unset = its default)")
+    g.add_argument("--model", help="local Hugging Face model folder or safetensors file (default: embedded SmolLM2)")
+    g.add_argument("--max-tokens", type=int, help="capacity of the in-memory KV pool, in tokens")
+    g.add_argument("--strategy", help=f"eviction strategy: {', '.join(s.value for s in CacheStrategy)}")
+    g.add_argument("--block-size", type=int, help="tokens per KV block")
+    g.add_argument("--device", help="auto, cpu or cuda")
+    g.add_argument("--persist", action="store_true", help="keep blocks on disk across restarts")
+    g.add_argument("--persistence-path", help="folder of the disk tier")
+    g.add_argument("--redis-url", help="share blocks through Redis/Valkey, e.g. redis://127.0.0.1:6379/0")
+    g.add_argument("--tenant", help="per-tenant salt: tenants never see each other's blocks")
+    g.add_argument("--profile", action="store_true", help="record per-operation latencies")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uakv", description="ultra-adaptive-kv-cache: a KV cache engine for LLMs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("demo", help="cache API demo, then a multi-turn chat with the embedded model")
+    _add_global_options(p)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p = sub.add_parser("generate", help="one completion for PROMPT")
+    p.add_argument("prompt")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    _add_global_options(p)
+    _add_sampling(p)
+    p = sub.add_parser("chat", help="interactive multi-turn chat showing cached tokens and TTFT per turn")
+    p.add_argument("--system", help="system prompt")
+    _add_global_options(p)
+    _add_sampling(p)
+    p = sub.add_parser("info", help="model, cache configuration and sizes")
+    _add_global_options(p)
+    for name, extend in EXTRA_PARSERS.items():
+        extend(sub.add_parser(name, help=EXTRA_HELP[name]))
+    return parser
+
+
+EXTRA_PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+EXTRA_HELP: dict[str, str] = {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        print(f"uakv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
