@@ -6,7 +6,7 @@ Pure bookkeeping over one preallocated paged KV tensor; nothing here knows about
 from __future__ import annotations
 
 from .allocator import MemoryAllocator, TorchAllocator, check_allocation
-from .block_pool import BlockPool, EvictCallback, EvictedBlock
+from .block_pool import BlockPool, EvictCallback, EvictedBlock, OutOfBlocksError
 from .free_queue import FreeBlockQueue
 from .kv_spec import KEY_INDEX, LAYOUT_VERSION, SUPPORTED_DTYPES, VALUE_INDEX, KVSpec
 from .planner import plan_num_blocks
@@ -22,6 +22,7 @@ __all__ = [
     "FreeBlockQueue",
     "KVSpec",
     "MemoryAllocator",
+    "OutOfBlocksError",
     "TorchAllocator",
     "check_allocation",
     "plan_num_blocks",

@@ -22,9 +22,11 @@ class MemoryAllocator(Protocol):
 
 
 class TorchAllocator:
-    """Allocates uninitialised 1-D tensors with `torch.empty` on a fixed dtype and device.
+    """Allocates zero-filled 1-D tensors on a fixed dtype and device.
 
-    Deallocation drops the reference; PyTorch's caching allocator reuses the memory.
+    Zeros, not `torch.empty`: a kernel that reads a block's unused tail and masks it by multiplying with 0
+    would turn uninitialised NaN bits into NaN outputs; one fill at start-up is cheap. Deallocation drops
+    the reference; PyTorch's caching allocator reuses the memory.
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device | str) -> None:
@@ -34,7 +36,7 @@ class TorchAllocator:
     def allocate(self, size: int) -> torch.Tensor:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"size={size!r} must be a non-negative integer number of elements")
-        return torch.empty(size, dtype=self.dtype, device=self.device)
+        return torch.zeros(size, dtype=self.dtype, device=self.device)
 
     def deallocate(self, tensor: torch.Tensor) -> None:
         del tensor  # the caller's reference is the last one; PyTorch frees or caches the memory

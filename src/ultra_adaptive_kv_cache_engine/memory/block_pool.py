@@ -24,6 +24,10 @@ from .free_queue import FreeBlockQueue
 from .kv_spec import KVSpec
 
 
+class OutOfBlocksError(RuntimeError):
+    """Raised by owners of a pool when a request needs more free blocks than the pool has."""
+
+
 @dataclass(frozen=True, slots=True)
 class EvictedBlock:
     """A cached block whose slot was reallocated: `block_hash` no longer names `block_id`'s content."""

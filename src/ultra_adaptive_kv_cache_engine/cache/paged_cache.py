@@ -1,0 +1,372 @@
+"""`PagedKVCache`: sequences of paged KV over one block pool, with prefix reuse by chained block hashes.
+
+Ownership and invariants (all public methods hold `self._lock`):
+- A sequence holds one reference to each block in its block table; the table covers exactly
+  ``ceil(num_kv_tokens / block_size)`` blocks, token ``t``'s KV lives in block ``table[t // block_size]`` at
+  offset ``t % block_size``.
+- Only FULL blocks are ever named (hashed) and entered in the prefix index; a named block is never written
+  again. A partial last block shared by a fork is copied before it is written (copy-on-write).
+- A block holds a hash iff the index maps that hash to it (the cache keeps pool and index in step; when the
+  pool reuses a cached free block, the eviction callback removes its hash from the index).
+- Freed blocks keep their content and name until the pool reuses their slot, so a later sequence with the
+  same prefix reuses them (`lookup` / `new_sequence`).
+- Errors (bad shapes, dtypes, tokens, unknown sequence, out of blocks) raise before anything changes.
+
+The seed's content-addressed `store` / `retrieve` are inherited unchanged from `BaseKVCache`.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import KVCacheConfig
+from ..memory import LAYOUT_VERSION, BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBlocksError
+from ..prefix import Namespace, PrefixIndex, hash_block
+from .base_cache import BaseKVCache
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The longest cached prefix of a token sequence, in full blocks: ``num_tokens == len(block_ids) * B``."""
+
+    block_ids: tuple[int, ...]
+    hashes: tuple[bytes, ...]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class _Sequence:
+    tokens: list[int]  # every token recorded; tokens[num_kv:] still wait for their KV
+    block_ids: list[int]
+    hashes: list[bytes]  # names of the leading full blocks (reused or committed)
+    num_kv: int
+    num_cached: int
+
+
+def _token_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
+    """`token_ids` as a list of Python ints; ValueError naming the first bad one."""
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.dtype is torch.bool:
+            raise ValueError(f"token_ids tensor of shape {tuple(token_ids.shape)} and dtype {token_ids.dtype}; "
+                             "expected a 1-D integer tensor")
+        return token_ids.tolist()
+    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence):
+        raise ValueError(f"token_ids={token_ids!r} must be a sequence of integers")
+    out: list[int] = []
+    for position, token in enumerate(token_ids):
+        if isinstance(token, bool):
+            raise ValueError(f"token_ids[{position}]={token!r} must be an integer, not a boolean")
+        try:
+            out.append(operator.index(token))
+        except TypeError:
+            raise ValueError(f"token_ids[{position}]={token!r} must be an integer") from None
+    return out
+
+
+def default_namespace(config: KVCacheConfig, spec: KVSpec) -> Namespace:
+    """A namespace for a cache whose model identity is not given: blocks match only within it."""
+    return Namespace(
+        model_id="unspecified",
+        weights_fingerprint="",
+        tokenizer_id="",
+        dtype=str(spec.dtype).removeprefix("torch."),
+        block_size=spec.block_size,
+        layout_version=LAYOUT_VERSION,
+        codec=config.codec.value,
+        tenant_salt=config.tenant_salt,
+    )
+
+
+class PagedKVCache(BaseKVCache):
+    """Paged KV for sequences, with prefix caching, over a `BlockPool` of `num_blocks` blocks of `spec`.
+
+    `num_blocks` defaults to ``ceil(config.max_tokens / spec.block_size)``; `spec.block_size` must equal
+    `config.block_size`; `namespace` names the model, weights, tokenizer and tenant (see `Namespace`);
+    `allocator` provides the pool's backing tensor (see `BlockPool`).
+    """
+
+    def __init__(
+        self,
+        config: KVCacheConfig,
+        spec: KVSpec,
+        num_blocks: int | None = None,
+        namespace: Namespace | None = None,
+        allocator: MemoryAllocator | None = None,
+    ) -> None:
+        super().__init__(config)
+        if not isinstance(spec, KVSpec):
+            raise TypeError(f"spec={spec!r} must be a KVSpec")
+        if spec.block_size != config.block_size:
+            raise ValueError(f"spec.block_size={spec.block_size} must equal config.block_size={config.block_size}")
+        if config.dtype is not None and config.dtype.torch != spec.dtype:
+            raise ValueError(f"spec.dtype={spec.dtype} must equal config.dtype={config.dtype.value}")
+        namespace = namespace if namespace is not None else default_namespace(config, spec)
+        self._check_namespace(namespace, spec)
+        self.spec = spec
+        self.namespace = namespace
+        self.block_size = spec.block_size
+        if num_blocks is None:
+            num_blocks = math.ceil(config.max_tokens / spec.block_size)
+        self.pool = BlockPool(spec, num_blocks, allocator, on_evict=self._on_evict)
+        self.index = PrefixIndex()
+        self._sequences: dict[int, _Sequence] = {}
+        self._next_seq_id = 0
+
+    @staticmethod
+    def _check_namespace(namespace: Namespace, spec: KVSpec) -> None:
+        if not isinstance(namespace, Namespace):
+            raise TypeError(f"namespace={namespace!r} must be a Namespace")
+        dtype_name = str(spec.dtype).removeprefix("torch.")
+        expected = {"block_size": spec.block_size, "dtype": dtype_name, "layout_version": LAYOUT_VERSION}
+        for field, value in expected.items():
+            if getattr(namespace, field) != value:
+                raise ValueError(f"namespace.{field}={getattr(namespace, field)!r} must be {value!r} for this pool")
+
+    # -- prefix reuse -------------------------------------------------------------------------------------
+    def lookup(self, token_ids: Sequence[int]) -> PrefixMatch:
+        """The longest cached prefix of `token_ids` in full blocks. Changes no ref count."""
+        tokens = _token_list(token_ids)
+        with self._lock:
+            return self._match(tokens, len(tokens) // self.block_size)
+
+    def _match(self, tokens: list[int], max_blocks: int) -> PrefixMatch:
+        """Hashes block by block and stops at the first miss (no hashing past it)."""
+        block_ids: list[int] = []
+        hashes: list[bytes] = []
+        parent: bytes | None = None
+        bs = self.block_size
+        for i in range(max_blocks):
+            parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
+            block_id = self.index.get(parent)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+            hashes.append(parent)
+        return PrefixMatch(tuple(block_ids), tuple(hashes), len(block_ids) * bs)
+
+    def new_sequence(self, token_ids: Sequence[int] = (), *, max_cached_tokens: int | None = None) -> int:
+        """A new sequence recording `token_ids`, reusing (incref) the longest cached prefix of them.
+
+        `max_cached_tokens` caps the reuse (e.g. ``len(prompt) - 1`` so that the model still computes the last
+        prompt token's logits). The caller then `append`s the KV of ``token_ids[num_cached_tokens(id):]``.
+        """
+        tokens = _token_list(token_ids)
+        limit = len(tokens) if max_cached_tokens is None else max_cached_tokens
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max_cached_tokens={max_cached_tokens!r} must be a non-negative integer or None")
+        with self._lock:
+            match = self._match(tokens, min(len(tokens), limit) // self.block_size)
+            for block_id in match.block_ids:
+                self.pool.incref(block_id)
+            seq_id = self._next_seq_id
+            self._next_seq_id += 1
+            self._sequences[seq_id] = _Sequence(
+                tokens, list(match.block_ids), list(match.hashes), match.num_tokens, match.num_tokens
+            )
+            self.counters.add("prefix_query_tokens", len(tokens))
+            self.counters.add("prefix_hit_tokens", match.num_tokens)
+            return seq_id
+
+    # -- writing ------------------------------------------------------------------------------------------
+    def append(
+        self,
+        seq_id: int,
+        token_ids: Sequence[int],
+        keys: Sequence[torch.Tensor],
+        values: Sequence[torch.Tensor],
+    ) -> None:
+        """Appends the KV of `token_ids`: ``keys[l]``/``values[l]`` of shape (num_kv_heads, T, head_dim).
+
+        Tokens already recorded but without KV (from `new_sequence`) must match `token_ids` where they
+        overlap. Raises ValueError/TypeError on bad input and `OutOfBlocksError` when the pool lacks free
+        blocks, in both cases before anything changes.
+        """
+        tokens = _token_list(token_ids)
+        with self._lock:
+            seq = self._sequence(seq_id)
+            self._check_kv(keys, values, len(tokens))
+            pending = seq.tokens[seq.num_kv :]
+            overlap = min(len(pending), len(tokens))
+            if tokens[:overlap] != pending[:overlap]:
+                raise ValueError(
+                    f"token_ids {tokens[:overlap]} differ from the tokens recorded for sequence {seq_id} "
+                    f"at positions {seq.num_kv}..{seq.num_kv + overlap - 1}: {pending[:overlap]}"
+                )
+            if not tokens:
+                return
+            self._grow(seq, seq.num_kv + len(tokens))
+            self._write(seq, seq.num_kv, keys, values)
+            seq.tokens.extend(tokens[overlap:])
+            seq.num_kv += len(tokens)
+
+    def _grow(self, seq: _Sequence, total_tokens: int) -> None:
+        """Gives `seq` enough blocks for `total_tokens`, copying a shared partial last block first."""
+        missing = math.ceil(total_tokens / self.block_size) - len(seq.block_ids)
+        cow = seq.num_kv % self.block_size != 0 and self.pool.ref_count(seq.block_ids[-1]) > 1
+        new_blocks = self.pool.allocate_many(missing + int(cow))
+        if new_blocks is None:
+            raise OutOfBlocksError(
+                f"need {missing + int(cow)} free block(s) of {self.block_size} tokens, the pool has "
+                f"{self.pool.num_free} of {self.pool.num_blocks} free; free sequences or enlarge the pool"
+            )
+        if cow:
+            shared, copy = seq.block_ids[-1], new_blocks.pop(0)
+            self.pool.copy_block(shared, copy)
+            self.pool.decref(shared)
+            seq.block_ids[-1] = copy
+            self.counters.add("copy_on_write_blocks")
+        seq.block_ids.extend(new_blocks)
+
+    def _write(self, seq: _Sequence, start: int, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        kv = self.pool.kv
+        count = keys[0].shape[1]
+        positions = torch.arange(start, start + count, device=kv.device)
+        table = torch.tensor(seq.block_ids, dtype=torch.long, device=kv.device)
+        blocks, offsets = table[positions // self.block_size], positions % self.block_size
+        src = torch.stack([torch.stack(list(keys)), torch.stack(list(values))], dim=1)  # (L, 2, H, T, D)
+        kv[blocks, :, :, offsets] = src.permute(3, 0, 1, 2, 4).to(kv.device)  # (T, L, 2, H, D)
+
+    def _check_kv(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], count: int) -> None:
+        spec = self.spec
+        expected = (spec.num_kv_heads, count, spec.head_dim)
+        for name, tensors in (("keys", keys), ("values", values)):
+            if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
+                raise TypeError(f"{name} must be a sequence of one tensor per layer, got {type(tensors).__name__}")
+            if len(tensors) != spec.num_layers:
+                raise ValueError(f"{name} has {len(tensors)} layer(s); expected {spec.num_layers}")
+            for layer, tensor in enumerate(tensors):
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(f"{name}[{layer}] must be a torch.Tensor, got {type(tensor).__name__}")
+                if tensor.dtype != spec.dtype:
+                    raise TypeError(f"{name}[{layer}] has dtype {tensor.dtype}; expected {spec.dtype}")
+                if tuple(tensor.shape) != expected:
+                    raise ValueError(
+                        f"{name}[{layer}] has shape {tuple(tensor.shape)}; expected {expected} "
+                        "(num_kv_heads, len(token_ids), head_dim)"
+                    )
+                if self.config.reject_non_finite and count and not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{name}[{layer}] contains NaN or Inf; expected finite values")
+
+    def commit(self, seq_id: int) -> int:
+        """Names every full block of the sequence and enters it in the prefix index; returns how many new.
+
+        A block whose hash already names another block (the same content computed twice) stays unnamed.
+        """
+        with self._lock:
+            seq = self._sequence(seq_id)
+            bs = self.block_size
+            parent = seq.hashes[-1] if seq.hashes else None
+            committed = 0
+            for i in range(len(seq.hashes), seq.num_kv // bs):
+                parent = hash_block(parent, seq.tokens[i * bs : (i + 1) * bs], self.namespace)
+                block_id = seq.block_ids[i]
+                if self.index.insert(parent, block_id):
+                    self.pool.set_block_hash(block_id, parent)
+                    committed += 1
+                seq.hashes.append(parent)
+            self.counters.add("committed_blocks", committed)
+            return committed
+
+    def fork(self, seq_id: int) -> int:
+        """A new sequence sharing all blocks of `seq_id` (ref counts up); its tokens are a copy."""
+        with self._lock:
+            seq = self._sequence(seq_id)
+            for block_id in seq.block_ids:
+                self.pool.incref(block_id)
+            child = self._next_seq_id
+            self._next_seq_id += 1
+            self._sequences[child] = _Sequence(
+                list(seq.tokens), list(seq.block_ids), list(seq.hashes), seq.num_kv, seq.num_kv
+            )
+            return child
+
+    def free(self, seq_id: int) -> None:
+        """Ends a sequence: drops its block references, last block first; named blocks stay reusable."""
+        with self._lock:
+            seq = self._sequence(seq_id)
+            self.pool.free(seq.block_ids)
+            del self._sequences[seq_id]
+
+    # -- reading ------------------------------------------------------------------------------------------
+    def read_layer(self, seq_id: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer` for every token with KV: contiguous (num_kv_heads, tokens, head_dim)."""
+        with self._lock:
+            seq = self._sequence(seq_id)
+            return self._gather(seq.block_ids, seq.num_kv, layer)
+
+    def read_prefix(self, match: PrefixMatch, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer` for the blocks of `match`; ValueError if a block was reused since."""
+        if not isinstance(match, PrefixMatch):
+            raise TypeError(f"match must be a PrefixMatch, got {type(match).__name__}")
+        with self._lock:
+            for block_id, block_hash in zip(match.block_ids, match.hashes, strict=True):
+                if self.pool.block_hash(block_id) != block_hash:
+                    raise ValueError(f"match is stale: block {block_id} no longer holds the matched content")
+            return self._gather(list(match.block_ids), match.num_tokens, layer)
+
+    def _gather(self, block_ids: list[int], num_tokens: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.spec.num_layers:
+            raise ValueError(f"layer={layer!r} is out of range; expected an int in [0, {self.spec.num_layers})")
+        kv = self.pool.kv
+        table = torch.tensor(block_ids, dtype=torch.long, device=kv.device)
+        chunk = kv[:, layer].index_select(0, table)  # (blocks, 2, B, H, D)
+        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
+        chunk = chunk.permute(1, 3, 0, 2, 4).reshape(2, heads, len(block_ids) * self.block_size, dim)
+        return chunk[0, :, :num_tokens].contiguous(), chunk[1, :, :num_tokens].contiguous()
+
+    # -- inspection ---------------------------------------------------------------------------------------
+    def num_cached_tokens(self, seq_id: int) -> int:
+        """Leading tokens whose KV the sequence reused when it was created (a multiple of block_size for a
+        `new_sequence`; all its tokens with KV for a `fork`)."""
+        with self._lock:
+            return self._sequence(seq_id).num_cached
+
+    def num_kv_tokens(self, seq_id: int) -> int:
+        """Leading tokens of the sequence that have KV now."""
+        with self._lock:
+            return self._sequence(seq_id).num_kv
+
+    def sequence_tokens(self, seq_id: int) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(self._sequence(seq_id).tokens)
+
+    def block_table(self, seq_id: int) -> tuple[int, ...]:
+        with self._lock:
+            return tuple(self._sequence(seq_id).block_ids)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats = super().stats()
+            counters = self.counters.snapshot()
+            queried, hit = counters.get("prefix_query_tokens", 0), counters.get("prefix_hit_tokens", 0)
+            stats.update(
+                num_blocks=self.pool.num_blocks,
+                block_size=self.block_size,
+                bytes_per_block=self.spec.bytes_per_block,
+                free_blocks=self.pool.num_free,
+                indexed_blocks=len(self.index),
+                sequences=len(self._sequences),
+                prefix_query_tokens=queried,
+                prefix_hit_tokens=hit,
+                prefix_hit_rate=hit / queried if queried else 0.0,
+                committed_blocks=counters.get("committed_blocks", 0),
+                copy_on_write_blocks=counters.get("copy_on_write_blocks", 0),
+                block_evictions=self.pool.num_evictions,
+            )
+            return stats
+
+    def _on_evict(self, evicted: EvictedBlock) -> None:
+        if self.index.get(evicted.block_hash) == evicted.block_id:
+            self.index.remove(evicted.block_hash)
+
+    def _sequence(self, seq_id: int) -> _Sequence:
+        seq = self._sequences.get(seq_id)
+        if seq is None:
+            raise ValueError(f"seq_id={seq_id!r} is not a live sequence; live: {sorted(self._sequences)[:16]}")
+        return seq
