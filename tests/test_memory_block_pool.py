@@ -145,3 +145,76 @@ def test_constructor_validation():
         BlockPool(SPEC, 0)
     with pytest.raises(TypeError, match="spec=.* must be a KVSpec"):
         BlockPool("spec", 3)  # type: ignore[arg-type]
+
+
+class ReferencePool:
+    """The pool's documented semantics with plain lists (O(n)), to check the O(1) pool against."""
+
+    def __init__(self, n: int) -> None:
+        self.free = list(range(n))
+        self.ref = [0] * n
+        self.hash: list[bytes | None] = [None] * n
+        self.evicted: list[EvictedBlock] = []
+
+    def allocate_many(self, k: int) -> list[int] | None:
+        if k > len(self.free):
+            return None
+        out, self.free = self.free[:k], self.free[k:]
+        for b in out:
+            self.ref[b] = 1
+            if self.hash[b] is not None:
+                self.evicted.append(EvictedBlock(b, self.hash[b]))  # type: ignore[arg-type]
+                self.hash[b] = None
+        return out
+
+    def free_blocks(self, ids: list[int]) -> None:
+        for b in reversed(ids):
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                if self.hash[b] is None:
+                    self.free.insert(0, b)
+                else:
+                    self.free.append(b)
+
+    def incref(self, b: int) -> None:
+        if self.ref[b] == 0:
+            self.free.remove(b)
+        self.ref[b] += 1
+
+
+def test_random_operations_match_the_reference_model():
+    import random
+
+    rng = random.Random(7)
+    pool, ref = BlockPool(SPEC, 11), ReferencePool(11)
+    held: list[list[int]] = []
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.4:
+            k = rng.randint(0, 5)
+            assert pool.allocate_many(k) == (got := ref.allocate_many(k))
+            if got:
+                held.append(got)
+        elif op < 0.7 and held:
+            ids = held.pop(rng.randrange(len(held)))
+            pool.free(ids)
+            ref.free_blocks(ids)
+        elif op < 0.85 and held:
+            ids = rng.choice(held)
+            block = rng.choice(ids)
+            if ref.hash[block] is None:
+                name = step.to_bytes(32, "little")
+                pool.set_block_hash(block, name)
+                ref.hash[block] = name
+        else:
+            cached = [b for b in ref.free if ref.hash[b] is not None]
+            if cached:
+                block = rng.choice(cached)
+                pool.incref(block)
+                ref.incref(block)
+                held.append([block])
+        assert pool.free_block_ids() == ref.free
+        assert refs(pool) == ref.ref
+        assert [pool.block_hash(b) for b in range(11)] == ref.hash
+        assert pool.take_evicted() == ref.evicted
+        ref.evicted = []

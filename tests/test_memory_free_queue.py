@@ -55,3 +55,18 @@ def test_errors_leave_the_queue_unchanged():
     with pytest.raises(ValueError, match="num_blocks=-1"):
         FreeBlockQueue(-1)
     assert list(queue) == [1, 2, 3] and len(queue) == 3
+
+
+def test_popleft_many_is_all_or_nothing_and_keeps_links():
+    queue = FreeBlockQueue(5)
+    assert queue.popleft_many(2) == [0, 1]
+    assert queue.popleft_many(4) is None
+    assert list(queue) == [2, 3, 4] and len(queue) == 3
+    queue.appendleft(0)
+    queue.append(1)
+    assert list(queue) == [0, 2, 3, 4, 1]
+    assert queue.popleft_many(0) == []
+    assert queue.popleft_many(5) == [0, 2, 3, 4, 1]
+    assert list(queue) == [] and queue.peek() is None
+    queue.append(3)
+    assert list(queue) == [3] and 3 in queue and 0 not in queue

@@ -96,15 +96,19 @@ class BlockPool:
 
     def allocate_many(self, n: int) -> list[int] | None:
         """`n` blocks in free-queue order, or None (and nothing changed) if fewer than `n` are free."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        if type(n) is not int or n < 0:
             raise ValueError(f"n={n!r} must be a non-negative integer")
         if n > len(self._free):
             return None
-        blocks: list[int] = []
-        for _ in range(n):
-            block_id = self.allocate()
-            assert block_id is not None  # n <= num_free was checked
-            blocks.append(block_id)
+        blocks = self._free.popleft_many(n)
+        assert blocks is not None  # n <= num_free was checked
+        ref, hashes = self._ref, self._hash
+        for block_id in blocks:
+            ref[block_id] = 1
+            old_hash = hashes[block_id]
+            if old_hash is not None:
+                hashes[block_id] = None
+                self._report_eviction(EvictedBlock(block_id, old_hash))
         return blocks
 
     def incref(self, block_id: int) -> None:
@@ -119,22 +123,38 @@ class BlockPool:
     def free(self, block_ids: Sequence[int]) -> None:
         """Drops one reference to each of `block_ids`, last first; blocks reaching 0 join the free queue.
 
-        All ids are checked first: if any would drop below 0, ValueError and nothing changes.
+        If any id is invalid or would drop below 0, ValueError and nothing changes.
         """
-        counts = Counter(block_ids)
-        for block_id, count in counts.items():
+        ref, num_blocks = self._ref, self.num_blocks
+        zeros: list[int] = []
+        done = 0
+        for block_id in reversed(block_ids):
+            if type(block_id) is not int or not 0 <= block_id < num_blocks or ref[block_id] == 0:
+                self._undo_free(block_ids, done)
+                self._raise_bad_free(block_ids)
+            ref[block_id] -= 1
+            done += 1
+            if ref[block_id] == 0:
+                zeros.append(block_id)
+        queue, hashes = self._free, self._hash
+        for block_id in zeros:
+            if hashes[block_id] is None:
+                queue.appendleft(block_id)
+            else:
+                queue.append(block_id)
+
+    def _undo_free(self, block_ids: Sequence[int], done: int) -> None:
+        for block_id in list(reversed(block_ids))[:done]:
+            self._ref[block_id] += 1
+
+    def _raise_bad_free(self, block_ids: Sequence[int]) -> None:
+        for block_id, count in Counter(block_ids).items():
             self._check_id(block_id)
             if self._ref[block_id] < count:
                 raise ValueError(
                     f"block {block_id} has ref count {self._ref[block_id]}; cannot drop {count} reference(s)"
                 )
-        for block_id in reversed(block_ids):
-            self._ref[block_id] -= 1
-            if self._ref[block_id] == 0:
-                if self._hash[block_id] is None:
-                    self._free.appendleft(block_id)
-                else:
-                    self._free.append(block_id)
+        raise AssertionError("unreachable: free() failed on valid ids")  # pragma: no cover
 
     def decref(self, block_id: int) -> None:
         """`free([block_id])`."""

@@ -40,7 +40,7 @@ class FreeBlockQueue:
 
     def __contains__(self, block_id: object) -> bool:
         return (
-            isinstance(block_id, int)
+            type(block_id) is int
             and 0 <= block_id < self._num_blocks
             and self._next[block_id] != _DETACHED
         )
@@ -58,45 +58,72 @@ class FreeBlockQueue:
 
     def popleft(self) -> int | None:
         """Removes and returns the head; None if the queue is empty."""
-        head = self._next[self._sentinel]
-        if head == self._sentinel:
+        nxt, sentinel = self._next, self._sentinel
+        head = nxt[sentinel]
+        if head == sentinel:
             return None
-        self._unlink(head)
+        after = nxt[head]
+        nxt[sentinel] = after
+        self._prev[after] = sentinel
+        nxt[head] = self._prev[head] = _DETACHED
+        self._len -= 1
         return head
+
+    def popleft_many(self, n: int) -> list[int] | None:
+        """Removes and returns the first `n` ids in order; None (and no change) if fewer are queued."""
+        if n > self._len:
+            return None
+        nxt, prev, sentinel = self._next, self._prev, self._sentinel
+        out: list[int] = []
+        node = nxt[sentinel]
+        for _ in range(n):
+            out.append(node)
+            after = nxt[node]
+            nxt[node] = prev[node] = _DETACHED
+            node = after
+        nxt[sentinel] = node
+        prev[node] = sentinel
+        self._len -= n
+        return out
 
     def append(self, block_id: int) -> None:
         """Puts `block_id` at the tail (reused last). ValueError if it is already queued or out of range."""
-        self._check_detached(block_id)
-        self._link_after(self._prev[self._sentinel], block_id)
+        nxt, prev = self._next, self._prev
+        if type(block_id) is not int or not 0 <= block_id < self._num_blocks or nxt[block_id] != _DETACHED:
+            self._raise_not_insertable(block_id)
+        sentinel = self._sentinel
+        before = prev[sentinel]
+        prev[block_id] = before
+        nxt[block_id] = sentinel
+        nxt[before] = block_id
+        prev[sentinel] = block_id
+        self._len += 1
 
     def appendleft(self, block_id: int) -> None:
         """Puts `block_id` at the head (reused next). ValueError if it is already queued or out of range."""
-        self._check_detached(block_id)
-        self._link_after(self._sentinel, block_id)
+        nxt, prev = self._next, self._prev
+        if type(block_id) is not int or not 0 <= block_id < self._num_blocks or nxt[block_id] != _DETACHED:
+            self._raise_not_insertable(block_id)
+        sentinel = self._sentinel
+        after = nxt[sentinel]
+        prev[block_id] = sentinel
+        nxt[block_id] = after
+        nxt[sentinel] = block_id
+        prev[after] = block_id
+        self._len += 1
 
     def remove(self, block_id: int) -> None:
         """Takes `block_id` out of the queue wherever it is. ValueError if it is not queued."""
         if block_id not in self:
             raise ValueError(f"block {block_id!r} is not in the free queue")
-        self._unlink(block_id)
-
-    def _check_detached(self, block_id: int) -> None:
-        if isinstance(block_id, bool) or not isinstance(block_id, int) or not 0 <= block_id < self._num_blocks:
-            raise ValueError(f"block id {block_id!r} is out of range; expected an int in [0, {self._num_blocks})")
-        if self._next[block_id] != _DETACHED:
-            raise ValueError(f"block {block_id} is already in the free queue")
-
-    def _link_after(self, prev: int, block_id: int) -> None:
-        nxt = self._next[prev]
-        self._prev[block_id] = prev
-        self._next[block_id] = nxt
-        self._next[prev] = block_id
-        self._prev[nxt] = block_id
-        self._len += 1
-
-    def _unlink(self, block_id: int) -> None:
-        prev, nxt = self._prev[block_id], self._next[block_id]
-        self._next[prev] = nxt
-        self._prev[nxt] = prev
-        self._prev[block_id] = self._next[block_id] = _DETACHED
+        prev, nxt = self._prev, self._next
+        before, after = prev[block_id], nxt[block_id]
+        nxt[before] = after
+        prev[after] = before
+        prev[block_id] = nxt[block_id] = _DETACHED
         self._len -= 1
+
+    def _raise_not_insertable(self, block_id: object) -> None:
+        if type(block_id) is not int or not 0 <= block_id < self._num_blocks:
+            raise ValueError(f"block id {block_id!r} is out of range; expected an int in [0, {self._num_blocks})")
+        raise ValueError(f"block {block_id} is already in the free queue")
