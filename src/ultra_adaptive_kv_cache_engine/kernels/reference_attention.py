@@ -1,0 +1,140 @@
+"""Plain-PyTorch paged attention: the reference twin of the Triton kernels and the CPU path.
+
+Both functions gather the paged keys and values into dense tensors, then attend in float32 (float64 when the
+inputs are float64) and return the query's dtype. They check every value-dependent invariant of `PagedKV`
+(block ids in range, 1 <= seq_lens[b] <= max_blocks * block_size, query lengths <= sequence lengths) and so
+may synchronise with the device; they are written for clarity and CPU use, not for speed on a GPU.
+
+Semantics (shared with the Triton kernels):
+- decode: query (batch, num_q_heads, head_dim) is the token at position seq_lens[b] - 1 of sequence b; it
+  attends to positions 0 .. seq_lens[b] - 1. Query head h reads KV head h // (num_q_heads // num_kv_heads).
+- prefill: query (total_q, num_q_heads, head_dim) packs the new tokens of every sequence, sequence b owning
+  rows query_start_loc[b] .. query_start_loc[b + 1] - 1; their KV is already in the cache (write it first
+  with `write_kv`), they are the last q_len_b tokens of the sequence, and the j-th of them attends to
+  positions 0 .. seq_lens[b] - q_len_b + j (causal over the new tokens, full over the cached prefix).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import require_out, require_positive_scale, require_query_starts, require_tensor
+from .paged_kv import PagedKV
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_lengths(kv: PagedKV) -> list[int]:
+    """Host copy of seq_lens after checking that every length is in [1, max_blocks * block_size]."""
+    lens = [int(n) for n in kv.seq_lens.tolist()]
+    bound = int(kv.block_tables.shape[1]) * kv.block_size
+    for b, n in enumerate(lens):
+        if not 1 <= n <= bound:
+            raise ValueError(f"seq_lens[{b}]={n} must be in [1, {bound}] (max_blocks_per_seq * block_size)")
+    return lens
+
+
+def _gather_dense(kv: PagedKV, lens: list[int]) -> tuple[Tensor, Tensor]:
+    """Keys and values of the batch as dense (batch, max_len, kv_heads, head_dim) tensors (padding is junk)."""
+    bs = kv.block_size
+    width = -(-max(lens) // bs)
+    tables = kv.block_tables[:, :width].long()
+    used = torch.arange(width, device=tables.device)[None, :] * bs < kv.seq_lens[:, None].long()
+    bad = used & ((tables < 0) | (tables >= kv.num_blocks))
+    if bool(bad.any()):
+        b, i = (int(x) for x in bad.nonzero()[0].tolist())
+        raise ValueError(
+            f"block_tables[{b}, {i}]={int(tables[b, i])} is not a block id in [0, {kv.num_blocks})"
+        )
+    tables = torch.where(used, tables, torch.zeros_like(tables))
+    batch, heads, dim = kv.batch_size, kv.num_kv_heads, kv.head_dim
+    keys = kv.key_cache[tables].reshape(batch, width * bs, heads, dim)
+    values = kv.value_cache[tables].reshape(batch, width * bs, heads, dim)
+    return keys, values
+
+
+def _attend(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """Softmax attention of query (T, Hq, D) over keys/values (L, Hkv, D) where allowed (T, L) is True."""
+    t, hq, d = query.shape
+    hkv = keys.shape[1]
+    q = query.reshape(t, hkv, hq // hkv, d)
+    scores = torch.einsum("thgd,lhd->hgtl", q, keys) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hgtl,lhd->thgd", probs, values).reshape(t, hq, d)
+
+
+def _emit(result: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    if out is None:
+        return result.to(dtype)
+    out.copy_(result)
+    return out
+
+
+def reference_decode_attention(
+    query: Tensor, kv: PagedKV, scale: float | None = None, out: Tensor | None = None
+) -> Tensor:
+    """Attention of one new token per sequence over its paged KV; returns (batch, num_q_heads, head_dim)."""
+    require_tensor("query", query, 3)
+    kv.check_query(query)
+    if query.shape[0] != kv.batch_size:
+        raise ValueError(f"query has batch {query.shape[0]} but block_tables has {kv.batch_size} rows")
+    require_out(out, tuple(query.shape), query)
+    scale = require_positive_scale(scale, kv.head_dim)
+    lens = _check_lengths(kv)
+    ct = _compute_dtype(query.dtype)
+    keys, values = _gather_dense(kv, lens)
+    positions = torch.arange(keys.shape[1], device=keys.device)
+    result = torch.empty(query.shape, dtype=ct, device=query.device)
+    for b, n in enumerate(lens):
+        allowed = (positions < n)[None, :]
+        result[b] = _attend(query[b : b + 1].to(ct), keys[b].to(ct), values[b].to(ct), allowed, scale)[0]
+    return _emit(result, query.dtype, out)
+
+
+def _query_spans(query_start_loc: Tensor, total_q: int, lens: list[int]) -> list[tuple[int, int]]:
+    """(start, end) rows of each sequence's new tokens, after checking offsets against total_q and lengths."""
+    starts = [int(x) for x in query_start_loc.tolist()]
+    if starts[0] != 0 or starts[-1] != total_q:
+        raise ValueError(f"query_start_loc must start at 0 and end at total_q={total_q}, got {starts}")
+    spans = list(zip(starts[:-1], starts[1:], strict=True))
+    for b, (s, e) in enumerate(spans):
+        if not 0 <= e - s <= lens[b]:
+            raise ValueError(
+                f"sequence {b} has {e - s} new tokens (query_start_loc {s}..{e}); expected 0..seq_lens[b]={lens[b]}"
+            )
+    return spans
+
+
+def reference_prefill_attention(
+    query: Tensor,
+    query_start_loc: Tensor,
+    kv: PagedKV,
+    max_query_len: int | None = None,
+    scale: float | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Causal attention of packed new tokens over their sequences' paged KV; returns query's shape."""
+    require_tensor("query", query, 3)
+    kv.check_query(query)
+    require_query_starts(query_start_loc, kv.batch_size)
+    require_out(out, tuple(query.shape), query)
+    scale = require_positive_scale(scale, kv.head_dim)
+    lens = _check_lengths(kv)
+    spans = _query_spans(query_start_loc, int(query.shape[0]), lens)
+    if max_query_len is not None and max_query_len < max(e - s for s, e in spans):
+        raise ValueError(f"max_query_len={max_query_len} is below the longest query span")
+    ct = _compute_dtype(query.dtype)
+    keys, values = _gather_dense(kv, lens)
+    positions = torch.arange(keys.shape[1], device=keys.device)
+    result = torch.zeros(query.shape, dtype=ct, device=query.device)
+    for b, (s, e) in enumerate(spans):
+        if e == s:
+            continue
+        q_pos = lens[b] - (e - s) + torch.arange(e - s, device=keys.device)
+        allowed = positions[None, :] <= q_pos[:, None]
+        result[s:e] = _attend(query[s:e].to(ct), keys[b].to(ct), values[b].to(ct), allowed, scale)
+    return _emit(result, query.dtype, out)

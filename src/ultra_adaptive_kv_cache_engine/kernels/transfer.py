@@ -1,0 +1,105 @@
+"""`BlockTransfer`: scattered blocks of a block-major pool to and from host memory, in one large copy each way.
+
+In the block-major layout a block (all layers, K and V) is one contiguous chunk ``pool[i]``, so moving n
+scattered blocks costs one gather plus one copy: device -> host gathers the blocks on the device into a
+contiguous staging buffer, then copies it with one non_blocking copy into pinned host memory; host ->
+device copies into the staging buffer with one copy, then scatters. Per-block copies would instead pay a
+launch and a PCIe round trip each. Batches larger than `max_blocks` go in chunks of `max_blocks`.
+
+Invariants: the staging buffer (`max_blocks` blocks on the pool's device, CUDA only) is owned by this object
+and reused; all work is queued on the current CUDA stream, so successive calls are ordered; with
+``wait=True`` (the default) a call returns only when its copies are complete, so the host tensor may be read
+(to_host) or reused (from_host) at once; with ``wait=False`` call `synchronize()` first. Not thread-safe: one
+transfer object per thread or stream. On a CPU pool no staging is used (a gather or scatter is the copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .registry import KernelBackend, select_backend
+
+
+class BlockTransfer:
+    """Moves scattered blocks of one pool between its device and (pinned) host memory."""
+
+    def __init__(self, pool: Tensor, max_blocks: int, backend: KernelBackend | None = None) -> None:
+        if not isinstance(pool, Tensor) or pool.dim() < 2 or not pool.is_contiguous():
+            raise ValueError("pool must be a contiguous tensor (num_blocks, ...) with at least 2 dimensions")
+        if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 1:
+            raise ValueError(f"max_blocks={max_blocks!r} must be a positive int")
+        self.pool = pool
+        self.max_blocks = max_blocks
+        self.backend = backend if backend is not None else select_backend(pool.device)
+        self._on_cuda = pool.device.type == "cuda"
+        self._staging: Tensor | None = None
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return tuple(self.pool.shape[1:])
+
+    def host_buffer(self, num_blocks: int) -> Tensor:
+        """A new host tensor for `num_blocks` blocks, pinned when the pool is on CUDA."""
+        return torch.empty((num_blocks, *self.block_shape), dtype=self.pool.dtype, pin_memory=self._on_cuda)
+
+    def _ids(self, block_ids: Sequence[int] | Tensor) -> Tensor:
+        if isinstance(block_ids, Tensor):
+            if block_ids.dim() != 1 or block_ids.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"block_ids must be a 1-D int32/int64 tensor, got {block_ids.dtype} {tuple(block_ids.shape)}")
+            return block_ids.to(self.pool.device, non_blocking=True)
+        return torch.tensor(list(block_ids), dtype=torch.int64).to(self.pool.device, non_blocking=True)
+
+    def _staging_for(self, count: int) -> Tensor:
+        if self._staging is None:
+            self._staging = torch.empty((self.max_blocks, *self.block_shape), dtype=self.pool.dtype, device=self.pool.device)
+        return self._staging[:count]
+
+    def _check_host(self, host: Tensor, count: int) -> None:
+        if not isinstance(host, Tensor) or host.device.type != "cpu" or not host.is_contiguous():
+            raise ValueError("the host tensor must be a contiguous CPU tensor")
+        if host.dtype != self.pool.dtype or tuple(host.shape) != (count, *self.block_shape):
+            raise ValueError(
+                f"the host tensor is {host.dtype} {tuple(host.shape)}; expected {self.pool.dtype} "
+                f"{(count, *self.block_shape)}"
+            )
+
+    def to_host(self, block_ids: Sequence[int] | Tensor, out: Tensor | None = None, wait: bool = True) -> Tensor:
+        """The blocks `block_ids` copied into `out` (or a new pinned host tensor) in that order; returns it."""
+        ids = self._ids(block_ids)
+        count = int(ids.shape[0])
+        out = self.host_buffer(count) if out is None else out
+        self._check_host(out, count)
+        if not self._on_cuda:
+            self.backend.gather_blocks(self.pool, ids, out)
+            return out
+        for start in range(0, count, self.max_blocks):
+            stop = min(count, start + self.max_blocks)
+            staging = self.backend.gather_blocks(self.pool, ids[start:stop], self._staging_for(stop - start))
+            out[start:stop].copy_(staging, non_blocking=True)
+        if wait:
+            self.synchronize()
+        return out
+
+    def from_host(self, host: Tensor, block_ids: Sequence[int] | Tensor, wait: bool = True) -> None:
+        """Write ``host[i]`` into block ``block_ids[i]`` of the pool; ids must be distinct."""
+        ids = self._ids(block_ids)
+        count = int(ids.shape[0])
+        self._check_host(host, count)
+        if not self._on_cuda:
+            self.backend.scatter_blocks(host, self.pool, ids)
+            return
+        for start in range(0, count, self.max_blocks):
+            stop = min(count, start + self.max_blocks)
+            staging = self._staging_for(stop - start)
+            staging.copy_(host[start:stop], non_blocking=True)
+            self.backend.scatter_blocks(staging, self.pool, ids[start:stop])
+        if wait:
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        """Wait until every copy queued so far on the current stream is complete."""
+        if self._on_cuda:
+            torch.cuda.current_stream(self.pool.device).synchronize()
