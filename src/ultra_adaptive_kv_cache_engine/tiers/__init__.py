@@ -1,1 +1,26 @@
-"""tiers layer."""
+"""Where blocks live: CPU memory, disk, Redis/Valkey; a tiered store composing them; one async wrapper."""
+
+from .base import FlushResult, PutResult, Tier, TierUsage
+from .block_io import gather_blocks, load_records, scatter_blocks
+from .cpu import CPUTier
+from .disk import DiskTier
+from .record import (
+    BlockRecord,
+    CorruptBlockError,
+    NamespaceMismatchError,
+    RecordError,
+    encode_block,
+    parse_record,
+    seal,
+)
+from .redis_tier import RedisTier
+from .registry import TIERS, make_tier, register_tier
+from .store import TieredStore
+from .transfer import AsyncTransfer
+
+__all__ = [
+    "TIERS", "AsyncTransfer", "BlockRecord", "CPUTier", "CorruptBlockError", "DiskTier", "FlushResult",
+    "NamespaceMismatchError", "PutResult", "RecordError", "RedisTier", "Tier", "TierUsage", "TieredStore",
+    "encode_block", "gather_blocks", "load_records", "make_tier", "parse_record", "register_tier",
+    "scatter_blocks", "seal",
+]  # fmt: skip

@@ -1,0 +1,153 @@
+"""`TieredStore`: tiers composed fastest first, itself a `Tier`.
+
+- `get` looks from the fastest tier to the slowest; a hit in tier k is put into every faster tier (promotion),
+  and what those puts evict is demoted.
+- `put` stores into the fastest tier that accepts the record (a tier refuses when it is read-only, full of
+  bigger-than-capacity records, or unreachable).
+- Eviction from tier k demotes the evicted records into tier k+1 (skipping records tier k+1 already holds;
+  a record tier k+1 refuses goes on to k+2); what falls off the last tier is dropped and counted.
+- `flush` is the persistence point: every block held only by volatile tiers (CPU) is copied into the first
+  durable tier (disk, Redis), then every tier flushes; the result lists the blocks made durable.
+
+Each tier keeps its own capacity, eviction policy and counters (`usage().children`); the store counts
+`hits`, `misses`, `promotions`, `demotions` and `dropped`. All tiers must share one namespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from .base import FlushResult, PutResult, Tier, TierUsage
+from .record import BlockRecord, check_key
+
+
+class TieredStore(Tier):
+    """An ordered composition of tiers (fastest first) behind the same six methods."""
+
+    kind = None
+
+    def __init__(self, tiers: Sequence[Tier], promote: bool = True, name: str = "store") -> None:
+        tiers = tuple(tiers)
+        if not tiers or not all(isinstance(t, Tier) for t in tiers):
+            raise ValueError(f"tiers={tiers!r} must be a non-empty sequence of Tier instances")
+        namespaces = {t.namespace for t in tiers}
+        if len(namespaces) != 1:
+            raise ValueError(f"all tiers must share one namespace; got {sorted(n.hex()[:16] for n in namespaces)}")
+        super().__init__(tiers[0].namespace, name)
+        self.tiers = tiers
+        self.promote = promote
+
+    def contains(self, key: bytes) -> bool:
+        check_key(key)
+        return any(t.contains(key) for t in self.tiers)
+
+    def get(self, key: bytes) -> BlockRecord | None:
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Iterable[bytes]) -> list[BlockRecord | None]:
+        """One batched lookup per tier for the keys still missing; hits below tier 0 are promoted."""
+        keys = [check_key(k) for k in keys]
+        found: list[BlockRecord | None] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        for level, tier in enumerate(self.tiers):
+            if not missing:
+                break
+            records = tier.get_many([keys[i] for i in missing])
+            still: list[int] = []
+            for i, record in zip(missing, records, strict=True):
+                if record is None:
+                    still.append(i)
+                    continue
+                found[i] = record
+                if level and self.promote:
+                    self._promote(record, level)
+            missing = still
+        self.counters.add("hits", len(keys) - len(missing))
+        self.counters.add("misses", len(missing))
+        return found
+
+    def put(self, key: bytes, record: BlockRecord) -> PutResult:
+        self._check_put(key, record)
+        reasons: list[str] = []
+        for level, tier in enumerate(self.tiers):
+            result = tier.put(key, record)
+            self._demote(result.evicted, level + 1)
+            if result.stored:
+                return PutResult(True)
+            reasons.append(f"{tier.name}: {result.reason}")
+        return PutResult(False, reason="; ".join(reasons))
+
+    def remove(self, key: bytes) -> bool:
+        check_key(key)
+        removed = [t.remove(key) for t in self.tiers]
+        return any(removed)
+
+    def usage(self) -> TierUsage:
+        children = tuple(t.usage() for t in self.tiers)
+        caps = [c.capacity_bytes for c in children]
+        used = [c.used_bytes for c in children]
+        return TierUsage(
+            self.name, None,
+            None if None in caps else sum(c or 0 for c in caps),
+            None if None in used else sum(u or 0 for u in used),
+            None,
+            read_only=all(c.read_only for c in children),
+            healthy=all(c.healthy for c in children),
+            last_error="; ".join(f"{c.name}: {c.last_error}" for c in children if c.last_error),
+            counters=self.counters.snapshot(),
+            children=children,
+        )  # fmt: skip
+
+    def flush(self) -> FlushResult:
+        """Copy volatile-only blocks into the first durable tier, flush every tier, report durable blocks."""
+        durable = next((i for i, t in enumerate(self.tiers) if t.durable), None)
+        if durable is not None:
+            target = self.tiers[durable]
+            for tier in self.tiers[:durable]:
+                for key in tier:
+                    if target.contains(key):
+                        continue
+                    record = tier.get(key)
+                    if record is not None:
+                        result = target.put(key, record)
+                        self._demote(result.evicted, durable + 1)
+        keys: dict[bytes, None] = {}
+        nbytes = 0
+        for tier in self.tiers:
+            result = tier.flush()
+            nbytes += result.nbytes
+            keys.update(dict.fromkeys(result.keys))
+        return FlushResult(tuple(keys), nbytes)
+
+    def __iter__(self) -> Iterator[bytes]:
+        seen: dict[bytes, None] = {}
+        for tier in self.tiers:
+            try:
+                seen.update(dict.fromkeys(tier))
+            except TypeError:
+                continue
+        return iter(list(seen))
+
+    def _promote(self, record: BlockRecord, level: int) -> None:
+        for upper in range(level):
+            result = self.tiers[upper].put(record.block_hash, record)
+            if result.stored:
+                self.counters.add("promotions")
+            self._demote(result.evicted, upper + 1)
+
+    def _demote(self, records: tuple[BlockRecord, ...], level: int) -> None:
+        """Put each evicted record into tier `level` or the first slower tier that takes it."""
+        for record in records:
+            target = level
+            while target < len(self.tiers):
+                tier = self.tiers[target]
+                if tier.contains(record.block_hash):
+                    break
+                result = tier.put(record.block_hash, record)
+                self._demote(result.evicted, target + 1)
+                if result.stored:
+                    self.counters.add("demotions")
+                    break
+                target += 1
+            else:
+                self.counters.add("dropped")

@@ -1,0 +1,135 @@
+"""`AsyncTransfer`: one background-transfer wrapper for any tier or store.
+
+- Writes go through a bounded queue to worker threads: `put(..., block=True)` waits while the queue is full
+  (backpressure); `block=False` returns False instead ("queue full"), and the caller keeps its block.
+- `put_blocks` takes n blocks of a pool as one tensor, makes ONE host copy of all of them (a single gather
+  through a staging buffer), and queues the encoding and the writes, so the caller's blocks are free at once.
+- `prefetch(keys)` looks keys up in the background; a TieredStore promotes what it finds to its fastest tier.
+- `flush()` waits until every queued write is done, then flushes the target (persistence point).
+Worker errors never propagate: they are logged and counted (`errors`); refused puts count as `refused`.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..compression import Codec
+from ..metrics import Counters
+from .base import LOGGER, FlushResult, Tier
+from .block_io import gather_blocks
+from .record import BlockRecord, check_key, encode_block
+
+Job = Callable[[], BlockRecord]
+_STOP = None
+
+
+class AsyncTransfer:
+    """Background writes (bounded queue, `workers` threads) and prefetches (one thread) against `target`."""
+
+    def __init__(self, target: Tier, max_pending: int = 256, workers: int = 1) -> None:
+        if not isinstance(target, Tier):
+            raise TypeError(f"target must be a Tier or TieredStore, got {type(target).__name__}")
+        for name, value in (("max_pending", max_pending), ("workers", workers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        self.target = target
+        self.counters = Counters()
+        self._queue: queue.Queue[tuple[bytes, Job] | None] = queue.Queue(max_pending)
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="uakv-prefetch")
+        self._workers = [threading.Thread(target=self._run, name=f"uakv-writer-{i}", daemon=True)
+                         for i in range(workers)]
+        self._closed = False
+        for worker in self._workers:
+            worker.start()
+
+    @property
+    def pending(self) -> int:
+        """Writes queued or in progress."""
+        return self._queue.unfinished_tasks
+
+    def put(self, key: bytes, record: BlockRecord, block: bool = True, timeout: float | None = None) -> bool:
+        """Queue `record` for `target.put`; False if the queue stayed full (block=False, or `timeout` passed)."""
+        check_key(key)
+        return self._submit(key, lambda: record, block, timeout)
+
+    def put_blocks(
+        self, keys: Sequence[bytes], pool: torch.Tensor, block_ids: Sequence[int], codec: Codec, block: bool = True
+    ) -> int:
+        """Copy pool[block_ids] to host in one gather, then queue encode+write of each under keys[i].
+
+        Returns how many were queued (fewer than len(keys) only with block=False on a full queue).
+        """
+        if len(keys) != len(block_ids):
+            raise ValueError(f"{len(keys)} keys for {len(block_ids)} block ids")
+        for key in keys:
+            check_key(key)
+        host = gather_blocks(pool, block_ids)
+        namespace = self.target.namespace
+        queued = 0
+        for i, key in enumerate(keys):
+            job = functools.partial(encode_block, key, namespace, host[i], codec)
+            if not self._submit(key, job, block, None):
+                break
+            queued += 1
+        return queued
+
+    def prefetch(self, keys: Sequence[bytes]) -> Future[int]:
+        """Look `keys` up in the background (promoting hits in a store); the future gives how many were found."""
+        keys = [check_key(k) for k in keys]
+        return self._reader.submit(lambda: sum(r is not None for r in self.target.get_many(keys)))
+
+    def flush(self) -> FlushResult:
+        """Wait for every queued write, then flush the target; returns the target's FlushResult."""
+        self._queue.join()
+        return self.target.flush()
+
+    def close(self) -> FlushResult:
+        """Flush, then stop the threads. Idempotent."""
+        if self._closed:
+            return FlushResult()
+        result = self.flush()
+        self._closed = True
+        for _ in self._workers:
+            self._queue.put(_STOP)
+        for worker in self._workers:
+            worker.join()
+        self._reader.shutdown(wait=True)
+        return result
+
+    def __enter__(self) -> AsyncTransfer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _submit(self, key: bytes, job: Job, block: bool, timeout: float | None) -> bool:
+        if self._closed:
+            raise RuntimeError("AsyncTransfer is closed")
+        try:
+            self._queue.put((key, job), block=block, timeout=timeout)
+        except queue.Full:
+            self.counters.add("queue_full")
+            return False
+        self.counters.add("queued")
+        return True
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                key, job = item
+                result = self.target.put(key, job())
+                self.counters.add("written" if result.stored else "refused")
+            except Exception:  # a worker must survive anything one block does
+                self.counters.add("errors")
+                LOGGER.exception("background write failed")
+            finally:
+                self._queue.task_done()
