@@ -327,3 +327,31 @@ def test_stats_and_the_inherited_store(cache: PagedKVCache):
     key, value = torch.arange(4.0), torch.ones(2, 3)
     cache.store(key, value)
     assert torch.equal(cache.retrieve(key), value)  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_on_cuda_with_bfloat16_from_device_and_host_tensors():
+    spec = KVSpec(2, 2, 3, 4, dtype=torch.bfloat16, device="cuda")
+    cache = PagedKVCache(KVCacheConfig(max_tokens=44, block_size=4, device="cuda"), spec)
+    assert cache.pool.kv.is_cuda
+    seq = cache.new_sequence()
+    host = kv(6, 1)
+    host = ([k.bfloat16() for k in host[0]], [v.bfloat16() for v in host[1]])
+    cache.append(seq, list(range(6)), host[0], host[1])  # host tensors are copied to the pool's device
+    extra = kv(3, 2)
+    extra = ([k.bfloat16() for k in extra[0]], [v.bfloat16() for v in extra[1]])
+    device = ([k.cuda() for k in extra[0]], [v.cuda() for v in extra[1]])
+    child = cache.fork(seq)
+    cache.append(child, [6, 7, 8], *device)  # copy-on-write of the shared partial block, on the GPU
+    assert cache.block_table(child) == (0, 2, 3) and cache.block_table(seq) == (0, 1)
+    for layer in range(2):
+        keys, values = cache.read_layer(child, layer)
+        assert keys.is_cuda
+        assert torch.equal(keys.cpu(), torch.cat([host[0][layer], extra[0][layer]], dim=1))
+        assert torch.equal(values.cpu(), torch.cat([host[1][layer], extra[1][layer]], dim=1))
+        parent_keys, _ = cache.read_layer(seq, layer)
+        assert torch.equal(parent_keys.cpu(), host[0][layer])
+    assert cache.commit(child) == 2
+    match = cache.lookup(list(range(8)))
+    assert match.block_ids == (0, 2) and torch.equal(cache.read_prefix(match, 1)[0].cpu(),
+                                                     cache.read_layer(child, 1)[0][:, :8].cpu())
