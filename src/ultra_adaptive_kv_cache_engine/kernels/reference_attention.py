@@ -38,7 +38,7 @@ def _check_lengths(kv: PagedKV) -> list[int]:
 
 
 def _gather_dense(kv: PagedKV, lens: list[int]) -> tuple[Tensor, Tensor]:
-    """Keys and values of the batch as dense (batch, max_len, kv_heads, head_dim) tensors (padding is junk)."""
+    """Keys and values of the batch as dense (batch, max_len, kv_heads, head_dim) tensors, zero past each end."""
     bs = kv.block_size
     width = -(-max(lens) // bs)
     tables = kv.block_tables[:, :width].long()
@@ -53,7 +53,10 @@ def _gather_dense(kv: PagedKV, lens: list[int]) -> tuple[Tensor, Tensor]:
     batch, heads, dim = kv.batch_size, kv.num_kv_heads, kv.head_dim
     keys = kv.key_cache[tables].reshape(batch, width * bs, heads, dim)
     values = kv.value_cache[tables].reshape(batch, width * bs, heads, dim)
-    return keys, values
+    # slots past a sequence's end may hold anything (NaN included): zero them so 0 * junk cannot leak
+    live = (torch.arange(width * bs, device=tables.device)[None, :] < kv.seq_lens[:, None].long())[..., None, None]
+    zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
+    return torch.where(live, keys, zero), torch.where(live, values, zero)
 
 
 def _attend(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scale: float) -> Tensor:
