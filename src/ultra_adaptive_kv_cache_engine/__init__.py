@@ -41,6 +41,11 @@ _EXPORTS: dict[str, str] = {
     "AdvancedCompressor": ".compression.compressor",
     "KVSpec": ".memory.kv_spec",
     "BlockPool": ".memory.block_pool",
+    "OutOfBlocksError": ".memory.block_pool",
+    "TorchAllocator": ".memory.allocator",
+    "plan_num_blocks": ".memory.planner",
+    "Namespace": ".prefix.namespace",
+    "PrefixMatch": ".cache.paged_cache",
 }
 
 __all__ = sorted(_EXPORTS) + ["LOGGER_NAME", "__version__"]
