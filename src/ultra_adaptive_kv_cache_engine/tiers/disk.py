@@ -183,8 +183,14 @@ class DiskTier(Tier):
     # -- internals ----------------------------------------------------------------------------------------------
 
     def _prepare_folders(self) -> None:
-        for i in range(256):
-            (self.folder / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        """Create the 256 shard folders once (and make their names durable unless fsync is NEVER)."""
+        shards = [f"{i:02x}" for i in range(256)]
+        present = set(os.listdir(self.folder)) if self.folder.is_dir() else set()
+        missing = [s for s in shards if s not in present]
+        if not missing:
+            return
+        for shard in missing:
+            (self.folder / shard).mkdir(parents=True, exist_ok=True)
         if self.fsync is not FsyncPolicy.NEVER:
             files.fsync_dir(self.folder)
             files.fsync_dir(self.folder.parent)
