@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from redis_server import RedisServer, start_cluster
 
@@ -163,3 +164,16 @@ def test_registry_builds_tiers_and_names_the_valid_ones(tmp_path: Path) -> None:
     assert isinstance(make_tier("disk", NS_A, root=tmp_path, capacity_bytes=100), DiskTier)
     with pytest.raises(ValueError, match="cpu, disk, redis"):
         make_tier("tape", NS_A)
+
+
+def test_cluster_spreads_blocks_over_nodes(redis_cluster: list[RedisServer]) -> None:
+    tier = RedisTier(NS_A, redis_cluster[0].url + "?cluster=1", prefix="spread:")
+    codec = make_codec("identity")
+    blocks = [encode_block(hashlib.sha256(b"c" + bytes([i])).digest(), NS_A, torch.full((2,), float(i)), codec)
+              for i in range(30)]
+    assert all(r.stored for r in tier.put_many([(b.block_hash, b) for b in blocks]))
+    per_node = [len(redis.Redis(host="127.0.0.1", port=s.port).keys(b"spread:*")) for s in redis_cluster]
+    assert sum(per_node) == 30 and sum(n > 0 for n in per_node) >= 2
+    got = tier.get_many([b.block_hash for b in blocks])
+    assert [g.to_bytes() for g in got] == [b.to_bytes() for b in blocks]
+    assert sorted(tier) == sorted(b.block_hash for b in blocks)
