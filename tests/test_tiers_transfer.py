@@ -16,9 +16,8 @@ from ultra_adaptive_kv_cache_engine.tiers import (
     DiskTier,
     TieredStore,
     encode_block,
-    gather_blocks,
     load_records,
-    scatter_blocks,
+    records_to_host,
 )
 
 NS = hashlib.sha256(b"transfer-tests").digest()
@@ -62,12 +61,13 @@ def test_a_full_queue_blocks_or_says_so() -> None:
         assert transfer.counters.snapshot() == {"queued": 3, "queue_full": 2, "written": 3}
 
 
-def test_put_blocks_copies_once_so_the_pool_is_free_at_once() -> None:
+def test_put_blocks_copies_so_the_pool_is_free_at_once() -> None:
     pool = torch.randn(6, *BLOCK, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     original = pool.clone()
     tier = CPUTier(NS, 1 << 20, pin_memory=False)
     with AsyncTransfer(tier, workers=2) as transfer:
-        assert transfer.put_blocks([key(4), key(1), key(2)], pool, [4, 1, 2], IDENTITY) == 3
+        assert transfer.put_blocks([key(4)], pool[4:5], IDENTITY) == 1
+        assert transfer.put_blocks([key(1), key(2)], pool[1:3], IDENTITY) == 2  # views into the pool
         pool.zero_()  # the cache reuses the evicted slots immediately
         transfer.flush()
     for block_id in (4, 1, 2):
@@ -78,7 +78,7 @@ def test_worker_errors_are_counted_and_the_worker_survives(caplog) -> None:
     tier = CPUTier(NS, 1 << 20, pin_memory=False)
     with AsyncTransfer(tier) as transfer:
         ints = torch.zeros(2, 3, dtype=torch.int64)
-        transfer.put_blocks([key(0)], ints, [1], make_codec("int8"))  # int8 refuses integer blocks
+        transfer.put_blocks([key(0)], ints[1:], make_codec("int8"))  # int8 refuses integer blocks
         transfer.flush()
         assert transfer.put(key(5), rec(5))
         transfer.flush()
@@ -105,18 +105,10 @@ def test_close_is_idempotent_and_final() -> None:
         AsyncTransfer(CPUTier(NS, 10, pin_memory=False), max_pending=0)
 
 
-def test_gather_and_scatter_move_exact_blocks() -> None:
-    pool = torch.arange(5 * 24, dtype=torch.float32).reshape(5, 2, 3, 4)
-    host = gather_blocks(pool, [3, 0])
-    assert torch.equal(host, pool[[3, 0]]) and host.data_ptr() != pool.data_ptr()
-    target = torch.zeros_like(pool)
-    scatter_blocks(target, [1, 4], host)
-    assert torch.equal(target[1], pool[3]) and torch.equal(target[4], pool[0])
-    assert float(target[[0, 2, 3]].abs().sum()) == 0
-    with pytest.raises(ValueError, match="out of range"):
-        gather_blocks(pool, [5])
-    with pytest.raises(ValueError, match="do not match"):
-        scatter_blocks(target, [1], host)
+def test_put_blocks_checks_the_batch() -> None:
+    with AsyncTransfer(CPUTier(NS, 1 << 20, pin_memory=False)) as transfer:
+        with pytest.raises(ValueError, match="2 keys for a batch"):
+            transfer.put_blocks([key(0), key(1)], torch.zeros(3, 4), IDENTITY)
 
 
 @pytest.mark.parametrize("codec", ["identity", "int8"])
@@ -131,19 +123,27 @@ def test_load_records_decodes_into_pool_slots(codec: str) -> None:
         load_records(torch.zeros(4, 2, 2), [0], records[:1])
     with pytest.raises(ValueError, match="records for"):
         load_records(pool, [0, 1], records[:1])
+    with pytest.raises(ValueError, match="out of range"):
+        load_records(pool, [4], records[:1])
+    host = records_to_host(records, BLOCK, torch.float32)
+    assert torch.equal(host, torch.stack([r.tensor() for r in records]))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_round_trip_through_pinned_staging() -> None:
     pool = torch.randn(8, *BLOCK, device="cuda").to(torch.bfloat16)
-    host = gather_blocks(pool, [5, 2, 7])
-    assert host.device.type == "cpu" and host.is_pinned() and torch.equal(host.cuda(), pool[[5, 2, 7]])
+    host = pool[[5, 2, 7]].cpu()
     tier = CPUTier(NS, 1 << 20)  # pins by default on CUDA
     assert tier.pin_memory
     records = [encode_block(key(i), NS, host[i], IDENTITY) for i in range(3)]
     for r in records:
         tier.put(r.block_hash, r)
     target = torch.zeros_like(pool)
-    load_records(target, [0, 1, 2], [tier.get(r.block_hash) for r in records])
+    stored = [tier.get(r.block_hash) for r in records]
+    assert all(torch.frombuffer(s.payload, dtype=torch.uint8).is_pinned() for s in stored)
+    load_records(target, [0, 1, 2], stored)
     assert torch.equal(target[:3], pool[[5, 2, 7]])
+    with AsyncTransfer(tier) as transfer:  # device blocks: one device-to-host copy, then background writes
+        assert transfer.put_blocks([key(10), key(11)], pool[[0, 1]], IDENTITY) == 2
+    assert torch.equal(tier.get(key(11)).tensor().cuda(), pool[1])

@@ -1,7 +1,7 @@
 """Where blocks live: CPU memory, disk, Redis/Valkey; a tiered store composing them; one async wrapper."""
 
 from .base import FlushResult, PutResult, Tier, TierUsage
-from .block_io import gather_blocks, load_records, scatter_blocks
+from .block_io import load_records, records_to_host
 from .cpu import CPUTier
 from .disk import DiskTier
 from .record import (
@@ -21,6 +21,6 @@ from .transfer import AsyncTransfer
 __all__ = [
     "TIERS", "AsyncTransfer", "BlockRecord", "CPUTier", "CorruptBlockError", "DiskTier", "FlushResult",
     "NamespaceMismatchError", "PutResult", "RecordError", "RedisTier", "Tier", "TierUsage", "TieredStore",
-    "encode_block", "gather_blocks", "load_records", "make_tier", "parse_record", "register_tier",
-    "scatter_blocks", "seal",
+    "encode_block", "load_records", "make_tier", "parse_record", "records_to_host", "register_tier",
+    "seal",
 ]  # fmt: skip

@@ -9,7 +9,8 @@ Layout (little endian), no pickle:
                payload (payload length bytes, the codec's output)
     end - 32   checksum: SHA-256 over every byte before it
 
-Invariants: a `BlockRecord` made by `seal` or returned by `parse_record` has a checksum that matches its bytes;
+Invariants: a `BlockRecord` made by `seal` or returned by `parse_record` has a checksum that matches its bytes
+(computed when first needed);
 tiers pass records along unchanged and verify them again whenever they come back from a medium that can tear
 or be shared (disk, Redis). `parse_record` raises `CorruptBlockError` for anything torn, truncated, flipped or
 malformed, and `NamespaceMismatchError` for a sound record of another namespace (another model or tenant), so
@@ -21,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,14 +74,27 @@ class RecordPrefix:
 
 @dataclass(frozen=True, eq=False)
 class BlockRecord:
-    """One block as stored: names, tensor meta, payload, and the checksum of its serialised bytes."""
+    """One block as stored: names, tensor meta, payload, and the checksum of its serialised bytes.
+
+    The checksum is computed once, lazily, the first time the record is serialised (a record that only ever
+    lives in CPU memory never pays for it); a parsed record carries the checksum it was verified against.
+    """
 
     block_hash: bytes
     namespace: bytes
     meta: TensorMeta
     payload: bytes | memoryview
     header: bytes  # the serialised fixed prefix + JSON header
-    checksum: bytes
+    verified_checksum: bytes | None = field(default=None, repr=False)
+
+    @property
+    def checksum(self) -> bytes:
+        """SHA-256 of header + payload (computed on first use; idempotent, so safe from several threads)."""
+        if self.verified_checksum is None:
+            digest = hashlib.sha256(self.header)
+            digest.update(self.payload)
+            object.__setattr__(self, "verified_checksum", digest.digest())
+        return self.verified_checksum  # type: ignore[return-value]
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +117,7 @@ class BlockRecord:
 
 
 def seal(block_hash: bytes, namespace: bytes, encoded: EncodedTensor) -> BlockRecord:
-    """The record of `encoded` under `block_hash` in `namespace`, checksum computed once here."""
+    """The record of `encoded` under `block_hash` in `namespace` (checksum computed when first serialised)."""
     check_key(block_hash, "block_hash")
     check_key(namespace, "namespace")
     header_json = json.dumps(encoded.meta.as_json(), separators=(",", ":"), sort_keys=True).encode()
@@ -111,10 +125,7 @@ def seal(block_hash: bytes, namespace: bytes, encoded: EncodedTensor) -> BlockRe
         raise ValueError(f"tensor meta serialises to {len(header_json)} bytes; at most {MAX_HEADER_BYTES}")
     payload_len = memoryview(encoded.payload).nbytes
     prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_json), block_hash, namespace, payload_len)
-    header = prefix + header_json
-    digest = hashlib.sha256(header)
-    digest.update(encoded.payload)
-    return BlockRecord(block_hash, namespace, encoded.meta, encoded.payload, header, digest.digest())
+    return BlockRecord(block_hash, namespace, encoded.meta, encoded.payload, prefix + header_json)
 
 
 def encode_block(block_hash: bytes, namespace: bytes, tensor: torch.Tensor, codec: Codec) -> BlockRecord:

@@ -2,8 +2,8 @@
 
 - Writes go through a bounded queue to worker threads: `put(..., block=True)` waits while the queue is full
   (backpressure); `block=False` returns False instead ("queue full"), and the caller keeps its block.
-- `put_blocks` takes n blocks of a pool as one tensor, makes ONE host copy of all of them (a single gather
-  through a staging buffer), and queues the encoding and the writes, so the caller's blocks are free at once.
+- `put_blocks` takes n blocks as one tensor (e.g. gathered from the pool by `kernels.BlockTransfer`), makes
+  ONE host copy of all of them, and queues the encoding and the writes, so the caller's blocks are free at once.
 - `prefetch(keys)` looks keys up in the background; a TieredStore promotes what it finds to its fastest tier.
 - `flush()` waits until every queued write is done, then flushes the target (persistence point).
 Worker errors never propagate: they are logged and counted (`errors`); refused puts count as `refused`.
@@ -22,7 +22,6 @@ import torch
 from ..compression import Codec
 from ..metrics import Counters
 from .base import LOGGER, FlushResult, Tier
-from .block_io import gather_blocks
 from .record import BlockRecord, check_key, encode_block
 
 Job = Callable[[], BlockRecord]
@@ -59,17 +58,24 @@ class AsyncTransfer:
         return self._submit(key, lambda: record, block, timeout)
 
     def put_blocks(
-        self, keys: Sequence[bytes], pool: torch.Tensor, block_ids: Sequence[int], codec: Codec, block: bool = True
+        self, keys: Sequence[bytes], blocks: torch.Tensor, codec: Codec, block: bool = True, copy: bool = True
     ) -> int:
-        """Copy pool[block_ids] to host in one gather, then queue encode+write of each under keys[i].
+        """Queue encode+write of blocks[i] under keys[i]; `blocks` is (n, *block_shape) on any device.
 
-        Returns how many were queued (fewer than len(keys) only with block=False on a full queue).
+        One copy of the whole batch is taken first (a single device-to-host copy for a device tensor), so the
+        caller may reuse `blocks` at once; pass copy=False for a fresh host tensor nobody else will touch
+        (e.g. `pool[ids]`, which already is a copy). Returns how many were queued (fewer only when
+        block=False meets a full queue).
         """
-        if len(keys) != len(block_ids):
-            raise ValueError(f"{len(keys)} keys for {len(block_ids)} block ids")
+        if blocks.dim() < 1 or len(keys) != blocks.shape[0]:
+            raise ValueError(f"{len(keys)} keys for a batch of shape {tuple(blocks.shape)}")
         for key in keys:
             check_key(key)
-        host = gather_blocks(pool, block_ids)
+        host = blocks.detach()
+        if host.device.type != "cpu":
+            host = host.cpu()
+        elif copy:
+            host = host.clone()
         namespace = self.target.namespace
         queued = 0
         for i, key in enumerate(keys):
