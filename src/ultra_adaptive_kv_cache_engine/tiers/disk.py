@@ -18,8 +18,10 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from tqdm import tqdm
 
@@ -40,6 +42,8 @@ from .record import (
     parse_record,
 )
 
+T = TypeVar("T")
+R = TypeVar("R")
 FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 SCAN_PROGRESS_MIN = 1000
 """Show a progress bar (stderr) when the start-up scan finds at least this many files."""
@@ -60,11 +64,17 @@ class DiskTier(Tier):
         fsync: FsyncPolicy | str = FsyncPolicy.BATCH,
         verify_on_scan: bool = False,
         readonly_retry_s: float = 30.0,
+        io_threads: int | None = None,
         clock: Clock | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(namespace, name)
         self.capacity_bytes = _require_capacity(capacity_bytes)
+        threads = io_threads if io_threads is not None else min(8, os.cpu_count() or 1)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"io_threads={io_threads!r} must be a positive integer or None")
+        self.io_threads = threads
+        self._io: ThreadPoolExecutor | None = None
         self.fsync = parse_enum(FsyncPolicy, "fsync", fsync)
         self.readonly_retry_s = float(readonly_retry_s)
         self.folder = Path(root) / namespace.hex()
@@ -111,6 +121,14 @@ class DiskTier(Tier):
         self.counters.add("hits")
         self.counters.add("bytes_out", record.nbytes)
         return record
+
+    def get_many(self, keys: Iterable[bytes]) -> list[BlockRecord | None]:
+        """`get` of each key, in order; reads and checksum checks of a batch run on `io_threads` threads."""
+        return self._parallel(self.get, list(keys))
+
+    def put_many(self, items: Iterable[tuple[bytes, BlockRecord]]) -> list[PutResult]:
+        """`put` of each (key, record), in order; writes of a batch run on `io_threads` threads."""
+        return self._parallel(lambda item: self.put(*item), list(items))
 
     def put(self, key: bytes, record: BlockRecord) -> PutResult:
         self._check_put(key, record)
@@ -181,6 +199,14 @@ class DiskTier(Tier):
         return len(self._index)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _parallel(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        if len(items) < 2 or self.io_threads == 1:
+            return [fn(item) for item in items]
+        with self._lock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"uakv-{self.name}-io")
+        return list(self._io.map(fn, items))
 
     def _prepare_folders(self) -> None:
         """Create the 256 shard folders once (and make their names durable unless fsync is NEVER)."""
