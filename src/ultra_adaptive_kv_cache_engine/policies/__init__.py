@@ -1,6 +1,19 @@
-"""Eviction and admission policies behind one interface and one registry."""
+"""Eviction and admission policies behind one interface and one registry.
 
+Registered: lru, lfu, fifo, s3fifo, arc, adaptive. The trace-replay lab (Belady's bound, synthetic
+Mooncake-schema workloads) lives in the `replay` subpackage.
+"""
+
+from .adaptive import AdaptivePolicy
+from .arc import ARCPolicy
 from .base import EvictionPolicy
+from .fifo import FIFOPolicy
+from .lfu import LFUPolicy
+from .lru import LRUPolicy
 from .registry import POLICIES, has_policy, make_policy, register_policy
+from .s3fifo import S3FIFOPolicy
 
-__all__ = ["EvictionPolicy", "POLICIES", "has_policy", "make_policy", "register_policy"]
+__all__ = [
+    "ARCPolicy", "AdaptivePolicy", "EvictionPolicy", "FIFOPolicy", "LFUPolicy", "LRUPolicy", "POLICIES",
+    "S3FIFOPolicy", "has_policy", "make_policy", "register_policy",
+]

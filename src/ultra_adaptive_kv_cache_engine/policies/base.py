@@ -21,6 +21,12 @@ class EvictionPolicy(ABC):
     - `on_remove(key)` when the store has removed a key (after evicting a victim, or an explicit delete).
       A policy with ghost history may remember keys that were returned by `victims` and then removed.
     - `admit(key, size)` is asked before an insert; False means the store should not cache the key.
+    - `on_insert` of a key already tracked updates its size and counts as an access.
+    - The clock: policies that group events by time (the adaptive one) read `clock()` at each event; a
+      prefix store should inject a clock that reads one value per request (a request counter or its
+      arrival time), so that the blocks of one request share a tick. Others ignore it.
+    Capacity is in the same units as sizes; policies that need it (ARC, S3-FIFO, adaptive) use the largest
+    total size tracked so far when it is None. Each event is O(1) amortised; `victims(n)` is O(n) amortised.
     Invariant: `len(policy)` equals the number of keys inserted and not yet removed.
     """
 

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from .adaptive import AdaptivePolicy
+from .arc import ARCPolicy
 from .base import Clock, EvictionPolicy
+from .fifo import FIFOPolicy
+from .lfu import LFUPolicy
 from .lru import LRUPolicy
+from .s3fifo import S3FIFOPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     "lru": LRUPolicy,
+    "lfu": LFUPolicy,
+    "fifo": FIFOPolicy,
+    "s3fifo": S3FIFOPolicy,
+    "arc": ARCPolicy,
+    "adaptive": AdaptivePolicy,
 }
 
 

@@ -1,0 +1,44 @@
+"""First in, first out."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+
+from .base import Clock, EvictionPolicy
+
+
+class FIFOPolicy(EvictionPolicy):
+    """Evicts the key inserted first. Accesses change nothing; inserting a tracked key keeps its place.
+
+    O(1) per event; `victims(n)` is O(n).
+    """
+
+    name = "fifo"
+
+    def __init__(self, capacity: int | None = None, clock: Clock | None = None) -> None:
+        super().__init__(capacity, clock)
+        self._order: OrderedDict[Hashable, None] = OrderedDict()
+
+    def on_insert(self, key: Hashable, size: int = 1) -> None:
+        self._order.setdefault(key, None)
+
+    def on_access(self, key: Hashable) -> None:
+        return None
+
+    def on_remove(self, key: Hashable) -> None:
+        self._order.pop(key, None)
+
+    def victims(self, n: int) -> list[Hashable]:
+        out: list[Hashable] = []
+        for key in self._order:
+            if len(out) >= n:
+                break
+            out.append(key)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
