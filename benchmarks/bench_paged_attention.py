@@ -140,7 +140,8 @@ def measure(combo: Combo, args: argparse.Namespace, device: torch.device, gen: t
 
 
 def tune(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
-    """Time a few decode launch shapes around the heuristic's; report the heuristic's and the best."""
+    """Time a few decode launch shapes around the heuristic's (until args.deadline); report the heuristic's
+    and the best."""
     from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
 
     t = build(combo, args, device, gen)
@@ -158,6 +159,8 @@ def tune(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torc
     sdpa_s = median_seconds(lambda: sdpa(t["q4"], t["k"], t["v"]), device, args.warmup, args.repeats)
     rows = []
     for plan in variants:
+        if time.monotonic() > args.deadline:
+            break
         try:
             s = median_seconds(lambda p=plan: triton_decode_attention(t["query"], t["kv"], out=out, launch=p),
                                device, args.warmup, args.repeats)
@@ -179,7 +182,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mem-cap-gib", type=float, default=None, help="default: 85%% of the device's memory")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--time-budget-s", type=float, default=150.0, help="skip what is left after this long")
+    p.add_argument("--time-budget-s", type=float, default=150.0,
+                   help="skip what is left after this long (the grid gets 75%%, the sweep the rest)")
     p.add_argument("--no-tune", action="store_true", help="skip the launch-shape sweep at the goal points")
     p.add_argument("--no-save", action="store_true", help="only print the JSON line")
     args = p.parse_args()
@@ -199,7 +203,7 @@ def mem_cap(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def run_grid(args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict[str, list]:
-    cap, began = mem_cap(args, device), time.monotonic()
+    cap, grid_deadline = mem_cap(args, device), time.monotonic() + 0.75 * args.time_budget_s
     found: dict[str, list] = {"results": [], "skipped": [], "errors": []}
     for bs in args.block_sizes:
         for batch in args.batches:
@@ -209,7 +213,7 @@ def run_grid(args: argparse.Namespace, device: torch.device, gen: torch.Generato
                 if need > cap:
                     found["skipped"].append({**dataclasses.asdict(combo), "reason": f"needs {need / 2**30:.0f} GiB > cap {cap / 2**30:.0f} GiB"})
                     continue
-                if time.monotonic() - began > args.time_budget_s:
+                if time.monotonic() > grid_deadline:
                     found["skipped"].append({**dataclasses.asdict(combo), "reason": "time budget spent"})
                     continue
                 try:
@@ -226,6 +230,7 @@ def run_grid(args: argparse.Namespace, device: torch.device, gen: torch.Generato
 
 def main() -> None:
     args = parse_args()
+    args.deadline = time.monotonic() + args.time_budget_s
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     found = run_grid(args, device, gen)
@@ -237,6 +242,9 @@ def main() -> None:
     tuning = []
     if device.type == "cuda" and not args.no_tune and select_backend(device).name == "triton":
         for batch, context in GOALS:
+            if time.monotonic() > args.deadline:
+                tuning.append({"batch": batch, "context": context, "skipped": "time budget spent"})
+                continue
             try:
                 tuning.append(tune(Combo(batch, context, 16), args, device, gen))
             except Exception as exc:  # report and go on

@@ -21,7 +21,11 @@ from ultra_adaptive_kv_cache_engine.kernels import (
     select_backend,
     triton_available,
 )
-from ultra_adaptive_kv_cache_engine.kernels.launch_plan import MAX_SPLITS, next_power_of_two
+from ultra_adaptive_kv_cache_engine.kernels.launch_plan import (
+    MAX_SPLITS,
+    choose_num_splits,
+    next_power_of_two,
+)
 
 
 def _pool(blocks: int = 5, layers: int = 2, bs: int = 4, heads: int = 2, dim: int = 8) -> torch.Tensor:
@@ -94,14 +98,24 @@ def test_register_backend_adds_a_name_and_rejects_junk():
 
 
 def test_decode_plan_fills_the_gpu_for_small_batches_and_not_for_large():
-    one = plan_decode(DecodeShape(1, 8, 4, 128, 32768), num_sms=132)
-    assert (one.num_splits, one.partition_size, one.block_m, one.block_n, one.block_d) == (64, 512, 16, 64, 128)
-    big = plan_decode(DecodeShape(64, 8, 4, 128, 8192), num_sms=132)
-    assert (big.num_splits, big.partition_size) == (2, 4096)
-    short = plan_decode(DecodeShape(1, 8, 4, 128, 100), num_sms=132)
+    one = plan_decode(DecodeShape(1, 8, 4, 128, 32768), num_sms=132)  # 8 programs: split to fill 528 slots
+    assert (one.num_splits, one.partition_size, one.block_m, one.block_n, one.block_d) == (57, 576, 16, 64, 128)
+    mid = plan_decode(DecodeShape(16, 8, 4, 128, 32768), num_sms=132)  # 128 programs x 4 = 512 of 528 slots
+    assert (mid.num_splits, mid.partition_size) == (4, 8192)
+    big = plan_decode(DecodeShape(64, 8, 4, 128, 8192), num_sms=132)  # 512 programs already fill the slots
+    assert (big.num_splits, big.partition_size) == (1, 8192)
+    short = plan_decode(DecodeShape(1, 8, 4, 128, 100), num_sms=132)  # 2 tiles: too short to split
     assert (short.num_splits, short.partition_size) == (1, 128)
     forced = plan_decode(DecodeShape(2, 2, 2, 40, 100), num_sms=132, num_splits=3, block_n=16)
     assert (forced.num_splits, forced.partition_size, forced.block_d) == (3, 48, 64)
+    assert plan_decode(DecodeShape(1, 8, 4, 128, 100, itemsize=4), num_sms=132).block_n == 32
+
+
+def test_split_choice_takes_the_fewest_splits_near_the_best_wave_efficiency():
+    assert choose_num_splits(base=100, slots=400, max_splits=64) == 4  # exactly one full wave
+    assert choose_num_splits(base=100, slots=400, max_splits=2) == 2  # clamped by the tiles
+    assert choose_num_splits(base=350, slots=400, max_splits=64) == 1  # already 87% full
+    assert choose_num_splits(base=30, slots=100, max_splits=64) == 3  # 0.9 of a wave beats 1.2 waves
 
 
 @pytest.mark.parametrize(
@@ -129,8 +143,10 @@ def test_plans_reject_bad_shapes():
 
 def test_prefill_plan_rows_cover_whole_groups():
     plan = plan_prefill(group=3, head_dim=40, max_query_len=100)
-    assert (plan.block_m, plan.block_q, plan.block_d, plan.num_q_tiles) == (64, 21, 64, 5)
+    assert (plan.block_m, plan.block_q, plan.block_n, plan.block_d, plan.num_q_tiles) == (64, 21, 64, 64, 5)
     assert plan_prefill(group=128, head_dim=128, max_query_len=2).block_m == 128
+    wide = plan_prefill(group=4, head_dim=128, max_query_len=100, itemsize=4)  # float32: smaller tiles
+    assert (wide.block_m, wide.block_q, wide.block_n, wide.num_q_tiles) == (32, 8, 32, 13)
 
 
 def test_block_transfer_round_trip_on_cpu_is_exact():

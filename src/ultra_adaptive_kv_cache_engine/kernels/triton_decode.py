@@ -153,7 +153,7 @@ def triton_decode_attention(
         out = torch.empty_like(query)
     if batch == 0:
         return out
-    shape = DecodeShape(batch, kv.num_kv_heads, group, dim, kv.max_len_bound)
+    shape = DecodeShape(batch, kv.num_kv_heads, group, dim, kv.max_len_bound, query.element_size())
     plan = launch if launch is not None else plan_decode(shape, num_sms(query.device))
     split = plan.num_splits > 1
     parts, lse = out, out[:, :, 0]  # placeholders with the right rank when not split (never touched)

@@ -124,7 +124,7 @@ def triton_prefill_attention(
         out = torch.empty_like(query)
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max()) if kv.batch_size else 0
-    plan = plan_prefill(group, kv.head_dim, max_query_len)
+    plan = plan_prefill(group, kv.head_dim, max_query_len, query.element_size())
     if query.shape[0] == 0 or plan.num_q_tiles == 0 or kv.batch_size == 0:
         return out
     k, v = kv.key_cache, kv.value_cache
