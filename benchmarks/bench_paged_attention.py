@@ -3,13 +3,16 @@
 Question: does decoding straight from the block-major paged pool cost bandwidth next to attention over
 contiguous KV? One decode step of one layer, Llama-3-8B shape (32 query heads, 8 KV heads, head dim 128,
 bf16), for batch x context x block size; all sequences have the full context; blocks are scattered at
-random through a pool that holds `--pool-layers` layers (the kernel reads one layer's strided view). In the
-same run, on the same KV bytes: `paged` (the selected kernel backend: Triton on CUDA, the reference on CPU),
-`sdpa` (torch SDPA with enable_gqa on contiguous (batch, kv_heads, context, head_dim) copies, the default
-SDPA dispatch) and `naive` (gather the pages with indexing, then the same SDPA). Figures are logical KV
-bytes (keys + values of one layer) per second (GB/s = 1e9 B/s), median of `--repeats` timed runs after `--warmup`; ratios
-are against `sdpa`. Combinations whose buffers exceed `--mem-cap-gib` are skipped and listed. On CUDA a
-short sweep of decode launch shapes at the two goal points shows how far the heuristic is from the best.
+random through a pool that holds `--pool-layers` layers (the kernel reads one layer's strided view).
+In the same run, on the same KV bytes:
+- `paged`: the selected kernel backend (Triton on CUDA, the reference on CPU);
+- `sdpa`: torch SDPA with enable_gqa on contiguous (batch, kv_heads, context, head_dim) copies, the fastest
+  of the default dispatch and, on CUDA, each of the flash, cuDNN and efficient backends that takes the shape;
+- `naive`: gather the pages with indexing, then the default SDPA.
+Figures are logical KV bytes (keys + values of one layer) per second (GB/s = 1e9 B/s), median of
+`--repeats` timed runs after `--warmup`; ratios are against `sdpa`. Combinations whose buffers exceed
+`--mem-cap-gib` are skipped and listed. On CUDA a short sweep of decode launch shapes at the two goal points
+shows how far the heuristic is from the best one.
 Goals (H200): paged >= 0.9 x sdpa at batch 64 / 8k, >= 0.85 x sdpa at batch 16 / 32k.
 """
 
@@ -101,8 +104,32 @@ def build(combo: Combo, args: argparse.Namespace, device: torch.device, gen: tor
     }
 
 
-def sdpa(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+def sdpa(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any = None) -> torch.Tensor:
+    """SDPA with grouped KV heads; `backend` (an SDPBackend) forces one implementation, None lets torch pick."""
+    if backend is None:
+        return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+
+def time_sdpa(t: dict[str, Any], device: torch.device, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per call of SDPA's default dispatch and, on CUDA, of each backend that accepts the shape."""
+    backends: dict[str, Any] = {"default": None}
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        backends.update(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                        efficient=SDPBackend.EFFICIENT_ATTENTION)
+    timed = {}
+    for name, backend in backends.items():
+        try:
+            fn = lambda b=backend: sdpa(t["q4"], t["k"], t["v"], b)  # noqa: E731
+            timed[name] = median_seconds(fn, device, args.warmup, args.repeats)
+        except Exception as exc:  # a backend that does not take this shape (RuntimeError, mostly)
+            log(f"sdpa backend {name}: {str(exc)[:120]}")
+    return timed
 
 
 def naive(q4: torch.Tensor, kv: PagedKV) -> torch.Tensor:
@@ -118,9 +145,11 @@ def measure(combo: Combo, args: argparse.Namespace, device: torch.device, gen: t
     t = build(combo, args, device, gen)
     out = torch.empty_like(t["query"])
     paged_fn = lambda: backend.decode_attention(t["query"], t["kv"], out=out)  # noqa: E731
+    sdpa_timed = time_sdpa(t, device, args)
+    best = min(sdpa_timed, key=sdpa_timed.__getitem__)
     timed = {
         "paged": median_seconds(paged_fn, device, args.warmup, args.repeats),
-        "sdpa": median_seconds(lambda: sdpa(t["q4"], t["k"], t["v"]), device, args.warmup, args.repeats),
+        "sdpa": sdpa_timed[best],
         "naive": median_seconds(lambda: naive(t["q4"], t["kv"]), device, args.warmup, max(3, args.repeats // 3)),
     }
     reference = sdpa(t["q4"], t["k"], t["v"]).squeeze(2).float()
@@ -130,6 +159,8 @@ def measure(combo: Combo, args: argparse.Namespace, device: torch.device, gen: t
     for name, seconds in timed.items():
         row[f"{name}_ms"] = round(seconds * 1e3, 4)
         row[f"{name}_gbps"] = round(nbytes / seconds / 1e9, 3)
+    row["sdpa_backend"] = best
+    row["sdpa_backends_gbps"] = {name: round(nbytes / sec / 1e9, 3) for name, sec in sdpa_timed.items()}
     row["paged_vs_sdpa"] = round(timed["sdpa"] / timed["paged"], 3)
     row["naive_vs_sdpa"] = round(timed["sdpa"] / timed["naive"], 3)
     row["rel_err_vs_sdpa"] = err
@@ -156,7 +187,7 @@ def tune(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torc
         variants.append(plan_decode(shape, sms, num_splits=base.num_splits, block_n=block_n))
     variants += [dataclasses.replace(base, num_warps=8), dataclasses.replace(base, num_stages=2),
                  dataclasses.replace(base, num_stages=4)]
-    sdpa_s = median_seconds(lambda: sdpa(t["q4"], t["k"], t["v"]), device, args.warmup, args.repeats)
+    sdpa_s = min(time_sdpa(t, device, args).values())
     rows = []
     for plan in variants:
         if time.monotonic() > args.deadline:

@@ -82,7 +82,7 @@ def main() -> None:
     log(f"{args.blocks} blocks of {nbytes // args.blocks / 2**20:.2f} MiB, {nbytes / 2**30:.2f} GiB, on {device}")
 
     transfer.to_host(ids, out=host)  # correctness first: the bytes that arrive are the blocks asked for
-    sample = torch.randperm(args.blocks)[:8].tolist()
+    sample = torch.randperm(args.blocks, generator=torch.Generator().manual_seed(args.seed))[:8].tolist()
     exact_d2h = all(torch.equal(host[i], pool[int(ids[i])].cpu()) for i in sample)
     ids_list = ids.tolist()
 

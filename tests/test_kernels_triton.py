@@ -59,7 +59,7 @@ SMALL_DECODE = [
 LARGE_DECODE = [
     World(seq_lens=(4000, 1, 1037, 2048), q_lens=(1,) * 4, q_heads=32, kv_heads=8, head_dim=128, block_size=bs,
           dtype=dt)
-    for bs in (16, 64, 128) for dt in HALF
+    for bs, dt in ((16, torch.bfloat16), (64, torch.float16), (128, torch.bfloat16))
 ] + [World(seq_lens=(3000, 77), q_lens=(1, 1), q_heads=28, kv_heads=4, head_dim=96, block_size=32)]
 DECODE_WORLDS = SMALL_DECODE + (LARGE_DECODE if ON_CUDA else [])
 SPLITS = [1, 3, 64]
@@ -101,15 +101,20 @@ def test_decode_split_counts_agree(splits: int):
     assert_close_rel(out, oracle(batch), tolerance(world.dtype))
 
 
-def test_decode_with_tight_length_hint_and_empty_sequence():
+@cases("splits", [1, 2])
+def test_decode_with_tight_length_hint_and_empty_sequence(splits: int):
+    from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
+
     world = World(seq_lens=(40, 9), q_lens=(1, 1), dtype=torch.bfloat16)
     batch = build(world, seed=33, device=DEVICE)
-    out = _triton().decode_attention(batch.query, batch.kv(max_seq_len=40))
+    plan = plan_decode(DecodeShape(2, 2, 2, 24, 40), num_sms=132, num_splits=splits, block_n=16)
+    out = triton_decode_attention(batch.query, batch.kv(max_seq_len=40), launch=plan)
     assert_close_rel(out, oracle(batch), tolerance(world.dtype))
-    empty = PagedKV.from_pool(batch.pool, LAYER, batch.block_tables, torch.tensor([0, 9], dtype=torch.int32,
-                                                                                    device=DEVICE))
-    zeros = _triton().decode_attention(batch.query, empty)
+    lens = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
+    empty = PagedKV.from_pool(batch.pool, LAYER, batch.block_tables, lens, max_seq_len=40)
+    zeros = triton_decode_attention(batch.query, empty, launch=plan)
     assert torch.equal(zeros[0].float().cpu(), torch.zeros(4, 24))
+    assert_close_rel(zeros[1], oracle(batch)[1], tolerance(world.dtype))  # sequence 1 is untouched by 0
 
 
 @cases("world", PREFILL_WORLDS)
