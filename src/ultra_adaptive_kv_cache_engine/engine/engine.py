@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..cache.factory import create_cache
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
-from .requests import require_dict, require_tensor, resolve_action
+from .requests import require_dict, require_tensor, require_text, resolve_action
+
+if TYPE_CHECKING:
+    from ..model.loaded import LoadedModel
+    from .session import ModelSession
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -26,7 +31,9 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 class UltraAdaptiveKVCacheEngine:
     """Ultra-adaptive KV cache with advanced features."""
 
-    def __init__(self, config: KVCacheConfig | None = None) -> None:
+    def __init__(self, config: KVCacheConfig | None = None, model: LoadedModel | None = None) -> None:
+        """`model` (optional) is an already loaded model; by default `config.model_path` is loaded on the
+        first `process` request (the embedded SmolLM2 when it is None)."""
         if config is None:
             config = KVCacheConfig()
         if not isinstance(config, KVCacheConfig):
@@ -40,7 +47,9 @@ class UltraAdaptiveKVCacheEngine:
             "retrieve": self._handle_retrieve,
             "process": self._handle_process,
         }
-        self._session: Any = None
+        self._session: ModelSession | None = None
+        self._model = model
+        self._session_lock = threading.Lock()
         self.logger.debug("engine ready: strategy=%s max_tokens=%d", config.cache_strategy, config.max_tokens)
 
     # ----------------------------------------------------------------- seed's tensor API
@@ -75,16 +84,19 @@ class UltraAdaptiveKVCacheEngine:
         return {"action": "retrieve", "value": value, "cache_hit": value is not None}
 
     async def _handle_process(self, request: dict[str, Any]) -> dict[str, Any]:
+        if "messages" not in request:
+            require_text(request)
         session = await asyncio.to_thread(self._model_session)
         return await session.process(request)
 
-    def _model_session(self) -> Any:
+    def _model_session(self) -> ModelSession:
         """The model session, created on first use (loads the model)."""
-        if self._session is None:
-            from .session import ModelSession  # deferred: importing transformers is slow
+        with self._session_lock:
+            if self._session is None:
+                from .session import ModelSession  # deferred: importing transformers is slow
 
-            self._session = ModelSession(self.config, profiler=self.profiler)
-        return self._session
+                self._session = ModelSession(self.config, profiler=self.profiler, loaded=self._model)
+            return self._session
 
     # ----------------------------------------------------------------- introspection
     def get_stats(self) -> dict[str, Any]:
@@ -92,6 +104,11 @@ class UltraAdaptiveKVCacheEngine:
         if self._session is not None:
             stats["model"] = self._session.stats()
         return stats
+
+    def describe(self) -> dict[str, Any]:
+        """Model, cache configuration and sizes (loads the model)."""
+        config = {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self.config).items()}
+        return {"config": config, **self._model_session().describe()}
 
     def get_profiling_data(self) -> dict[str, Any]:
         """Per-operation counts and latency percentiles (ms); requires `enable_profiling=True`."""

@@ -36,3 +36,14 @@ def require_tensor(request: dict[str, Any], field: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise RequestError(f"field {field!r} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+def require_text(request: dict[str, Any]) -> str:
+    if "text" not in request:
+        raise RequestError("request for action 'process' needs the field 'text' or 'messages'")
+    text = request["text"]
+    if not isinstance(text, str):
+        raise RequestError(f"field 'text' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise RequestError("field 'text' is empty; expected a prompt with at least one non-space character")
+    return text

@@ -1,0 +1,149 @@
+"""`ModelSession`: text in, text out, on one model, with every cached prompt prefix reused.
+
+It owns the model, its `PagedKVCache` (namespace = model identity, weights, tokenizer, dtype, block size,
+codec, tenant salt) and one lock: generations run one at a time on the model (requests queue on the lock),
+each in a worker thread so the event loop stays free. Bad requests raise `RequestError` (a ValueError)
+before anything touches the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from ..cache.paged_cache import PagedKVCache
+from ..config import KVCacheConfig
+from ..metrics import Counters, Profiler
+from ..model.generation import generate_with_prefix_cache
+from ..model.loaded import LoadedModel
+from ..model.loader import load_model
+from .requests import RequestError
+from .sampling import SamplingParams, parse_messages, parse_sampling
+
+
+class _StopOnText(StoppingCriteria):
+    """Stops once the generated text of every row contains one of the stop strings."""
+
+    def __init__(self, decode: Any, prompt_length: int, stops: tuple[str, ...]) -> None:
+        self.decode, self.prompt_length, self.stops = decode, prompt_length, stops
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        done = [any(s in self.decode(row[self.prompt_length :].tolist()) for s in self.stops) for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class ModelSession:
+    """One model and its paged prefix cache, serving `process` requests."""
+
+    def __init__(
+        self, config: KVCacheConfig, profiler: Profiler | None = None, loaded: LoadedModel | None = None
+    ) -> None:
+        self.config = config
+        self.profiler = profiler or Profiler(enabled=False)
+        self.loaded = loaded if loaded is not None else load_model(config)
+        spec = self.loaded.kv_spec(config.block_size, dtype=config.dtype)
+        namespace = self.loaded.namespace(spec, codec=config.codec.value, tenant_salt=config.tenant_salt)
+        self.paged = PagedKVCache(config, spec, namespace=namespace)
+        self.counters = Counters()
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- requests
+    def encode_request(self, request: dict[str, Any]) -> list[int]:
+        """Prompt token ids: `messages` through the chat template; `text` as one user turn (or as is with
+        `raw: True`). RequestError when the prompt is malformed or does not fit the model's context."""
+        messages = parse_messages(request)
+        codec = self.loaded.tokenizer
+        if messages is not None:
+            ids = codec.chat(messages)
+        elif request.get("raw", False) is True:
+            ids = codec.encode(request["text"])
+        else:
+            ids = codec.chat([{"role": "user", "content": request["text"]}])
+        if not ids:
+            raise RequestError("the prompt encodes to no tokens; expected at least one")
+        return ids
+
+    async def process(self, request: dict[str, Any]) -> dict[str, Any]:
+        ids = self.encode_request(request)
+        params = parse_sampling(request, self.config.max_new_tokens)
+        self._check_context(len(ids), params.max_new_tokens)
+        return await asyncio.to_thread(self.generate, ids, params)
+
+    def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        context = self.loaded.max_context
+        if prompt_tokens + max_new_tokens > context:
+            raise RequestError(
+                f"prompt of {prompt_tokens} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"of {context} tokens; shorten the prompt or lower max_new_tokens"
+            )
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
+        """Generate for one prompt (blocking); the result dict of the `process` action."""
+        codec = self.loaded.tokenizer
+        kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "do_sample": not params.greedy,
+                                  "pad_token_id": codec.pad_token_id if codec.pad_token_id is not None
+                                  else codec.eos_token_id}
+        if not params.greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        if codec.eos_token_id is not None:
+            kwargs["eos_token_id"] = codec.eos_token_id
+        if params.stop:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(codec.decode, len(prompt_ids), params.stop)])
+        start = time.perf_counter()
+        with self._lock:
+            queued = time.perf_counter() - start
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            with torch.inference_mode():
+                result = generate_with_prefix_cache(self.loaded.model, self.paged, [prompt_ids], **kwargs)
+        new_ids = result.generated_ids[0].tolist()
+        if codec.eos_token_id is not None and codec.eos_token_id in new_ids:
+            new_ids = new_ids[: new_ids.index(codec.eos_token_id)]
+        text = _cut_at_stop(codec.decode(new_ids), params.stop)
+        self.counters.add("requests")
+        self.counters.add("prompt_tokens", result.prompt_tokens)
+        self.counters.add("cached_tokens", result.cached_tokens)
+        self.profiler.record("process.ttft", result.ttft_s)
+        return {
+            "action": "process",
+            "text": text,
+            "cache_hit": result.cache_hit,
+            "cached_tokens": result.cached_tokens,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": len(new_ids),
+            "ttft_ms": (queued + result.ttft_s) * 1e3,
+            "latency_ms": (time.perf_counter() - start) * 1e3,
+        }
+
+    # ----------------------------------------------------------------- introspection
+    def stats(self) -> dict[str, Any]:
+        c = self.counters.snapshot()
+        prompt = c.get("prompt_tokens", 0)
+        return {**self.paged.stats(), "requests": c.get("requests", 0), "prompt_tokens": prompt,
+                "cached_tokens": c.get("cached_tokens", 0),
+                "token_hit_rate": c.get("cached_tokens", 0) / prompt if prompt else 0.0}
+
+    def describe(self) -> dict[str, Any]:
+        spec = self.paged.spec
+        return {
+            "model": {"id": self.loaded.model_id, "path": str(self.loaded.path) if self.loaded.path else None,
+                      "dtype": str(self.loaded.dtype), "device": str(self.loaded.device),
+                      "max_context": self.loaded.max_context,
+                      "parameters": sum(p.numel() for p in self.loaded.model.parameters()),
+                      "weights_fingerprint": self.loaded.weights_fingerprint},
+            "kv": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+                   "block_size": spec.block_size, "dtype": str(spec.dtype), "bytes_per_token": spec.bytes_per_token,
+                   "bytes_per_block": spec.bytes_per_block, "pool_blocks": self.paged.pool.num_blocks,
+                   "pool_bytes": self.paged.pool.num_blocks * spec.bytes_per_block,
+                   "namespace": self.paged.namespace.digest.hex()},
+        }
+
+
+def _cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
