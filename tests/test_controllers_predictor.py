@@ -72,12 +72,13 @@ def test_tracker_forgets_the_least_recent_key_beyond_max_keys():
     assert tracker.access("c", 10) == 10  # only "a" (b was forgotten when a came back)
 
 
-def test_buckets_round_up_and_edges_are_exact_bounds():
-    for r in range(1, 20000):
+def test_buckets_are_exact_up_to_1024_units_and_edges_bound_them_above():
+    assert [bucket_of(r) for r in (0, 1, 1024)] == [0, 1, 1024]
+    for r in range(1, 200_000, 7):
         b = bucket_of(r)
         assert bucket_edge(b) >= r
-        assert b == 0 or bucket_edge(b - 1) < r
-    assert bucket_edge(bucket_of(256)) == 256
+        assert bucket_edge(b - 1) < r
+        assert bucket_edge(b) <= r * 1.011 + 1
 
 
 def test_hit_rate_curve_of_a_loop():
@@ -87,12 +88,20 @@ def test_hit_rate_curve_of_a_loop():
         for key in ("a", "b", "c"):
             predictor.observe_access(key, 100)
     # 3 cold accesses, 6 needing 300 bytes (two other blocks of 100 + itself)
-    edge = bucket_edge(bucket_of(300))
-    assert predictor.hit_rate(edge) == pytest.approx(6 / 9)
-    assert predictor.hit_rate(edge - 1) == 0.0
-    assert predictor.hit_rate_curve([100, edge, 10**9]) == pytest.approx((0.0, 6 / 9, 6 / 9))
+    assert predictor.hit_rate(300) == pytest.approx(6 / 9)
+    assert predictor.hit_rate(299) == 0.0
+    assert predictor.hit_rate_curve([100, 300, 10**9]) == pytest.approx((0.0, 6 / 9, 6 / 9))
     assert predictor.cold_fraction() == pytest.approx(3 / 9)
-    assert predictor.reuse_distances() == ((edge, 1.0),)
+    assert predictor.reuse_distances() == ((300, 1.0),)
+
+
+def test_unit_bytes_makes_the_curve_exact_in_whole_blocks():
+    predictor = WorkloadPredictor(Clock(), half_life_s=None, unit_bytes=1000)
+    for _ in range(2):
+        for key in ("a", "b"):
+            predictor.observe_access(key, 1000)
+    assert predictor.hit_rate_curve([1999, 2000]) == (0.0, 0.5)
+    assert predictor.reuse_distances() == ((2000, 1.0),)
 
 
 def test_predicted_hit_rate_equals_a_real_lru_tier_at_bucket_edges():
@@ -107,7 +116,7 @@ def test_predicted_hit_rate_equals_a_real_lru_tier_at_bucket_edges():
     predictor = WorkloadPredictor(Clock(), half_life_s=None)
     for key in stream:
         predictor.observe_access(key, records[key].nbytes)
-    for capacity in (bucket_edge(b) for b in (150, 165, 180)):
+    for capacity in (bucket_edge(bucket_of(c)) for c in (600, 1500, 2500, 4000)):
         tier = CPUTier(NS, capacity, policy="lru", pin_memory=False)
         hits = 0
         for key in stream:
@@ -128,8 +137,8 @@ def test_decay_lets_a_new_phase_dominate():
     for _ in range(20):
         for key in ("w", "x", "y", "z"):
             predictor.observe_access(key, 100)
-    assert predictor.hit_rate(bucket_edge(bucket_of(200))) < 0.01
-    assert predictor.hit_rate(bucket_edge(bucket_of(400))) > 0.9
+    assert predictor.hit_rate(200) < 0.01
+    assert predictor.hit_rate(400) > 0.9
 
 
 def test_decayed_histogram_halves_weights_per_half_life_and_renormalises_keeping_ratios():
@@ -141,7 +150,7 @@ def test_decayed_histogram_halves_weights_per_half_life_and_renormalises_keeping
     hist.add(100, 513.0)  # exponent > 512: the scale is renormalised here
     hist.add(None, 514.0)
     assert hist.hit_rate(10**6) == pytest.approx(1 / 3)
-    assert hist.distribution() == ((bucket_edge(bucket_of(100)), 1.0),)
+    assert hist.distribution() == ((100, 1.0),)
 
 
 def test_prefix_reuse_of_requests():

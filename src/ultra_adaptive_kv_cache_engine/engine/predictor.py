@@ -102,8 +102,8 @@ class RateSeries:
 
     def rate(self, horizon_s: float = 0.0) -> float:
         """Expected events per second, averaged over the next max(1, horizon_s / interval_s) intervals."""
-        if self.level is None:
-            return 0.0
+        if self.level is None:  # no interval closed yet: what the open one has counted so far
+            return self._count / self.interval_s
         steps = max(1.0, horizon_s / self.interval_s)
         mean_count = self.level + self.trend * (1.0 + steps) / 2.0
         return max(0.0, mean_count) / self.interval_s
@@ -114,6 +114,9 @@ class WorkloadPredictor:
 
     `half_life_s` weighs reuse statistics (None: all history weighs the same); `alpha`/`beta` are Holt's
     smoothing factors of the per-interval rates; `max_keys` bounds the blocks tracked for stack distances.
+    `unit_bytes` is the resolution of the hit-rate curve: required capacities are rounded up to whole units
+    (kept exactly up to 1024 units, within 1.1% above), so with blocks of one size, `unit_bytes` = that size
+    makes `hit_rate` exact at every whole number of blocks.
     """
 
     def __init__(
@@ -124,7 +127,11 @@ class WorkloadPredictor:
         alpha: float = 0.5,
         beta: float = 0.3,
         max_keys: int = 1_000_000,
+        unit_bytes: int = 1,
     ) -> None:
+        if isinstance(unit_bytes, bool) or not isinstance(unit_bytes, int) or unit_bytes < 1:
+            raise ValueError(f"unit_bytes={unit_bytes!r} must be a positive integer")
+        self.unit_bytes = unit_bytes
         self.clock = clock or time.monotonic
         self.requests = RateSeries(interval_s, alpha, beta)
         self.accesses = RateSeries(interval_s, alpha, beta)
@@ -155,7 +162,7 @@ class WorkloadPredictor:
 
     def _access(self, key: Hashable, size: int, now: float) -> int | None:
         distance = self._tracker.access(key, size)
-        self._required.add(None if distance is None else distance + size, now)
+        self._required.add(None if distance is None else -(-(distance + size) // self.unit_bytes), now)
         return distance
 
     # -- answers ----------------------------------------------------------------------------------------------
@@ -181,14 +188,14 @@ class WorkloadPredictor:
 
     def hit_rate(self, capacity_bytes: int) -> float:
         """Predicted LRU hit rate (0..1) of a cache of `capacity_bytes` on the recent stream."""
-        return self._required.hit_rate(capacity_bytes)
+        return self._required.hit_rate(capacity_bytes // self.unit_bytes)
 
     def hit_rate_curve(self, capacities: Sequence[int]) -> tuple[float, ...]:
-        return tuple(self._required.hit_rate(c) for c in capacities)
+        return tuple(self.hit_rate(c) for c in capacities)
 
     def reuse_distances(self) -> tuple[tuple[int, float], ...]:
-        """(required capacity bucket edge in bytes, probability) of re-accesses; cold accesses excluded."""
-        return self._required.distribution()
+        """(required capacity in bytes (a bucket edge), probability) of re-accesses; cold ones excluded."""
+        return tuple((edge * self.unit_bytes, p) for edge, p in self._required.distribution())
 
     def cold_fraction(self) -> float:
         """Weight of first-time accesses among all accesses (decayed)."""

@@ -11,10 +11,12 @@ import math
 from collections import OrderedDict
 from collections.abc import Hashable
 
-BUCKETS_PER_OCTAVE = 16
-"""Histogram resolution: a required capacity r goes to the first bucket i with 2**(i/16) >= r (+4.4% at most).
-Bucket i's edge is floor(2**(i/16)), so at a capacity equal to an edge the predicted LRU hit rate is exact,
-and between edges it is conservative (never above the true one)."""
+LINEAR_BUCKETS = 1024
+"""Required capacities (in units) up to this many are kept exactly, one bucket per unit."""
+BUCKETS_PER_OCTAVE = 64
+"""Above LINEAR_BUCKETS, one bucket per 2**(1/64) (+1.1% at most): bucket 1024 + j has edge
+floor(1024 * 2**(j/64)). An observation r goes to the first bucket whose edge is >= r, so at a capacity
+equal to an edge the predicted LRU hit rate is exact, and between edges never above the true one."""
 
 
 class _Fenwick:
@@ -88,18 +90,22 @@ class ReuseDistanceTracker:
         self._now = len(self._last)
 
 
-def bucket_of(required_bytes: int) -> int:
-    """The histogram bucket holding `required_bytes` (>= 1): the smallest i with 2**(i/16) >= it."""
-    return max(0, math.ceil(BUCKETS_PER_OCTAVE * math.log2(max(1, required_bytes)) - 1e-9))
+def bucket_of(required: int) -> int:
+    """The histogram bucket of a required capacity `required` (units, >= 1): the first with edge >= it."""
+    if required <= LINEAR_BUCKETS:
+        return max(0, required)
+    return LINEAR_BUCKETS + math.ceil(BUCKETS_PER_OCTAVE * math.log2(required / LINEAR_BUCKETS) - 1e-9)
 
 
 def bucket_edge(bucket: int) -> int:
-    """Upper edge of `bucket` in bytes: the largest integer <= 2**(bucket/16), so r <= edge iff r in bucket."""
-    return math.floor(2.0 ** (bucket / BUCKETS_PER_OCTAVE) + 1e-9)
+    """The largest required capacity (units) that `bucket` holds: r <= edge iff bucket_of(r) <= bucket."""
+    if bucket <= LINEAR_BUCKETS:
+        return bucket
+    return math.floor(LINEAR_BUCKETS * 2.0 ** ((bucket - LINEAR_BUCKETS) / BUCKETS_PER_OCTAVE) + 1e-9)
 
 
 class DecayedHistogram:
-    """Weights of required capacities in log buckets, plus cold (never seen) accesses, with exponential decay.
+    """Weights of required capacities (units) in buckets, plus cold accesses, with exponential decay.
 
     An observation at time t weighs 2**(t / half_life_s) (no decay when half_life_s is None); only ratios of
     weights are ever read, and the scale is renormalised before it overflows. `hit_rate(c)` is the weight of
@@ -115,9 +121,9 @@ class DecayedHistogram:
         self.value_sum = 0.0
         self._origin = 0.0
 
-    def add(self, required_bytes: int | None, now: float) -> None:
-        """Add an access needing `required_bytes` of LRU capacity to hit (None: a cold access)."""
-        self.add_bucket(None if required_bytes is None else bucket_of(required_bytes), now)
+    def add(self, required: int | None, now: float) -> None:
+        """Add an access needing `required` units of LRU capacity to hit (None: a cold access)."""
+        self.add_bucket(None if required is None else bucket_of(required), now)
 
     def add_bucket(self, bucket: int | None, now: float, value: float = 0.0) -> None:
         """Add one observation to `bucket` (None: cold); `value` enters the decayed `mean_value`."""
@@ -138,15 +144,16 @@ class DecayedHistogram:
     def total(self) -> float:
         return self.cold + sum(self.weights.values())
 
-    def hit_rate(self, capacity_bytes: int) -> float:
+    def hit_rate(self, capacity: int) -> float:
+        """Weight of observations whose bucket edge is <= `capacity` (units) over all weight."""
         total = self.total
         if total <= 0.0:
             return 0.0
-        hits = sum(w for b, w in self.weights.items() if bucket_edge(b) <= capacity_bytes)
+        hits = sum(w for b, w in self.weights.items() if bucket_edge(b) <= capacity)
         return hits / total
 
     def distribution(self) -> tuple[tuple[int, float], ...]:
-        """(bucket upper edge in bytes, probability among non-cold observations), in increasing order."""
+        """(bucket edge in units, probability among non-cold observations), in increasing order."""
         total = sum(self.weights.values())
         if total <= 0.0:
             return ()
