@@ -172,3 +172,12 @@ def test_a_complete_conversion_is_reused_and_a_failed_one_leaves_no_trace(tmp_pa
     assert (target / "model.safetensors").read_bytes() == b"w"  # the previous folder is intact
     with pytest.raises(ValueError, match="does not exist"):
         ensure_converted(tmp_path / "absent.gguf", models_dir)
+
+
+def test_every_model_export_resolves():
+    import ultra_adaptive_kv_cache_engine.model as model_pkg
+
+    for name in model_pkg.__all__:
+        assert getattr(model_pkg, name) is not None
+    with pytest.raises(AttributeError, match="no attribute"):
+        model_pkg.not_a_name  # noqa: B018

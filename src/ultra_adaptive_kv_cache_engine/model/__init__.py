@@ -1,1 +1,42 @@
-"""model layer."""
+"""model layer (L3): loading models, naming their KV, and the Hugging Face cache adapter.
+
+Names are loaded on first use, so importing this package does not import transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "LoadedModel": ".loaded",
+    "KVShape": ".loaded",
+    "load_model": ".loader",
+    "resolve_model_folder": ".loader",
+    "embedded_gguf_path": ".convert",
+    "ensure_converted": ".convert",
+    "TinyLlamaSpec": ".tiny",
+    "build_tiny_llama": ".tiny",
+    "TextCodec": ".text",
+    "HFTextCodec": ".text",
+    "ByteTextCodec": ".text",
+    "PagedHFCache": ".hf_cache",
+    "WorkingLayer": ".working_layer",
+    "GenerationResult": ".generation",
+    "generate_with_prefix_cache": ".generation",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,0 +1,163 @@
+"""Prefix reuse with the real SmolLM2-135M-Instruct on CPU: our paged cache vs transformers' DynamicCache.
+
+Question: with a long shared system prompt (about 1,024 tokens) followed by different questions, how much
+of the time to first token does reusing the cached prefix save, and does decoding stay as fast?
+Baseline, same run, same prompts: `model.generate` with its default DynamicCache and no reuse.
+Ours: `generate_with_prefix_cache` with a paged cache warmed once with the system prompt, so every
+question reuses it. Both are greedy; the outputs must be token-for-token identical (checked).
+Measurements interleave baseline and ours question by question (shared noise); TTFT is the median over
+questions, decode throughput is total decoded tokens (after the first) over total decode time.
+Goals: hit TTFT <= 0.15 x miss TTFT; decode tokens/s >= 0.9 x DynamicCache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+import torch
+from bench_common import emit
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
+from ultra_adaptive_kv_cache_engine.model.generation import generate_with_prefix_cache
+from ultra_adaptive_kv_cache_engine.model.loaded import LoadedModel
+from ultra_adaptive_kv_cache_engine.model.loader import load_model
+
+WORDS = (
+    "cache block token prefix model layer answer question always never kindly brief policy memory disk "
+    "server request user assistant careful polite accurate short sentence explain reason data value"
+).split()
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a primary color.",
+    "What is two plus two?",
+    "Say hello in Spanish.",
+    "What do bees make?",
+    "How many days are in a week?",
+    "What is the opposite of hot?",
+    "Which planet do we live on?",
+]
+
+
+class Clock(LogitsProcessor):
+    """Notes when the first logits exist (the first token is then one argmax away)."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
+def system_prompt(lm: LoadedModel, target_tokens: int, seed: int) -> str:
+    """Seeded sentences until the system message reaches `target_tokens` tokens."""
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    while len(lm.tokenizer.chat([{"role": "system", "content": " ".join(sentences)}], False)) < target_tokens:
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ".")
+    return " ".join(sentences)
+
+
+def baseline(lm: LoadedModel, ids: list[int], new_tokens: int) -> tuple[torch.Tensor, float, float]:
+    """(output, ttft_s, total_s) of plain generate with DynamicCache."""
+    clock = Clock()
+    batch = torch.tensor([ids])
+    start = time.perf_counter()
+    out = lm.model.generate(
+        batch,
+        attention_mask=torch.ones_like(batch),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([clock]),
+    )
+    total = time.perf_counter() - start
+    return out, (clock.first or start) - start, total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 questions, 8 new tokens (under a minute)")
+    parser.add_argument("--system-tokens", type=int, default=1024)
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads; 1 gives stable ratios on shared CPUs, 0 = torch default"
+    )
+    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/prefix_reuse.json")
+    args = parser.parse_args()
+    questions = QUESTIONS[: 3 if args.quick else args.questions]
+    new_tokens = 8 if args.quick else args.new_tokens
+    torch.manual_seed(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    config = KVCacheConfig(device="cpu", block_size=args.block_size, max_tokens=8192)
+    lm = load_model(config)
+    spec = lm.kv_spec(args.block_size)
+    paged = PagedKVCache(config, spec, namespace=lm.namespace(spec))
+    system = system_prompt(lm, args.system_tokens, args.seed)
+    prompts = [lm.tokenizer.chat([{"role": "system", "content": system}, {"role": "user", "content": q}]) for q in questions]
+    system_ids = lm.tokenizer.chat([{"role": "system", "content": system}], False)
+    print(f"system prompt {len(system_ids)} tokens, {len(questions)} questions", file=sys.stderr)
+
+    baseline(lm, prompts[0][-32:], 2)  # warm-up (allocator, kernels)
+    generate_with_prefix_cache(lm.model, paged, [system_ids], max_new_tokens=1, do_sample=False)  # warm the cache
+
+    miss_ttft, hit_ttft, cached, identical = [], [], [], True
+    decode = {"dynamic": [0, 0.0], "paged": [0, 0.0]}
+    for i, ids in enumerate(prompts):
+        out, ttft, total = baseline(lm, ids, new_tokens)
+        miss_ttft.append(ttft)
+        decode["dynamic"][0] += out.shape[1] - len(ids) - 1
+        decode["dynamic"][1] += total - ttft
+        result = generate_with_prefix_cache(
+            lm.model, paged, [ids], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+        hit_ttft.append(result.ttft_s)
+        cached.append(result.cached_tokens)
+        decode["paged"][0] += result.new_tokens - 1
+        decode["paged"][1] += result.total_s - result.ttft_s
+        identical &= torch.equal(out, result.output_ids)
+        print(f"q{i}: miss ttft {ttft:.3f}s, hit ttft {result.ttft_s:.3f}s, cached {result.cached_tokens}", file=sys.stderr)
+
+    ttft_miss, ttft_hit = statistics.median(miss_ttft), statistics.median(hit_ttft)
+    dyn_tps = decode["dynamic"][0] / decode["dynamic"][1]
+    paged_tps = decode["paged"][0] / decode["paged"][1]
+    emit(
+        "prefix_reuse",
+        {
+            "model": lm.model_id,
+            "quick": args.quick,
+            "system_tokens": len(system_ids),
+            "prompt_tokens": [len(p) for p in prompts],
+            "questions": len(questions),
+            "new_tokens": new_tokens,
+            "block_size": args.block_size,
+            "cached_tokens": cached,
+            "outputs_identical": bool(identical),
+            "ttft_miss_s": round(ttft_miss, 4),
+            "ttft_hit_s": round(ttft_hit, 4),
+            "ttft_hit_over_miss": round(ttft_hit / ttft_miss, 4),
+            "ttft_goal": 0.15,
+            "decode_tok_s_dynamic": round(dyn_tps, 2),
+            "decode_tok_s_paged": round(paged_tps, 2),
+            "decode_paged_over_dynamic": round(paged_tps / dyn_tps, 4),
+            "decode_goal": 0.9,
+            "torch_threads": torch.get_num_threads(),
+        },
+        save=not args.no_save,
+    )
+
+
+if __name__ == "__main__":
+    main()
