@@ -17,6 +17,7 @@ Semantics (shared with the Triton kernels):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import require_out, require_positive_scale, require_query_starts, require_tensor
@@ -60,14 +61,13 @@ def _gather_dense(kv: PagedKV, lens: list[int]) -> tuple[Tensor, Tensor]:
 
 
 def _attend(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """Softmax attention of query (T, Hq, D) over keys/values (L, Hkv, D) where allowed (T, L) is True."""
-    t, hq, d = query.shape
-    hkv = keys.shape[1]
-    q = query.reshape(t, hkv, hq // hkv, d)
-    scores = torch.einsum("thgd,lhd->hgtl", q, keys) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hgtl,lhd->thgd", probs, values).reshape(t, hq, d)
+    """Softmax attention of query (B, T, Hq, D) over keys/values (B, L, Hkv, D) where allowed (B, T, L) is
+    True; returns (B, T, Hq, D). Query head h reads KV head h // (Hq // Hkv)."""
+    out = F.scaled_dot_product_attention(
+        query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=allowed[:, None], scale=scale, enable_gqa=True,
+    )
+    return out.transpose(1, 2)
 
 
 def _emit(result: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
@@ -90,11 +90,8 @@ def reference_decode_attention(
     lens = _check_lengths(kv)
     ct = _compute_dtype(query.dtype)
     keys, values = _gather_dense(kv, lens)
-    positions = torch.arange(keys.shape[1], device=keys.device)
-    result = torch.empty(query.shape, dtype=ct, device=query.device)
-    for b, n in enumerate(lens):
-        allowed = (positions < n)[None, :]
-        result[b] = _attend(query[b : b + 1].to(ct), keys[b].to(ct), values[b].to(ct), allowed, scale)[0]
+    allowed = torch.arange(keys.shape[1], device=keys.device)[None, :] < kv.seq_lens[:, None].long()
+    result = _attend(query[:, None].to(ct), keys.to(ct), values.to(ct), allowed[:, None], scale)[:, 0]
     return _emit(result, query.dtype, out)
 
 
@@ -139,5 +136,6 @@ def reference_prefill_attention(
             continue
         q_pos = lens[b] - (e - s) + torch.arange(e - s, device=keys.device)
         allowed = positions[None, :] <= q_pos[:, None]
-        result[s:e] = _attend(query[s:e].to(ct), keys[b].to(ct), values[b].to(ct), allowed, scale)
+        result[s:e] = _attend(query[None, s:e].to(ct), keys[b : b + 1].to(ct), values[b : b + 1].to(ct),
+                              allowed[None], scale)[0]
     return _emit(result, query.dtype, out)
