@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels: the dot product helper, the dtypes they take, the SM count.
+"""Pieces shared by the Triton kernels: dot product and online-softmax helpers, the dtypes they take, the SM count.
 
 This module imports triton at import time; import it only through `kernels.registry`.
 """
@@ -24,6 +24,19 @@ def mma(a, b, IEEE: tl.constexpr):
     else:
         c = tl.dot(a, b)
     return c
+
+
+@triton.jit
+def softmax_update(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """One online-softmax step (base 2): fold scores s (rows x keys, -inf where masked, at least one finite
+    per row) and their values v (keys x dim) into the running max m_i, sum l_i and unnormalised acc.
+    Probabilities are rounded to v's dtype before P@V, as FlashAttention does."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
+    return m_new, l_i, acc
 
 
 def ieee_dot(dtype: torch.dtype) -> bool:

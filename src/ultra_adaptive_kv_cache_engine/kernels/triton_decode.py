@@ -27,7 +27,7 @@ from torch import Tensor
 from .checks import require_out, require_positive_scale, require_tensor
 from .launch_plan import DecodeLaunch, DecodeShape, plan_decode
 from .paged_kv import PagedKV
-from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms
+from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms, softmax_update
 
 
 @triton.jit
@@ -73,13 +73,8 @@ def _decode_partition_kernel(
         k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
         s = mma(q, k_t, IEEE_DOT)
         s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE_DOT)
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]

@@ -26,7 +26,7 @@ from torch import Tensor
 from .checks import require_like, require_out, require_positive_scale, require_query_starts, require_tensor
 from .launch_plan import plan_prefill
 from .paged_kv import PagedKV
-from .triton_common import FAST_DTYPES, ieee_dot, mma
+from .triton_common import FAST_DTYPES, ieee_dot, mma, softmax_update
 
 
 @triton.jit
@@ -79,13 +79,8 @@ def _prefill_kernel(
         s = mma(q, k_t, IEEE_DOT)
         allowed = t_ok[None, :] & (t[None, :] <= q_pos[:, None])
         s = tl.where(allowed, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE_DOT)
-        m_i = m_new
+        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
