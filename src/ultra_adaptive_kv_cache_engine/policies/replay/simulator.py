@@ -80,6 +80,61 @@ class RequestClock:
         return self.now
 
 
+class _Replay:
+    """One replay in progress: the resident set, the policy's bound methods and the counters.
+
+    Invariant: `resident` is exactly the set of keys the policy tracks, and holds at most `slots` keys.
+    """
+
+    def __init__(self, policy: EvictionPolicy, slots: int, block_tokens: int) -> None:
+        self.resident: set[BlockId] = set()
+        self.slots, self.bt = slots, block_tokens
+        self.oracle = policy if isinstance(policy, BeladyPolicy) else None
+        self.access, self.insert, self.remove = policy.on_access, policy.on_insert, policy.on_remove
+        self.admit, self.victims = policy.admit, policy.victims
+        self.hit_blocks = self.hit_tokens = self.stored_blocks = self.stored_tokens = self.evicted = 0
+
+    def request(self, keys: tuple[BlockId, ...], tokens: int, nxt: Sequence[float] | None) -> None:
+        resident, access, oracle = self.resident, self.access, self.oracle
+        n, h = len(keys), 0
+        while h < n and keys[h] in resident:
+            if oracle is not None:
+                oracle.set_next_use(keys[h], nxt[h])  # type: ignore[index]
+            access(keys[h])
+            h += 1
+        self.hit_blocks += h
+        self.hit_tokens += min(h * self.bt, tokens)
+        for i in range(h, n):
+            key = keys[i]
+            if oracle is not None:
+                oracle.set_next_use(key, nxt[i])  # type: ignore[index]
+            if key in resident:
+                access(key)
+            elif self.admit(key, self.bt):
+                self._store(key, min(self.bt, tokens - i * self.bt))
+            else:
+                if oracle is not None:  # the skipped cached blocks' next uses still move on
+                    for j in range(i + 1, n):
+                        if keys[j] in resident:
+                            oracle.set_next_use(keys[j], nxt[j])  # type: ignore[index]
+                return
+
+    def _store(self, key: BlockId, tokens: int) -> None:
+        resident = self.resident
+        while len(resident) >= self.slots:
+            (victim,) = self.victims(1)
+            self.remove(victim)
+            resident.remove(victim)
+            self.evicted += 1
+        self.insert(key, self.bt)
+        resident.add(key)
+        self.stored_blocks += 1
+        self.stored_tokens += tokens
+
+    def counts(self) -> ReplayCounts:
+        return ReplayCounts(self.hit_blocks, self.hit_tokens, self.stored_blocks, self.stored_tokens, self.evicted)
+
+
 def simulate(
     trace: CompiledTrace,
     policy: EvictionPolicy,
@@ -88,53 +143,19 @@ def simulate(
     next_use: Sequence[Sequence[float]] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ReplayCounts:
-    """Replay `trace` through `policy` (built with `clock`); `next_use` feeds a `BeladyPolicy`."""
-    bt = trace.block_tokens
-    slots = capacity_tokens // bt
+    """Replay `trace` through `policy` (built with `clock`); `next_use` (see `next_uses`) feeds a `BeladyPolicy`."""
+    slots = capacity_tokens // trace.block_tokens
     if slots < 1:
-        raise ValueError(f"capacity={capacity_tokens!r} tokens holds no block of {bt} tokens")
-    oracle = policy if isinstance(policy, BeladyPolicy) else None
-    if oracle is not None and next_use is None:
+        raise ValueError(f"capacity={capacity_tokens!r} tokens holds no block of {trace.block_tokens} tokens")
+    if isinstance(policy, BeladyPolicy) and next_use is None:
         raise ValueError("Belady's policy needs next_use (see belady.next_uses)")
-    resident: set[BlockId] = set()
-    access, insert, remove = policy.on_access, policy.on_insert, policy.on_remove
-    admit, victims = policy.admit, policy.victims
-    hit_blocks = hit_tokens = stored_blocks = stored_tokens = evicted = 0
+    run = _Replay(policy, slots, trace.block_tokens)
+    oracle = run.oracle is not None
     for r, (keys, tokens) in enumerate(zip(trace.keys, trace.tokens, strict=True)):
         clock.now = r
-        nxt = next_use[r] if oracle is not None else None  # type: ignore[index]
-        n, h = len(keys), 0
-        while h < n and keys[h] in resident:
-            if nxt is not None:
-                oracle.set_next_use(keys[h], nxt[h])  # type: ignore[union-attr]
-            access(keys[h])
-            h += 1
-        hit_blocks += h
-        hit_tokens += min(h * bt, tokens)
-        for i in range(h, n):
-            key = keys[i]
-            if nxt is not None:
-                oracle.set_next_use(key, nxt[i])  # type: ignore[union-attr]
-            if key in resident:
-                access(key)
-                continue
-            if not admit(key, bt):
-                if nxt is not None:  # the skipped cached blocks' next uses still move on
-                    for j in range(i + 1, n):
-                        if keys[j] in resident:
-                            oracle.set_next_use(keys[j], nxt[j])  # type: ignore[union-attr]
-                break
-            while len(resident) >= slots:
-                (victim,) = victims(1)
-                remove(victim)
-                resident.remove(victim)
-                evicted += 1
-            insert(key, bt)
-            resident.add(key)
-            stored_blocks += 1
-            stored_tokens += min(bt, tokens - i * bt)
+        run.request(keys, tokens, next_use[r] if oracle else None)  # type: ignore[index]
         if progress is not None and r % 1024 == 1023:
             progress(1024)
     if progress is not None:
         progress(trace.requests % 1024)
-    return ReplayCounts(hit_blocks, hit_tokens, stored_blocks, stored_tokens, evicted)
+    return run.counts()

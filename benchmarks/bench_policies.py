@@ -1,0 +1,126 @@
+"""Eviction policies on request traces: token hit rate per capacity, against Belady's offline bound.
+
+Question: at each capacity, how close does each policy come to Belady's optimum, and does the adaptive
+policy beat LRU (its baseline, same run, same trace) without ever falling more than 0.5 points below it?
+Trace: `--trace PATH` (Mooncake JSONL schema, see policies/replay/trace.py), repeatable; without one, a
+synthetic workload (`--workload`, default mix; seed 1, a seed the policies were not tuned on).
+Output: one JSON line per trace (rates in percent, deltas in points) and a PNG of hit rate vs capacity,
+both under benchmarks/results/ as policies_<trace>.json / .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from bench_common import RESULTS, emit
+
+from ultra_adaptive_kv_cache_engine.policies import POLICIES
+from ultra_adaptive_kv_cache_engine.policies.replay import (
+    BELADY,
+    WORKLOADS,
+    ReplayResult,
+    TraceRequest,
+    WorkloadSpec,
+    generate_workload,
+    load_trace,
+    plot_hit_rates,
+    run_replay,
+)
+
+FULL_CAPACITIES = "0.5M,1M,3M,10M,25M"
+QUICK_CAPACITIES = "0.25M,0.5M,1M,3M"
+FIXED = [p for p in POLICIES if p != "adaptive"]
+
+
+def parse_capacities(text: str) -> list[int]:
+    """'0.5M,1M,300k,4096' -> token counts."""
+    scale = {"k": 1_000, "m": 1_000_000}
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = scale.get(part[-1:], 1)
+        number = part[:-1] if part[-1:] in scale else part
+        try:
+            out.append(int(float(number) * mult))
+        except ValueError:
+            raise SystemExit(f"--capacities: {part!r} is not a number of tokens such as 512k or 3M") from None
+    return out
+
+
+def summarise(name: str, results: list[ReplayResult], caps: list[int], seconds: float) -> dict:
+    def rates(policy: str, field: str = "token_hit_rate") -> list[float]:
+        row = {r.capacity_tokens: getattr(r, field) for r in results if r.policy == policy}
+        return [round(100 * row[c], 3) for c in caps]
+
+    policies = list(dict.fromkeys(r.policy for r in results))
+    token = {p: rates(p) for p in policies}
+    first = results[0]
+    out = {
+        "trace": name, "requests": first.requests, "blocks": first.blocks, "tokens": first.tokens,
+        "capacities_tokens": caps, "token_hit_rate_pct": token,
+        "block_hit_rate_pct": {p: rates(p, "block_hit_rate") for p in policies},
+        "bytes_loaded_gib": {p: [round(r.bytes_loaded / 2**30, 1) for r in results if r.policy == p] for p in policies},
+        "replay_seconds": round(seconds, 1),
+    }
+    if "adaptive" in token and "lru" in token:
+        delta = [round(a - b, 3) for a, b in zip(token["adaptive"], token["lru"], strict=True)]
+        fixed = [p for p in FIXED if p in token]
+        best = [max(token[p][i] for p in fixed) for i in range(len(caps))]
+        out["adaptive_minus_lru_pts"] = delta
+        out["adaptive_minus_best_fixed_pts"] = [round(a - b, 3) for a, b in zip(token["adaptive"], best, strict=True)]
+        out["goal_never_below_lru_by_0_5"] = min(delta) >= -0.5
+    if BELADY in token and "adaptive" in token:
+        out["adaptive_share_of_belady"] = [round(a / b, 3) if b else None for a, b in zip(token["adaptive"], token[BELADY], strict=True)]
+    return out
+
+
+def traces(args: argparse.Namespace) -> list[tuple[str, list[TraceRequest]]]:
+    if args.trace:
+        return [(Path(p).stem, load_trace(p)) for p in args.trace]
+    spec = WorkloadSpec(requests=args.requests, seed=args.seed, block_tokens=args.block_tokens)
+    out = []
+    for name in args.workload or ["mix"]:
+        started = time.perf_counter()
+        out.append((f"synthetic-{name}", generate_workload(name, spec)))
+        print(f"generated {name}: {args.requests} requests in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", action="append", help="Mooncake-schema JSONL trace (repeatable)")
+    ap.add_argument("--workload", action="append", choices=sorted(WORKLOADS), help="synthetic workload (repeatable)")
+    ap.add_argument("--requests", type=int, default=None, help="synthetic requests (default 20000; quick 4000)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--capacities", default=None, help=f"tokens, comma separated (default {FULL_CAPACITIES})")
+    ap.add_argument("--policies", default=",".join([*POLICIES, BELADY]))
+    ap.add_argument("--block-tokens", type=int, default=512)
+    ap.add_argument("--bytes-per-token", type=int, default=128 * 1024)
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--quick", action="store_true", help="4000 requests, capacities " + QUICK_CAPACITIES)
+    ap.add_argument("--no-save", action="store_true", help="print only; write nothing under results/")
+    args = ap.parse_args()
+    if args.requests is None:
+        args.requests = 4000 if args.quick else 20_000
+    caps = parse_capacities(args.capacities or (QUICK_CAPACITIES if args.quick else FULL_CAPACITIES))
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    out_dir = Path(os.environ.get("UAKV_RESULTS_DIR", RESULTS))
+    for name, requests in traces(args):
+        started = time.perf_counter()
+        results = run_replay(requests, caps, policies, block_tokens=args.block_tokens,
+                             bytes_per_token=args.bytes_per_token, workers=args.workers, name=name)
+        summary = summarise(name, results, caps, time.perf_counter() - started)
+        summary["quick"] = args.quick
+        if not args.no_save:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            png = plot_hit_rates(results, out_dir / f"policies_{name}.png", title=f"{name} ({len(requests)} requests)")
+            summary["plot"] = f"benchmarks/results/{png.name}"
+        emit(f"policies_{name}", summary, save=not args.no_save)
+
+
+if __name__ == "__main__":
+    main()
