@@ -8,8 +8,8 @@ block: 16 layers, K and V, 16 tokens, 8 KV heads, head dim 128, bf16 = 1 MiB) ar
   the tensor's bytes to one file per block and a read back into a preallocated tensor (no fsync on either
   side, page cache included); Redis = plain SET / GET of the same bytes on the same server.
 - for information: put/get alone on pre-sealed records (`*_only`), disk with fsync=always against raw
-  write+fsync, a batched disk read (`get_many` on the tier's io threads against raw reads on as many threads),
-  and per-codec encode/decode speed, size ratio and error.
+  write+fsync, batched disk reads and writes (`get_many` / `put_many` on the tier's io threads against raw
+  reads / writes on as many threads), and per-codec encode/decode speed, size ratio and error.
 GB/s = 1e9 bytes of KV per second, best of `--repeats`; ratios are tier / raw (1.0 = as fast as raw).
 Goal: >= 0.8 of raw for CPU and disk. Single thread on both sides.
 """
@@ -95,8 +95,8 @@ def bench_cpu(blocks: list[torch.Tensor], keys: list[bytes], repeats: int) -> di
     return {**side("write", nbytes, tier_w, raw_w), **side("read", nbytes, tier_r, raw_r)}
 
 
-def _raw_file_write(folder: Path, blocks: list[torch.Tensor], fsync: bool) -> None:
-    for i, b in enumerate(blocks):
+def _raw_file_write(folder: Path, blocks: list[torch.Tensor], fsync: bool, first: int = 0) -> None:
+    for i, b in enumerate(blocks, first):
         with open(folder / f"{i}.raw", "wb", buffering=0) as f:
             f.write(memoryview(b.view(torch.uint8).numpy()))
             if fsync:
@@ -145,11 +145,16 @@ def bench_disk(blocks: list[torch.Tensor], keys: list[bytes], repeats: int, base
         raw_b, tier_b = paired(
             lambda: list(pool.map(lambda i: _raw_file_read_one(raw_dir, i, outs[i]), range(len(outs)))),
             lambda: [r.tensor() for r in tier.get_many(keys)], repeats)
+        raw_bw, tier_bw = paired(
+            lambda: list(pool.map(lambda i: _raw_file_write(raw_dir, blocks[i : i + 1], False, i), range(len(blocks)))),
+            lambda: state["tier"].put_many([(k, encode_block(k, NS, b, IDENTITY)) for k, b in zip(keys, blocks, strict=True)]),
+            repeats, fresh_raw, fresh_tier())
     raw_sync, tier_sync = paired(lambda: _raw_file_write(raw_dir, blocks, True), tier_write, 1, fresh_raw,
                                  fresh_tier("always"))
     return {**side("write", nbytes, tier_w, raw_w), **side("read", nbytes, tier_r, raw_r),
             "put_only_gbps": gbps(nbytes, put_only_s), "get_only_gbps": gbps(nbytes, get_only),
             "batch_threads": tier.io_threads, **side("batch_read", nbytes, tier_b, raw_b),
+            **side("batch_write", nbytes, tier_bw, raw_bw),
             **side("write_fsync_always", nbytes, tier_sync, raw_sync)}
 
 

@@ -12,12 +12,12 @@ Invariants every codec keeps:
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 
 from ..types import CodecKind
@@ -122,23 +122,34 @@ def tensor_to_bytes(tensor: torch.Tensor) -> bytes | memoryview:
     t = tensor.detach()
     if t.device.type != "cpu":  # the device-to-host copy is already fresh: no second copy
         return memoryview(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).clone().numpy())
+
+
+def uint8_view(data: bytes | memoryview) -> torch.Tensor:
+    """A 1-D uint8 tensor ALIASING `data` (no copy); callers copy out of it and never write into it."""
+    view = memoryview(data).cast("B")
+    if view.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if view.readonly:  # torch warns about read-only buffers; this alias is only ever read
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(view, dtype=torch.uint8)
+    return torch.frombuffer(view, dtype=torch.uint8)
 
 
 def bytes_to_tensor(
     data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """A fresh tensor (or `out`, filled) holding `data` reinterpreted as `dtype` of `shape`. One copy."""
-    view = memoryview(data).cast("B")
+    src = uint8_view(data)
     expected = _numel(shape) * _itemsize(dtype)
-    if view.nbytes != expected:
-        raise CodecError(f"payload has {view.nbytes} bytes; {dtype} of shape {shape} needs {expected}")
+    if src.numel() != expected:
+        raise CodecError(f"payload has {src.numel()} bytes; {dtype} of shape {shape} needs {expected}")
     if out is not None and out.device.type == "cpu" and out.is_contiguous() and out.dtype == dtype:
-        out.reshape(-1).view(torch.uint8).numpy()[:] = np.frombuffer(view, dtype=np.uint8)
+        out.reshape(-1).view(torch.uint8).copy_(src)
         return out
-    flat = torch.empty(expected, dtype=torch.uint8)
-    flat.numpy()[:] = np.frombuffer(view, dtype=np.uint8)
-    result = flat.view(dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)
+    result = src.clone().view(dtype).reshape(shape) if expected else torch.empty(shape, dtype=dtype)
     if out is not None:
         out.copy_(result.reshape(out.shape))
         return out

@@ -6,10 +6,9 @@ slice: `numel // shape[axis]` scales, in C order of the shape with `axis` set to
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .codec import CodecError, TensorMeta, bytes_to_tensor
+from .codec import CodecError, TensorMeta, bytes_to_tensor, uint8_view
 
 
 def normalize_axis(axis: int, ndim: int) -> int:
@@ -75,9 +74,8 @@ def read_f32(data: memoryview, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def read_u8(data: memoryview) -> torch.Tensor:
-    flat = torch.empty(data.nbytes, dtype=torch.uint8)
-    flat.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
-    return flat
+    """A fresh uint8 tensor with a copy of `data`."""
+    return uint8_view(data).clone()
 
 
 def finish(result: torch.Tensor, meta: TensorMeta, out: torch.Tensor | None) -> torch.Tensor:

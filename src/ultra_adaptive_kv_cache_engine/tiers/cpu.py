@@ -14,9 +14,9 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
+from ..compression.codec import uint8_view
 from ..policies import make_policy
 from ..policies.base import Clock
 from ..types import TierKind
@@ -136,7 +136,7 @@ class CPUTier(Tier):
     @staticmethod
     def _pinned(record: BlockRecord) -> BlockRecord:
         """The record with its payload copied into page-locked host memory."""
-        src = np.frombuffer(memoryview(record.payload).cast("B"), dtype=np.uint8)
-        buf = torch.empty(src.size, dtype=torch.uint8, pin_memory=True)
-        buf.numpy()[:] = src
+        src = uint8_view(record.payload)
+        buf = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
+        buf.copy_(src)
         return dataclasses.replace(record, payload=memoryview(buf.numpy()))

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 SUFFIX = ".blk"
 TEMP_MARK = ".tmp-"
 _BLOCK_NAME = re.compile(r"^[0-9a-f]{64}\.blk$")
@@ -79,10 +81,21 @@ def atomic_write(final: Path, chunks: Sequence[bytes | memoryview], fsync: bool)
         fsync_dir(final.parent)
 
 
-def read_file(path: Path, limit: int | None = None) -> bytes:
-    """The whole file, or its first `limit` bytes."""
+def read_file(path: Path, limit: int | None = None) -> memoryview:
+    """The whole file (or its first `limit` bytes) read straight into one fresh buffer, no zeroing, no resize."""
     with open(path, "rb", buffering=0) as f:
-        return f.read() if limit is None else f.read(limit)
+        size = os.fstat(f.fileno()).st_size if limit is None else limit
+        buf = np.empty(size + 1, dtype=np.uint8)  # one spare byte: a file that grew is noticed, not cut
+        view = memoryview(buf)
+        got = 0
+        while got < size + 1:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        if got > size and limit is None:
+            return memoryview(bytes(view[:got]) + f.read())
+        return view[: min(got, size)]
 
 
 @dataclass(frozen=True)
