@@ -65,6 +65,15 @@ def test_warm_start_rebuilds_index_in_age_order(tmp_path: Path) -> None:
     assert torch.equal(second.get(K[0]).tensor(), R[0].tensor())
 
 
+def test_eviction_without_demotion_only_deletes(tmp_path: Path) -> None:
+    tier = DiskTier(NS, tmp_path, 2 * SIZE, demote_evicted=False)
+    for r in R[:2]:
+        tier.put(r.block_hash, r)
+    result = tier.put(K[2], R[2])
+    assert result.stored and result.evicted == () and sorted(tier) == sorted(K[1:3])
+    assert not path_of(tmp_path, K[0]).exists() and tier.usage().counters["evictions"] == 1
+
+
 def test_a_smaller_capacity_at_start_drops_the_oldest(tmp_path: Path) -> None:
     first = DiskTier(NS, tmp_path, 10 * SIZE)
     for r in R[:4]:

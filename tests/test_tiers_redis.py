@@ -13,7 +13,7 @@ import torch
 from redis_server import RedisServer, free_port
 
 from ultra_adaptive_kv_cache_engine.compression import make_codec
-from ultra_adaptive_kv_cache_engine.tiers import RedisTier, encode_block
+from ultra_adaptive_kv_cache_engine.tiers import CPUTier, RedisTier, TieredStore, encode_block
 from ultra_adaptive_kv_cache_engine.tiers.redis_tier import split_cluster_flag
 
 NS = hashlib.sha256(b"redis-tests").digest()
@@ -112,3 +112,19 @@ def test_cluster_flag_in_url() -> None:
         RedisTier(NS, "http://h:1")
     with pytest.raises(ValueError, match="ttl_s"):
         RedisTier(NS, "redis://h:1", ttl_s=0)
+
+
+def test_a_store_persists_cpu_blocks_into_redis(server: RedisServer) -> None:
+    def store() -> TieredStore:
+        return TieredStore([CPUTier(NS, 1 << 20, pin_memory=False), RedisTier(NS, server.url)])
+
+    first = store()
+    first.put_many([(r.block_hash, r) for r in R[:3]])
+    assert raw(server).dbsize() == 0  # nothing left the process yet
+    result = first.flush()
+    assert result.keys == tuple(K[:3]) and result.sizes == tuple(r.nbytes for r in R[:3])
+    assert first.flush().keys == ()
+    second = store()  # another process, another server instance: same blocks
+    assert [g.to_bytes() for g in second.get_many(K[:3])] == [r.to_bytes() for r in R[:3]]
+    assert sorted(second.tiers[0]) == sorted(K[:3])
+

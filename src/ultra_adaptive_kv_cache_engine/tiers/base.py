@@ -62,10 +62,15 @@ class PutResult:
 
 @dataclass(frozen=True)
 class FlushResult:
-    """The blocks written since the previous flush, now as durable as the tier's fsync policy makes them."""
+    """The blocks written since the previous flush (keys[i] of sizes[i] bytes), now as durable as the tier's
+    fsync policy makes them."""
 
     keys: tuple[bytes, ...] = ()
-    nbytes: int = 0
+    sizes: tuple[int, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
 
 
 class Tier(ABC):

@@ -65,6 +65,7 @@ class DiskTier(Tier):
         verify_on_scan: bool = False,
         readonly_retry_s: float = 30.0,
         io_threads: int | None = None,
+        demote_evicted: bool = True,
         clock: Clock | None = None,
         name: str | None = None,
     ) -> None:
@@ -74,6 +75,7 @@ class DiskTier(Tier):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"io_threads={io_threads!r} must be a positive integer or None")
         self.io_threads = threads
+        self.demote_evicted = bool(demote_evicted)
         self._io: ThreadPoolExecutor | None = None
         self.fsync = parse_enum(FsyncPolicy, "fsync", fsync)
         self.readonly_retry_s = float(readonly_retry_s)
@@ -189,7 +191,7 @@ class DiskTier(Tier):
                     files.fsync_dir(shard)
             except OSError as exc:
                 self._error(f"fsync failed: {exc}")
-        return FlushResult(tuple(k for k, _ in live), sum(s for _, s in live))
+        return FlushResult(tuple(k for k, _ in live), tuple(s for _, s in live))
 
     def __iter__(self) -> Iterator[bytes]:
         with self._lock:
@@ -251,7 +253,8 @@ class DiskTier(Tier):
         self.counters.add("scanned", len(self._index))
 
     def _make_room(self, size: int) -> tuple[BlockRecord, ...]:
-        """Evict victims until `size` more bytes fit; read each for demotion, then delete (lock held)."""
+        """Evict victims until `size` more bytes fit; read each for demotion (unless `demote_evicted` is False:
+        the disk is the last tier), then delete (lock held)."""
         evicted: list[BlockRecord] = []
         count = 0
         while self._used + size > self.capacity_bytes and self._index:
@@ -260,10 +263,11 @@ class DiskTier(Tier):
             self._used -= vsize
             self._policy.on_remove(victim)
             path = files.block_path(self.folder, victim)  # type: ignore[arg-type]
-            try:
-                evicted.append(parse_record(files.read_file(path), victim, self.namespace))  # type: ignore[arg-type]
-            except (RecordError, OSError) as exc:
-                self._count_bad(exc)
+            if self.demote_evicted:
+                try:
+                    evicted.append(parse_record(files.read_file(path), victim, self.namespace))  # type: ignore[arg-type]
+                except (RecordError, OSError) as exc:
+                    self._count_bad(exc)
             path.unlink(missing_ok=True)
             count += 1
         if count:

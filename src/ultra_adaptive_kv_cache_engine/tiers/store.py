@@ -101,6 +101,7 @@ class TieredStore(Tier):
     def flush(self) -> FlushResult:
         """Copy volatile-only blocks into the first durable tier, flush every tier, report durable blocks."""
         durable = next((i for i, t in enumerate(self.tiers) if t.durable), None)
+        written: dict[bytes, int] = {}
         if durable is not None:
             target = self.tiers[durable]
             for tier in self.tiers[:durable]:
@@ -108,16 +109,17 @@ class TieredStore(Tier):
                     if target.contains(key):
                         continue
                     record = tier.get(key)
-                    if record is not None:
-                        result = target.put(key, record)
-                        self._demote(result.evicted, durable + 1)
-        keys: dict[bytes, None] = {}
-        nbytes = 0
+                    if record is None:
+                        continue
+                    result = target.put(key, record)
+                    self._demote(result.evicted, durable + 1)
+                    if result.stored:
+                        written.setdefault(key, record.nbytes)
         for tier in self.tiers:
             result = tier.flush()
-            nbytes += result.nbytes
-            keys.update(dict.fromkeys(result.keys))
-        return FlushResult(tuple(keys), nbytes)
+            for key, size in zip(result.keys, result.sizes, strict=True):
+                written.setdefault(key, size)
+        return FlushResult(tuple(written), tuple(written.values()))
 
     def __iter__(self) -> Iterator[bytes]:
         seen: dict[bytes, None] = {}
@@ -151,3 +153,4 @@ class TieredStore(Tier):
                 target += 1
             else:
                 self.counters.add("dropped")
+
