@@ -94,8 +94,8 @@ fi
 # Without CUDA (a dry run of this script) the benchmarks take their --quick sizes.
 QUICK=""
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || QUICK="--quick"
-part bench_paged_attention 150 "$PY" benchmarks/bench_paged_attention.py --time-budget-s 120 $QUICK
-part bench_transfers 60 "$PY" benchmarks/bench_transfers.py $QUICK
+part bench_paged_attention 140 "$PY" benchmarks/bench_paged_attention.py --time-budget-s 110 $QUICK
+part bench_transfers 50 "$PY" benchmarks/bench_transfers.py $QUICK
 
 echo "[gpu_suite] done: $failures part(s) failed; summary in $SUMMARY" >&2
 cat "$SUMMARY"
