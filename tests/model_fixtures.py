@@ -18,7 +18,7 @@ from ultra_adaptive_kv_cache_engine.model.tiny import TinyLlamaSpec, build_tiny_
 
 def make_paged(lm: LoadedModel, block_size: int = 4, num_blocks: int = 64) -> PagedKVCache:
     """A CPU paged cache of `num_blocks` blocks for `lm`, namespaced by it."""
-    config = KVCacheConfig(block_size=block_size, max_tokens=block_size * num_blocks, device="cpu")
+    config = KVCacheConfig(block_size=block_size, max_tokens=block_size * num_blocks, device=lm.device.type)
     spec = lm.kv_spec(block_size)
     return PagedKVCache(config, spec, num_blocks=num_blocks, namespace=lm.namespace(spec))
 

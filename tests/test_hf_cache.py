@@ -14,8 +14,12 @@ from ultra_adaptive_kv_cache_engine.model.tiny import TinyLlamaSpec, build_tiny_
 NEW = 10
 
 @pytest.fixture(scope="module")
-def tiny_lm() -> LoadedModel:
-    return tiny_model()
+def tiny_lm():
+    # One thread: on a shared 2-core machine two OpenMP threads wait on each other for tiny matrices.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_model()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture()
@@ -103,6 +107,18 @@ def test_left_padded_batch_reuses_a_prefix_per_row(tiny_lm, probe):
         assert torch.equal(result.output_ids[row, width - len(tokens) :], alone)
 
 
+def test_seeded_sampling_matches_the_baseline(tiny_lm):
+    paged = make_paged(tiny_lm, block_size=4)
+    prompt = random_ids(14, seed=14)
+    kwargs = {"max_new_tokens": NEW, "do_sample": True, "top_k": 20, "temperature": 1.5}
+    run(tiny_lm, paged, [prompt])  # cache the prompt
+    torch.manual_seed(123)
+    expected = tiny_lm.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 14, dtype=torch.long), **kwargs)
+    torch.manual_seed(123)
+    result = generate_with_prefix_cache(tiny_lm.model, paged, [prompt], **kwargs)
+    assert result.cached_tokens == 12 and torch.equal(result.output_ids, expected)
+
+
 def test_right_padding_and_holes_are_refused(tiny_lm):
     paged = make_paged(tiny_lm)
     ids = torch.tensor([random_ids(6, seed=1), random_ids(6, seed=2)])
@@ -185,3 +201,15 @@ def test_commit_refuses_an_output_of_another_prompt(tiny_lm):
         with pytest.raises(ValueError, match="does not start with"):
             cache.commit(torch.tensor([random_ids(12, seed=13)]))
     assert paged.stats()["indexed_blocks"] == 0
+
+
+@pytest.mark.gpu
+def test_exact_on_cuda_with_the_pool_on_the_gpu():
+    lm = build_tiny_llama(TinyLlamaSpec(), device="cuda")
+    paged = make_paged(lm, block_size=4)
+    assert paged.pool.kv.device.type == "cuda"
+    prompt = random_ids(22, seed=1)
+    expected = baseline_generate(lm, torch.tensor([prompt], device="cuda"), NEW)
+    for cached in (0, 20):
+        result = run(lm, paged, [prompt])
+        assert torch.equal(result.output_ids, expected) and result.cached_tokens == cached

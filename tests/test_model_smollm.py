@@ -12,7 +12,6 @@ from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.model.convert import FINGERPRINT_RECORD
 from ultra_adaptive_kv_cache_engine.model.fingerprint import files_fingerprint
 from ultra_adaptive_kv_cache_engine.model.generation import generate_with_prefix_cache
-from ultra_adaptive_kv_cache_engine.model.loaded import LoadedModel
 from ultra_adaptive_kv_cache_engine.model.loader import load_model
 
 pytestmark = pytest.mark.slow
@@ -21,8 +20,12 @@ SYSTEM = "You are a terse assistant. Answer in one short sentence. " * 4
 
 
 @pytest.fixture(scope="module")
-def smollm() -> LoadedModel:
-    return smollm_model()
+def smollm():
+    # One thread: on a shared 2-core machine two OpenMP threads wait on each other up to 10x longer.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield smollm_model()
+    torch.set_num_threads(threads)
 
 
 def run(lm, paged, ids, mask=None):
