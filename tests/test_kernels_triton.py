@@ -117,6 +117,22 @@ def test_decode_with_tight_length_hint_and_empty_sequence(splits: int):
     assert_close_rel(zeros[1], oracle(batch)[1], tolerance(world.dtype))  # sequence 1 is untouched by 0
 
 
+def test_decode_rejects_a_launch_that_does_not_cover_the_shape():
+    import dataclasses
+
+    from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
+
+    batch = build(World(seq_lens=(40, 9), q_lens=(1, 1)), seed=38, device=DEVICE)
+    plan = plan_decode(DecodeShape(2, 2, 2, 24, 64), num_sms=132, num_splits=2, block_n=16)
+    for bad in (dataclasses.replace(plan, num_splits=1), dataclasses.replace(plan, block_d=16)):
+        try:
+            triton_decode_attention(batch.query, batch.kv(), launch=bad)
+        except ValueError as exc:
+            assert "does not cover" in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
 @cases("world", PREFILL_WORLDS)
 def test_prefill_matches_oracle(world: World):
     batch = build(world, seed=34, device=DEVICE)

@@ -150,6 +150,8 @@ def triton_decode_attention(
         return out
     shape = DecodeShape(batch, kv.num_kv_heads, group, dim, kv.max_len_bound, query.element_size())
     plan = launch if launch is not None else plan_decode(shape, num_sms(query.device))
+    if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
+        raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
     split = plan.num_splits > 1
     parts, lse = out, out[:, :, 0]  # placeholders with the right rank when not split (never touched)
     if split:
