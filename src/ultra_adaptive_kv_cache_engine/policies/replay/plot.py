@@ -32,6 +32,9 @@ def plot_hit_rates(results: Sequence[ReplayResult], path: str | os.PathLike[str]
         style = {"linestyle": "--", "color": "black"} if policy == BELADY else {"marker": "o"}
         ax.plot(xs, ys, label=policy, linewidth=2 if policy == "adaptive" else 1.2, **style)
     ax.set_xscale("log")
+    ticks = sorted({r.capacity_tokens / 1e6 for r in results})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("capacity (million tokens)")
     ax.set_ylabel("token hit rate (%)")
     ax.set_title(title or results[0].trace)

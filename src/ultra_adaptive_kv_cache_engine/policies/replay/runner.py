@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -66,9 +66,15 @@ def _new_policy(name: str, capacity: int, clock: RequestClock) -> EvictionPolicy
     return BeladyPolicy(capacity, clock) if name == BELADY else make_policy(name, capacity, clock)
 
 
-def _replay_job(trace: CompiledTrace, policy: str, capacity: int, future: Sequence[Sequence[float]] | None) -> ReplayCounts:
+def _replay_job(
+    trace: CompiledTrace,
+    policy: str,
+    capacity: int,
+    future: Sequence[Sequence[float]] | None,
+    progress: Callable[[int], object] | None = None,
+) -> ReplayCounts:
     clock = RequestClock()
-    return simulate(trace, _new_policy(policy, capacity, clock), capacity, clock, future)
+    return simulate(trace, _new_policy(policy, capacity, clock), capacity, clock, future, progress)
 
 
 def _as_trace(source: TraceSource, block_tokens: int) -> CompiledTrace:
@@ -124,9 +130,7 @@ def run_replay(
     started = time.perf_counter()
     if workers == 1:
         for p, c in jobs:
-            clock = RequestClock()
-            policy = _new_policy(p, c, clock)
-            counts[(p, c)] = simulate(compiled, policy, c, clock, future if p == BELADY else None, bar.update)
+            counts[(p, c)] = _replay_job(compiled, p, c, future if p == BELADY else None, bar.update)
     else:
         with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
             pending = {(p, c): pool.submit(_replay_job, compiled, p, c, future if p == BELADY else None) for p, c in jobs}

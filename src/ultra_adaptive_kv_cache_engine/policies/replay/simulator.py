@@ -141,7 +141,7 @@ def simulate(
     capacity_tokens: int,
     clock: RequestClock,
     next_use: Sequence[Sequence[float]] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> ReplayCounts:
     """Replay `trace` through `policy` (built with `clock`); `next_use` (see `next_uses`) feeds a `BeladyPolicy`."""
     slots = capacity_tokens // trace.block_tokens
