@@ -171,8 +171,8 @@ def measure(combo: Combo, args: argparse.Namespace, device: torch.device, gen: t
 
 
 def tune(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
-    """Time a few decode launch shapes around the heuristic's (until args.deadline); report the heuristic's
-    and the best."""
+    """Time decode launch shapes around the heuristic's (until args.deadline): split counts, key tiles, warps,
+    stages; report each as a ratio to the best SDPA, the heuristic's first."""
     from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
 
     t = build(combo, args, device, gen)
@@ -187,6 +187,7 @@ def tune(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torc
         variants.append(plan_decode(shape, sms, num_splits=base.num_splits, block_n=block_n))
     variants += [dataclasses.replace(base, num_warps=8), dataclasses.replace(base, num_stages=2),
                  dataclasses.replace(base, num_stages=4)]
+    variants = list(dict.fromkeys(variants))  # the heuristic's first, no shape twice
     sdpa_s = min(time_sdpa(t, device, args).values())
     rows = []
     for plan in variants:
@@ -199,7 +200,7 @@ def tune(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torc
         except Exception as exc:  # a shape the compiler rejects: report it, keep sweeping
             rows.append({**dataclasses.asdict(plan), "error": repr(exc)[:200]})
     best = max((r for r in rows if "vs_sdpa" in r), key=lambda r: r["vs_sdpa"], default=None)
-    return {**dataclasses.asdict(combo), "heuristic": rows[0], "best": best, "variants": len(rows)}
+    return {**dataclasses.asdict(combo), "heuristic": rows[0] if rows else None, "best": best, "variants": rows}
 
 
 def parse_args() -> argparse.Namespace:
