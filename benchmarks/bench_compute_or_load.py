@@ -31,7 +31,14 @@ from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.engine.optimizer import CachedBlock, PerformanceOptimizer
-from ultra_adaptive_kv_cache_engine.tiers import BlockRecord, DiskTier, PutResult, Tier, TierUsage, encode_block
+from ultra_adaptive_kv_cache_engine.tiers import (
+    BlockRecord,
+    DiskTier,
+    PutResult,
+    Tier,
+    TierUsage,
+    encode_block,
+)
 
 TIER = "disk"
 
@@ -195,7 +202,7 @@ def run_length(world: World, optimizer: PerformanceOptimizer, n: int, seed: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two short prompts, one repeat (< 1 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="two short prompts (< 1 min on 2 cores)")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--prompts", type=int, nargs="+", default=None, help="prompt lengths in tokens")
     parser.add_argument("--disk-mbps", type=float, default=50.0, help="throttled disk read speed, MB/s")
@@ -209,7 +216,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = args.prompts or ([256, 512] if args.quick else [512, 1024, 2048, 4096])
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or 3
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -202,7 +202,9 @@ def run_tenants(streams, budget_blocks: int, fixed_share: float | None) -> float
     clock = SimClock()
     size = record("probe").nbytes
     shares = (0.5, 0.5) if fixed_share is None else (fixed_share, 1 - fixed_share)
-    tiers = [CPUTier(NS, int(budget_blocks * s) * size, pin_memory=False, name=n) for s, n in zip(shares, "AB")]
+    tiers = [
+        CPUTier(NS, int(budget_blocks * s) * size, pin_memory=False, name=n) for s, n in zip(shares, "AB", strict=True)
+    ]
     predictors = [WorkloadPredictor(clock, half_life_s=5.0, unit_bytes=size) for _ in tiers]
     scaler = AutoScaler(
         [ScaledTier(ResizableTier(t), p, 50 * size, 950 * size) for t, p in zip(tiers, predictors, strict=True)],
