@@ -7,6 +7,7 @@ line with the counts (for machines that have torch and triton but no pytest).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from test_kernels_oracle import LAYER, World, assert_close_rel, build, oracle, tolerance
+from test_kernels_oracle import LAYER, Batch, World, assert_close_rel, build, oracle, tolerance
 
 from ultra_adaptive_kv_cache_engine.kernels import (
     BlockTransfer,
@@ -80,12 +81,18 @@ def _triton():
     return get_backend("triton")
 
 
+def _on_cpu(batch: Batch) -> Batch:
+    return Batch(*(getattr(batch, f.name).cpu() for f in dataclasses.fields(batch)))
+
+
 @cases("world", DECODE_WORLDS)
 def test_decode_matches_oracle(world: World):
     batch = build(world, seed=31, device=DEVICE)
     out = torch.full_like(batch.query, float("nan"))
     assert _triton().decode_attention(batch.query, batch.kv(), out=out) is out
     assert_close_rel(out, oracle(batch), tolerance(world.dtype))
+    cpu = _on_cpu(batch)  # and against its reference twin, in the same dtype
+    assert_close_rel(out, get_backend("reference").decode_attention(cpu.query, cpu.kv()), tolerance(world.dtype))
 
 
 @cases("splits", SPLITS)
@@ -118,8 +125,6 @@ def test_decode_with_tight_length_hint_and_empty_sequence(splits: int):
 
 
 def test_decode_rejects_a_launch_that_does_not_cover_the_shape():
-    import dataclasses
-
     from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
 
     batch = build(World(seq_lens=(40, 9), q_lens=(1, 1)), seed=38, device=DEVICE)
@@ -139,6 +144,9 @@ def test_prefill_matches_oracle(world: World):
     out = torch.full_like(batch.query, float("nan"))
     _triton().prefill_attention(batch.query, batch.query_start_loc, batch.kv(), out=out)
     assert_close_rel(out, oracle(batch), tolerance(world.dtype))
+    cpu = _on_cpu(batch)
+    reference = get_backend("reference").prefill_attention(cpu.query, cpu.query_start_loc, cpu.kv())
+    assert_close_rel(out, reference, tolerance(world.dtype))
 
 
 @cases("dtype", [torch.float32, *HALF])
