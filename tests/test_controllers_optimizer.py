@@ -94,6 +94,7 @@ def test_fast_tier_prefix_is_loaded_and_slow_tail_recomputed():
     assert plan.compute_s == pytest.approx(TRUTH.time(12, 30))
     assert plan.recompute_s == pytest.approx(TRUTH.time(0, 30))
     assert plan.all_load_s == pytest.approx(3e-4 + 2.0 + TRUTH.time(20, 30))
+    assert plan.total_s < min(plan.recompute_s, plan.all_load_s)  # acting beats both fixed choices
 
 
 def test_everything_slow_means_recompute_and_everything_fast_means_load_all_usable():

@@ -18,7 +18,14 @@ from ultra_adaptive_kv_cache_engine.engine.controls import (
     TierControl,
 )
 from ultra_adaptive_kv_cache_engine.engine.prefetcher import CachePrefetcher
-from ultra_adaptive_kv_cache_engine.tiers import BlockRecord, CPUTier, DiskTier, TieredStore, encode_block
+from ultra_adaptive_kv_cache_engine.tiers import (
+    AsyncTransfer,
+    BlockRecord,
+    CPUTier,
+    DiskTier,
+    TieredStore,
+    encode_block,
+)
 
 NS = hashlib.sha256(b"prefetcher-tests").digest()
 CODEC = make_codec("identity")
@@ -67,6 +74,18 @@ def test_store_block_source_reports_tiers_and_promotes_into_the_fastest(tmp_path
     assert [source.tier_of(key(n)) for n in ("a", "b", "c")] == ["fast", "disk", "fast"]
     with pytest.raises(ValueError, match="fastest tier 'fast'"):
         source.promote([key("b")], "disk")
+
+
+def test_store_block_source_promotes_in_the_background_through_an_async_transfer(tmp_path: Path):
+    store = store_of(2, DiskTier(NS, tmp_path, 1000 * RECORD_BYTES, name="disk"))
+    put(store, "a", "b", "c", "d")  # "a" and "b" on disk
+    with AsyncTransfer(store) as transfer:
+        source = StoreBlockSource(store, transfer)
+        assert source.promote([key("a"), key("c")], "fast") == 1  # "c" is already fast: one queued
+        transfer.flush()  # waits for writes only; the prefetch thread is joined on close
+    assert source.tier_of(key("a")) == "fast"
+    with AsyncTransfer(store) as other, pytest.raises(ValueError, match="target is this store"):
+        StoreBlockSource(store_of(2), other)
 
 
 def test_resizable_tier_shrinks_oldest_first_and_spills_to_the_next_tier():

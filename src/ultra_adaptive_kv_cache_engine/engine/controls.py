@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..tiers import Tier, TieredStore, TierUsage
+from ..tiers import AsyncTransfer, Tier, TieredStore, TierUsage
 from ..tiers.record import check_key
 
 
@@ -107,12 +107,17 @@ class StoreBlockSource:
 
     `promote(keys, tier)` reads each key not already in the fastest tier through the store, which puts it
     into every faster tier and demotes what that evicts (so nothing is lost); keys no tier holds are skipped.
+    With `transfer` (an `AsyncTransfer` over the same store) the reads run in its background thread, off the
+    caller's path: `promote` returns at once with the number of keys queued.
     """
 
-    def __init__(self, store: TieredStore) -> None:
+    def __init__(self, store: TieredStore, transfer: AsyncTransfer | None = None) -> None:
         if not isinstance(store, TieredStore):
             raise TypeError(f"store must be a TieredStore, got {type(store).__name__}")
+        if transfer is not None and transfer.target is not store:
+            raise ValueError("transfer must be an AsyncTransfer whose target is this store")
         self.store = store
+        self.transfer = transfer
 
     @property
     def fast_tier(self) -> str:
@@ -123,7 +128,8 @@ class StoreBlockSource:
         return next((t.name for t in self.store.tiers if t.contains(key)), None)
 
     def promote(self, keys: Sequence[bytes], tier: str) -> int:
-        """Promote `keys` into the fastest tier (`tier` must name it); returns how many were promoted."""
+        """Promote `keys` into the fastest tier (`tier` must name it); returns how many were promoted
+        (or queued, with a transfer)."""
         if tier != self.fast_tier:
             raise ValueError(f"tier={tier!r}: this store promotes into its fastest tier {self.fast_tier!r} only")
         fast = self.store.tiers[0]
@@ -131,6 +137,9 @@ class StoreBlockSource:
         present = [k for k in wanted if self.tier_of(k) is not None]
         if not present:
             return 0
+        if self.transfer is not None:
+            self.transfer.prefetch(present)
+            return len(present)
         self.store.get_many(present)
         return sum(fast.contains(k) for k in present)
 

@@ -6,12 +6,14 @@ It is told of each request's block hashes (in prefix order) and sizes; it never 
 - `hit_rate(c)` / `hit_rate_curve(cs)`: the LRU hit rate a cache of `c` bytes would have had on the recent
   stream (exact stack distances, exponentially decayed with `half_life_s`, so a phase change shows);
 - `reuse_distances()` and `prefix_reuse()`: the distributions themselves.
-The clock is injected; all times are its seconds.
+The clock is injected; all times are its seconds. Thread-safe (one lock; every method is O(log n) or
+O(buckets)).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -138,27 +140,30 @@ class WorkloadPredictor:
         self._tracker = ReuseDistanceTracker(max_keys)
         self._required = DecayedHistogram(half_life_s)
         self._reuse = DecayedHistogram(half_life_s)  # bucket i: prefix-reuse fraction in [i/10, (i+1)/10)
+        self._lock = threading.RLock()
 
     def observe_access(self, key: Hashable, size: int) -> int | None:
         """One block access outside a request; returns its stack distance in bytes (None: cold)."""
-        now = self.clock()
-        self.accesses.add(now)
-        return self._access(key, size, now)
+        with self._lock:
+            now = self.clock()
+            self.accesses.add(now)
+            return self._access(key, size, now)
 
     def observe_request(self, keys: Sequence[Hashable], sizes: int | Sequence[int]) -> RequestReuse:
         """A request reading `keys` in prefix order; `sizes` is one size for all blocks or one per block."""
-        sizes = [sizes] * len(keys) if isinstance(sizes, int) else list(sizes)
-        if len(sizes) != len(keys):
-            raise ValueError(f"{len(sizes)} sizes for {len(keys)} keys; expected one size or one per key")
-        now = self.clock()
-        self.requests.add(now)
-        self.accesses.add(now, len(keys))
-        distances = tuple(self._access(k, s, now) for k, s in zip(keys, sizes, strict=True))
-        reused = next((i for i, d in enumerate(distances) if d is None), len(distances))
-        if distances:
-            fraction = reused / len(distances)
-            self._reuse.add_bucket(min(REUSE_BINS - 1, int(fraction * REUSE_BINS)), now, fraction)
-        return RequestReuse(reused, len(distances), distances)
+        with self._lock:
+            sizes = [sizes] * len(keys) if isinstance(sizes, int) else list(sizes)
+            if len(sizes) != len(keys):
+                raise ValueError(f"{len(sizes)} sizes for {len(keys)} keys; expected one size or one per key")
+            now = self.clock()
+            self.requests.add(now)
+            self.accesses.add(now, len(keys))
+            distances = tuple(self._access(k, s, now) for k, s in zip(keys, sizes, strict=True))
+            reused = next((i for i, d in enumerate(distances) if d is None), len(distances))
+            if distances:
+                fraction = reused / len(distances)
+                self._reuse.add_bucket(min(REUSE_BINS - 1, int(fraction * REUSE_BINS)), now, fraction)
+            return RequestReuse(reused, len(distances), distances)
 
     def _access(self, key: Hashable, size: int, now: float) -> int | None:
         distance = self._tracker.access(key, size)
@@ -168,46 +173,53 @@ class WorkloadPredictor:
     # -- answers ----------------------------------------------------------------------------------------------
     def request_rate(self) -> float:
         """Smoothed requests per second now."""
-        self.requests.advance(self.clock())
-        return self.requests.rate()
+        with self._lock:
+            self.requests.advance(self.clock())
+            return self.requests.rate()
 
     def access_rate(self, horizon_s: float = 0.0) -> float:
         """Expected block accesses per second over the next `horizon_s` seconds."""
-        self.accesses.advance(self.clock())
-        return self.accesses.rate(horizon_s)
+        with self._lock:
+            self.accesses.advance(self.clock())
+            return self.accesses.rate(horizon_s)
 
     def forecast(self, horizon_s: float) -> Forecast:
         """The expected workload over the next `horizon_s` seconds (> 0)."""
-        if not horizon_s > 0:
-            raise ValueError(f"horizon_s={horizon_s!r} must be positive")
-        now = self.clock()
-        self.requests.advance(now)
-        self.accesses.advance(now)
-        rate = self.requests.rate(horizon_s)
-        return Forecast(horizon_s, rate, self.accesses.rate(horizon_s), rate * horizon_s, self.prefix_reuse().mean)
+        with self._lock:
+            if not horizon_s > 0:
+                raise ValueError(f"horizon_s={horizon_s!r} must be positive")
+            now = self.clock()
+            self.requests.advance(now)
+            self.accesses.advance(now)
+            rate = self.requests.rate(horizon_s)
+            return Forecast(horizon_s, rate, self.accesses.rate(horizon_s), rate * horizon_s, self.prefix_reuse().mean)
 
     def hit_rate(self, capacity_bytes: int) -> float:
         """Predicted LRU hit rate (0..1) of a cache of `capacity_bytes` on the recent stream."""
-        return self._required.hit_rate(capacity_bytes // self.unit_bytes)
+        with self._lock:
+            return self._required.hit_rate(capacity_bytes // self.unit_bytes)
 
     def hit_rate_curve(self, capacities: Sequence[int]) -> tuple[float, ...]:
         return tuple(self.hit_rate(c) for c in capacities)
 
     def reuse_distances(self) -> tuple[tuple[int, float], ...]:
         """(required capacity in bytes (a bucket edge), probability) of re-accesses; cold ones excluded."""
-        return tuple((edge * self.unit_bytes, p) for edge, p in self._required.distribution())
+        with self._lock:
+            return tuple((edge * self.unit_bytes, p) for edge, p in self._required.distribution())
 
     def cold_fraction(self) -> float:
         """Weight of first-time accesses among all accesses (decayed)."""
-        total = self._required.total
-        return self._required.cold / total if total else 0.0
+        with self._lock:
+            total = self._required.total
+            return self._required.cold / total if total else 0.0
 
     def prefix_reuse(self) -> PrefixReuse:
-        total = self._reuse.total
-        if total <= 0.0:
-            return PrefixReuse(0.0, tuple([0.0] * REUSE_BINS))
-        bins = tuple(self._reuse.weights.get(i, 0.0) / total for i in range(REUSE_BINS))
-        return PrefixReuse(self._reuse.mean_value, bins)
+        with self._lock:
+            total = self._reuse.total
+            if total <= 0.0:
+                return PrefixReuse(0.0, tuple([0.0] * REUSE_BINS))
+            bins = tuple(self._reuse.weights.get(i, 0.0) / total for i in range(REUSE_BINS))
+            return PrefixReuse(self._reuse.mean_value, bins)
 
     @property
     def tracked_blocks(self) -> int:

@@ -8,11 +8,13 @@ blocks (in prefix order) of those due within `lookahead_s`, at most `max_blocks`
 overdue by more than its own gap is presumed idle and no longer prefetched (until its next turn).
 
 Invariants: a conversation is live from its last turn until `live_timeout_s` later or `end()`; blocks
-already in the fast tier are never promoted again; the clock is injected.
+already in the fast tier are never promoted again; the clock is injected. Thread-safe: requests may report
+turns while another thread runs `step()` (promotion itself runs outside the lock).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,25 +84,28 @@ class CachePrefetcher:
         self.default_gap_s = default_gap_s
         self._live: dict[str, _Conversation] = {}
         self.promoted_total = 0
+        self._lock = threading.RLock()
 
     def on_request(self, conversation_id: str, keys: Sequence[bytes]) -> None:
         """A turn of `conversation_id` arrived; `keys` are the blocks its next turn will start with."""
         if not isinstance(conversation_id, str) or not conversation_id:
             raise ValueError(f"conversation_id={conversation_id!r} must be a non-empty string")
-        now = self.clock()
-        conversation = self._live.get(conversation_id)
-        if conversation is None or now - conversation.last_seen > self.live_timeout_s:
-            self._live[conversation_id] = _Conversation(tuple(keys), now)
-            return
-        gap = now - conversation.last_seen
-        conversation.mean_gap = self._ewma(conversation.mean_gap, gap)
-        self.global_gap = self._ewma(self.global_gap, gap)
-        conversation.keys, conversation.last_seen = tuple(keys), now
-        conversation.turns += 1
+        with self._lock:
+            now = self.clock()
+            conversation = self._live.get(conversation_id)
+            if conversation is None or now - conversation.last_seen > self.live_timeout_s:
+                self._live[conversation_id] = _Conversation(tuple(keys), now)
+                return
+            gap = now - conversation.last_seen
+            conversation.mean_gap = self._ewma(conversation.mean_gap, gap)
+            self.global_gap = self._ewma(self.global_gap, gap)
+            conversation.keys, conversation.last_seen = tuple(keys), now
+            conversation.turns += 1
 
     def end(self, conversation_id: str) -> bool:
         """The conversation is over (no next turn); True if it was live."""
-        return self._live.pop(conversation_id, None) is not None
+        with self._lock:
+            return self._live.pop(conversation_id, None) is not None
 
     @property
     def live(self) -> int:
@@ -108,17 +113,23 @@ class CachePrefetcher:
 
     def candidates(self) -> list[PrefetchCandidate]:
         """Live conversations by expected next arrival (earliest first); expired ones are dropped here."""
-        now = self.clock()
-        for cid in [c for c, conv in self._live.items() if now - conv.last_seen > self.live_timeout_s]:
-            del self._live[cid]
-        ranked = [
-            PrefetchCandidate(cid, conv.last_seen + self._gap(conv), self._gap(conv), len(conv.keys)) for cid, conv in self._live.items()
-        ]
+        with self._lock:
+            now = self.clock()
+            for cid in [c for c, conv in self._live.items() if now - conv.last_seen > self.live_timeout_s]:
+                del self._live[cid]
+            ranked = [
+                PrefetchCandidate(cid, conv.last_seen + self._gap(conv), self._gap(conv), len(conv.keys))
+                for cid, conv in self._live.items()
+            ]
         ranked.sort(key=lambda c: (c.expected_at, c.conversation_id))
         return ranked
 
     def plan(self) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
         """Blocks to promote now (prefix order, not in the fast tier, at most `max_blocks`) and whose."""
+        with self._lock:
+            return self._plan()
+
+    def _plan(self) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
         now = self.clock()
         horizon = now + self.lookahead_s
         keys: list[bytes] = []
@@ -145,7 +156,8 @@ class CachePrefetcher:
         """Plan and promote; returns what was done."""
         keys, conversations = self.plan()
         promoted = self.source.promote(keys, self.fast_tier) if keys else 0
-        self.promoted_total += promoted
+        with self._lock:
+            self.promoted_total += promoted
         return PrefetchResult(len(keys), promoted, conversations)
 
     def _gap(self, conversation: _Conversation) -> float:
