@@ -50,10 +50,14 @@ part() {
 }
 
 "$PY" - >> "$SUMMARY" 2>/dev/null <<'EOF' || echo '{"part": "environment", "error": "torch did not import"}' >> "$SUMMARY"
-import json, importlib.util, torch
+import json, torch
 env = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
-       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-       "pytest": importlib.util.find_spec("pytest") is not None}
+       "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+try:
+    import pytest
+    env["pytest"] = pytest.__version__
+except Exception:  # the suite falls back to the standalone runner
+    env["pytest"] = None
 try:
     import triton
     env["triton"] = triton.__version__
