@@ -149,6 +149,30 @@ class BaseKVCache(nn.Module):
                 "evictions": c.get("evictions", 0),
             }
 
+    def snapshot(self) -> dict[bytes, torch.Tensor]:
+        """Every entry (key digest -> value), the values shared, not copied: do not modify them."""
+        with self._lock:
+            return {digest: entry.value for digest, entry in self._entries.items()}
+
+    def restore(self, entries: dict[bytes, torch.Tensor]) -> int:
+        """Adds snapshot entries (key digest -> value) not already held, evicting as `store` does; entries
+        larger than the capacity are skipped. Returns how many were added."""
+        added = 0
+        with self._lock:
+            for digest, value in entries.items():
+                tokens = entry_tokens(value)
+                if digest in self._entries or tokens > self.max_tokens:
+                    continue
+                need = self._tokens + tokens - self.max_tokens
+                if need > 0:
+                    self._evict(need)
+                self._entries[digest] = CacheEntry(value, tokens)
+                self._tokens += tokens
+                if self.policy is not None:
+                    self.policy.on_insert(digest, tokens)
+                added += 1
+        return added
+
     # ----------------------------------------------------------------- extension points
     def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store `value` under `key` (capacity already made). Subclasses may replace this."""

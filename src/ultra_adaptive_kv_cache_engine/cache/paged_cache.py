@@ -12,6 +12,9 @@ Ownership and invariants (all public methods hold `self._lock`):
   same prefix reuses them (`lookup` / `new_sequence`).
 - Errors (bad shapes, dtypes, tokens, unknown sequence, out of blocks) raise before anything changes.
 
+With `lower` (see `LowerTiers`), committed blocks are written through to the tiers below the pool, and
+`new_sequence` continues a prefix match into those tiers, promoting what it finds into pool blocks.
+
 The seed's content-addressed `store` / `retrieve` are inherited unchanged from `BaseKVCache`.
 """
 
@@ -28,7 +31,9 @@ import torch
 from ..config import KVCacheConfig
 from ..memory import LAYOUT_VERSION, BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBlocksError
 from ..prefix import Namespace, PrefixIndex, hash_block
+from ..tiers import FlushResult
 from .base_cache import BaseKVCache
+from .lower_tiers import LowerTiers
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class PagedKVCache(BaseKVCache):
         num_blocks: int | None = None,
         namespace: Namespace | None = None,
         allocator: MemoryAllocator | None = None,
+        lower: LowerTiers | None = None,
     ) -> None:
         super().__init__(config)
         if not isinstance(spec, KVSpec):
@@ -117,6 +123,7 @@ class PagedKVCache(BaseKVCache):
         self.index = PrefixIndex()
         self._sequences: dict[int, _Sequence] = {}
         self._next_seq_id = 0
+        self.lower = lower
 
     @staticmethod
     def _check_namespace(namespace: Namespace, spec: KVSpec) -> None:
@@ -161,9 +168,12 @@ class PagedKVCache(BaseKVCache):
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"max_cached_tokens={max_cached_tokens!r} must be a non-negative integer or None")
         with self._lock:
-            match = self._match(tokens, min(len(tokens), limit) // self.block_size)
+            max_blocks = min(len(tokens), limit) // self.block_size
+            match = self._match(tokens, max_blocks)
             for block_id in match.block_ids:
                 self.pool.incref(block_id)
+            if self.lower is not None and len(match.block_ids) < max_blocks:
+                match = self._promote(tokens, match, max_blocks)
             seq_id = self._next_seq_id
             self._next_seq_id += 1
             self._sequences[seq_id] = _Sequence(
@@ -172,6 +182,38 @@ class PagedKVCache(BaseKVCache):
             self.counters.add("prefix_query_tokens", len(tokens))
             self.counters.add("prefix_hit_tokens", match.num_tokens)
             return seq_id
+
+    def _promote(self, tokens: list[int], match: PrefixMatch, max_blocks: int) -> PrefixMatch:
+        """Continues `match` (blocks already pinned) with the leading run of the next blocks found in the lower
+        tiers, decoded into newly allocated (pinned) pool blocks and indexed."""
+        assert self.lower is not None
+        bs, parent = self.block_size, (match.hashes[-1] if match.hashes else None)
+        wanted: list[bytes] = []
+        for i in range(len(match.block_ids), max_blocks):
+            parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
+            wanted.append(parent)
+        records = self.lower.fetch_chain(wanted)
+        records = records[: self.pool.num_free]
+        if not records:
+            return match
+        block_ids = self.pool.allocate_many(len(records))
+        assert block_ids is not None  # at most num_free were asked for
+        try:
+            self.lower.load(self.pool.kv, block_ids, records)
+        except ValueError as exc:  # a record of another shape or dtype: never served
+            self.logger.warning("lower-tier blocks not loaded: %s", exc)
+            self.pool.free(block_ids)
+            return match
+        for block_id, record in zip(block_ids, records, strict=True):
+            if self.index.insert(record.block_hash, block_id):
+                self.pool.set_block_hash(block_id, record.block_hash)
+        self.counters.add("tier_hit_tokens", len(records) * bs)
+        return PrefixMatch(match.block_ids + tuple(block_ids), match.hashes + tuple(r.block_hash for r in records),
+                           (len(match.block_ids) + len(records)) * bs)
+
+    def persist(self) -> FlushResult | None:
+        """Makes every committed block durable in the lower tiers; None when there are none."""
+        return self.lower.flush() if self.lower is not None else None
 
     # -- writing ------------------------------------------------------------------------------------------
     def append(
@@ -262,16 +304,21 @@ class PagedKVCache(BaseKVCache):
             seq = self._sequence(seq_id)
             bs = self.block_size
             parent = seq.hashes[-1] if seq.hashes else None
-            committed = 0
+            new_ids: list[int] = []
+            new_hashes: list[bytes] = []
             for i in range(len(seq.hashes), seq.num_kv // bs):
                 parent = hash_block(parent, seq.tokens[i * bs : (i + 1) * bs], self.namespace)
                 block_id = seq.block_ids[i]
                 if self.index.insert(parent, block_id):
                     self.pool.set_block_hash(block_id, parent)
-                    committed += 1
+                    new_ids.append(block_id)
+                    new_hashes.append(parent)
                 seq.hashes.append(parent)
-            self.counters.add("committed_blocks", committed)
-            return committed
+            if self.lower is not None and new_ids:
+                index = torch.tensor(new_ids, dtype=torch.long, device=self.pool.kv.device)
+                self.lower.write(new_hashes, self.pool.kv.index_select(0, index))
+            self.counters.add("committed_blocks", len(new_ids))
+            return len(new_ids)
 
     def fork(self, seq_id: int) -> int:
         """A new sequence sharing all blocks of `seq_id` (ref counts up); its tokens are a copy."""
@@ -358,7 +405,10 @@ class PagedKVCache(BaseKVCache):
                 committed_blocks=counters.get("committed_blocks", 0),
                 copy_on_write_blocks=counters.get("copy_on_write_blocks", 0),
                 block_evictions=self.pool.num_evictions,
+                tier_hit_tokens=counters.get("tier_hit_tokens", 0),
             )
+            if self.lower is not None:
+                stats["tiers"] = _usage_dict(self.lower.usage())
             return stats
 
     def _on_evict(self, evicted: EvictedBlock) -> None:
@@ -370,3 +420,13 @@ class PagedKVCache(BaseKVCache):
         if seq is None:
             raise ValueError(f"seq_id={seq_id!r} is not a live sequence; live: {sorted(self._sequences)[:16]}")
         return seq
+
+
+def _usage_dict(usage: Any) -> dict[str, Any]:
+    """A JSON-friendly view of a TierUsage tree."""
+    return {
+        "name": usage.name, "capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes,
+        "blocks": usage.num_blocks, "read_only": usage.read_only, "healthy": usage.healthy,
+        "last_error": usage.last_error, "counters": dict(usage.counters),
+        "children": [_usage_dict(c) for c in usage.children],
+    }

@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..cache.factory import create_cache
+from ..cache.tensor_file import SnapshotError, load_snapshot, save_snapshot, snapshot_path
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
+from ..types import TierKind
 from .requests import require_dict, require_tensor, require_text, resolve_action
 
 if TYPE_CHECKING:
@@ -97,6 +99,51 @@ class UltraAdaptiveKVCacheEngine:
 
                 self._session = ModelSession(self.config, profiler=self.profiler, loaded=self._model)
             return self._session
+
+    # ----------------------------------------------------------------- persistence
+    def _require_persistence(self) -> None:
+        if not self.config.enable_persistence:
+            raise RuntimeError(
+                "persistence is off; create the engine with KVCacheConfig(enable_persistence=True, "
+                "persistence_path=...)"
+            )
+
+    def persist(self) -> dict[str, Any]:
+        """Makes everything in memory durable: the tensor store's entries (one crash-safe snapshot file) and
+        every committed KV block of the model session (written to the disk tier and fsynced). Returns what it
+        wrote."""
+        self._require_persistence()
+        path = snapshot_path(self.config.persistence_dir, self.config.tenant_salt)
+        entries = self.cache.snapshot()
+        written = save_snapshot(path, entries, self.config.tenant_salt)
+        result: dict[str, Any] = {"tensor_entries": len(entries), "tensor_bytes": written,
+                                  "kv_blocks": 0, "kv_bytes": 0}
+        if self._session is not None:
+            flushed = self._session.paged.persist()
+            if flushed is not None:
+                result.update(kv_blocks=len(flushed.keys), kv_bytes=flushed.nbytes)
+        self.logger.info("persisted %s", result)
+        return result
+
+    def load(self) -> dict[str, Any]:
+        """Warms the engine from disk: restores the tensor store's snapshot and opens the model session, whose
+        disk tier rebuilds its index from the folder (a warm start). A snapshot that cannot be trusted is not
+        loaded (logged, counted); nothing already cached is lost. Returns what it found."""
+        self._require_persistence()
+        path = snapshot_path(self.config.persistence_dir, self.config.tenant_salt)
+        try:
+            restored = self.cache.restore(load_snapshot(path, self.config.tenant_salt))
+            rejected = 0
+        except SnapshotError as exc:
+            self.logger.error("tensor store snapshot not loaded: %s", exc)
+            self.cache.counters.add("snapshots_rejected")
+            restored, rejected = 0, 1
+        session = self._model_session()
+        usage = session.paged.lower.usage() if session.paged.lower is not None else None
+        disk_blocks = sum(c.num_blocks or 0 for c in usage.children if c.kind == TierKind.DISK) if usage else 0
+        result = {"tensor_entries": restored, "snapshots_rejected": rejected, "kv_blocks_on_disk": disk_blocks}
+        self.logger.info("loaded %s", result)
+        return result
 
     # ----------------------------------------------------------------- introspection
     def get_stats(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from ..cache.lower_tiers import LowerTiers
 from ..cache.paged_cache import PagedKVCache
 from ..config import KVCacheConfig
 from ..metrics import Counters, Profiler
@@ -48,7 +49,8 @@ class ModelSession:
         self.loaded = loaded if loaded is not None else load_model(config)
         spec = self.loaded.kv_spec(config.block_size, dtype=config.dtype)
         namespace = self.loaded.namespace(spec, codec=config.codec.value, tenant_salt=config.tenant_salt)
-        self.paged = PagedKVCache(config, spec, namespace=namespace)
+        self.paged = PagedKVCache(config, spec, namespace=namespace,
+                                  lower=LowerTiers.from_config(config, namespace.digest))
         self.counters = Counters()
         self._lock = threading.Lock()
 

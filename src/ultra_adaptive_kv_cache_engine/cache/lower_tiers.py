@@ -1,0 +1,94 @@
+"""`LowerTiers`: the tiers below the block pool, as the paged cache sees them.
+
+- Write-through: every block committed to the prefix index is snapshotted (one gather of the batch) and
+  written in the background to the tiered store (CPU memory, then disk when persistence is on, then
+  Redis/Valkey when configured), so other processes sharing the store see it and a restart finds it.
+- Promotion: a prefix lookup that runs out of pool blocks continues the hash chain in the store; the leading
+  run found there is decoded into fresh pool blocks and indexed, as if it had been computed here.
+- Persistence: `flush()` waits for queued writes and makes them durable (the store's flush).
+
+Invariant: only blocks whose hash chain is complete from the root are ever written, so a block found in a
+tier can always be used once its parents are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..compression import Codec, make_codec
+from ..config import KVCacheConfig
+from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records, make_tier
+from ..types import TierKind
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One tier to build: its kind and constructor options."""
+
+    kind: TierKind
+    options: dict[str, Any]
+
+
+def tier_specs(config: KVCacheConfig) -> list[TierSpec]:
+    """The tiers `config` asks for, fastest first: CPU (cpu_tier_bytes > 0), disk (enable_persistence),
+    Redis/Valkey (redis_url)."""
+    wanted = [
+        (config.cpu_tier_bytes > 0, TierKind.CPU, {"capacity_bytes": config.cpu_tier_bytes}),
+        (config.enable_persistence, TierKind.DISK, {"root": config.persistence_dir,
+                                                    "capacity_bytes": config.disk_tier_bytes,
+                                                    "fsync": config.fsync_policy}),
+        (config.redis_url is not None, TierKind.REDIS, {"url": config.redis_url}),
+    ]
+    return [TierSpec(kind, options) for enabled, kind, options in wanted if enabled]
+
+
+class LowerTiers:
+    """Write-through, promotion and persistence between a block pool and a tiered store."""
+
+    def __init__(self, store: Tier, codec: Codec, max_pending: int = 1024) -> None:
+        self.store = store
+        self.codec = codec
+        self.transfer = AsyncTransfer(store, max_pending=max_pending)
+
+    @classmethod
+    def from_config(cls, config: KVCacheConfig, namespace_digest: bytes) -> LowerTiers | None:
+        """The tiers `config` asks for under `namespace_digest`, or None when it asks for none."""
+        tiers = [make_tier(s.kind, namespace_digest, **s.options) for s in tier_specs(config)]
+        if not tiers:
+            return None
+        return cls(TieredStore(tiers), make_codec(config.codec))
+
+    def write(self, hashes: Sequence[bytes], blocks: torch.Tensor) -> int:
+        """Queue `blocks[i]` (a snapshot the caller gives away) under `hashes[i]`; returns how many queued."""
+        if not hashes:
+            return 0
+        return self.transfer.put_blocks(list(hashes), blocks, self.codec, copy=False)
+
+    def fetch_chain(self, hashes: Sequence[bytes]) -> list[BlockRecord]:
+        """Records of the leading run of `hashes` that the store holds (stops at the first miss)."""
+        if not hashes:
+            return []
+        found: list[BlockRecord] = []
+        for record in self.store.get_many(list(hashes)):
+            if record is None:
+                break
+            found.append(record)
+        return found
+
+    @staticmethod
+    def load(pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> None:
+        load_records(pool_kv, block_ids, records)
+
+    def flush(self) -> FlushResult:
+        """Wait for queued writes, then make everything durable that the store's tiers can make durable."""
+        return self.transfer.flush()
+
+    def close(self) -> FlushResult:
+        return self.transfer.close()
+
+    def usage(self) -> Any:
+        return self.store.usage()
