@@ -258,9 +258,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workloads (under a minute on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1: stable timings on a shared 2-core machine; 0: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
-    result: dict[str, object] = {"seed": args.seed, "quick": args.quick}
+    result: dict[str, object] = {"seed": args.seed, "quick": args.quick, "torch_threads": torch.get_num_threads()}
     started = time.perf_counter()
     log("predictor ...")
     result["predictor"] = bench_predictor(rng, 600 if args.quick else 1800)
