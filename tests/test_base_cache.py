@@ -18,6 +18,20 @@ from ultra_adaptive_kv_cache_engine.cache.keys import entry_tokens, tensor_diges
 from ultra_adaptive_kv_cache_engine.policies.lru import LRUPolicy
 
 
+@pytest.fixture(autouse=True)
+def restore_registries():
+    """Strategies registered by a test leave the policy and cache registries as they were."""
+    from ultra_adaptive_kv_cache_engine.cache.factory import CACHE_CLASSES
+    from ultra_adaptive_kv_cache_engine.policies import POLICIES
+
+    policies, caches = dict(POLICIES), dict(CACHE_CLASSES)
+    yield
+    POLICIES.clear()
+    POLICIES.update(policies)
+    CACHE_CLASSES.clear()
+    CACHE_CLASSES.update(caches)
+
+
 def kv(seed: int, tokens: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, tokens, 4, generator=g)

@@ -131,11 +131,63 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_capacity(text: str) -> int:
+    """'3M' -> 3_000_000, '500k' -> 500_000, '2048' -> 2048 (tokens)."""
+    scale = {"k": 1_000, "m": 1_000_000, "g": 1_000_000_000}.get(text[-1:].lower(), 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"capacity {text!r} is not a number of tokens such as 3M, 500k or 2048") from None
+    if value < 1:
+        raise ValueError(f"capacity {text!r} must be at least one token")
+    return int(value)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .policies.replay import WORKLOADS, WorkloadSpec, generate_workload, plot_hit_rates, run_replay
+
+    capacities = [_parse_capacity(c) for c in args.capacities.split(",") if c]
+    policies = [p for p in args.policies.split(",") if p]
+    if args.trace:
+        trace, name = args.trace, None
+    else:
+        if args.workload not in WORKLOADS:
+            raise ValueError(f"workload {args.workload!r} is unknown; expected one of: {', '.join(sorted(WORKLOADS))}")
+        trace = generate_workload(args.workload, WorkloadSpec(requests=args.requests, seed=args.seed,
+                                                             block_tokens=args.block_tokens))
+        name = f"synthetic-{args.workload}"
+    results = run_replay(trace, capacities, policies, block_tokens=args.block_tokens, workers=args.workers, name=name)
+    for r in results:
+        print(json.dumps(r.as_dict()))
+    if args.plot:
+        plot_hit_rates(results, args.plot)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _replay_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", help="Mooncake-schema JSONL trace (default: a generated synthetic workload)")
+    p.add_argument("--workload", default="mix", help="synthetic workload when no --trace: chat, system, rag, agent, mix")
+    p.add_argument("--requests", type=int, default=5000, help="requests of the synthetic workload (default 5000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload (default 0)")
+    p.add_argument("--capacities", default="0.5M,1M,3M,10M,25M", help="cache sizes in tokens, comma-separated")
+    p.add_argument("--policies", default="lru,lfu,fifo,s3fifo,arc,adaptive,belady",
+                   help="registry names, comma-separated; 'belady' is the offline optimum")
+    p.add_argument("--block-tokens", type=int, default=512, help="tokens per block id of the trace (default 512)")
+    p.add_argument("--workers", type=int, default=1, help="processes replaying in parallel (default 1)")
+    p.add_argument("--plot", help="write a PNG of hit rate against capacity here")
+
+
+EXTRA_PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"replay": _replay_parser}
+EXTRA_HELP: dict[str, str] = {"replay": "replay a request trace through the policies, against Belady's bound"}
+
 COMMANDS: dict[str, Command] = {
     "demo": cmd_demo,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,
+    "replay": cmd_replay,
 }
 
 
@@ -181,9 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
         extend(sub.add_parser(name, help=EXTRA_HELP[name]))
     return parser
 
-
-EXTRA_PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
-EXTRA_HELP: dict[str, str] = {}
 
 
 def main(argv: list[str] | None = None) -> int:
