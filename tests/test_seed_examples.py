@@ -68,3 +68,39 @@ def test_latency(cache_engine):
     assert p50 < 10, f"P50 latency too high: {p50}ms"
     assert p95 < 50, f"P95 latency too high: {p95}ms"
     assert p99 < 100, f"P99 latency too high: {p99}ms"
+
+
+# The seed's integration example. Its body uses `await`, so it must be a coroutine: `async def` and the
+# asyncio mark are the only changes (as written, `def` + `await` is a SyntaxError in Python).
+@pytest.mark.asyncio
+async def test_end_to_end_workflow():
+    """Test completo del flujo."""
+    config = KVCacheConfig(
+        max_tokens=4096,
+        enable_persistence=True,
+        persistence_path="/tmp/test_cache"
+    )
+    
+    engine = UltraAdaptiveKVCacheEngine(config)
+    
+    # 1. Store
+    request = {
+        'text': 'Test query',
+        'action': 'process'
+    }
+    result = await engine.process_request(request)
+    
+    # 2. Verify cache hit
+    result2 = await engine.process_request(request)
+    assert result2['cache_hit'] == True
+    
+    # 3. Persist
+    engine.persist()
+    
+    # 4. Load
+    new_engine = UltraAdaptiveKVCacheEngine(config)
+    new_engine.load()
+    
+    # 5. Verify cache restored
+    result3 = await new_engine.process_request(request)
+    assert result3['cache_hit'] == True

@@ -145,6 +145,19 @@ class UltraAdaptiveKVCacheEngine:
         self.logger.info("loaded %s", result)
         return result
 
+    def close(self) -> None:
+        """Waits for queued tier writes (so other processes sharing the tiers see them) and stops the writer
+        threads. The engine must not be used afterwards. Idempotent."""
+        session = self._session
+        if session is not None and session.paged.lower is not None:
+            session.paged.lower.close()
+
+    def __enter__(self) -> UltraAdaptiveKVCacheEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ----------------------------------------------------------------- introspection
     def get_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"cache": self.cache.stats()}
