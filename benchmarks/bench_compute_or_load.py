@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -50,7 +50,8 @@ def log(message: str) -> None:
 
 
 class ThrottledTier(Tier):
-    """A tier whose reads take at least nbytes / bytes_per_s (a slow disk or a remote store)."""
+    """A tier whose reads take at least nbytes / bytes_per_s (a slow disk or a remote store). A batched read
+    sleeps once for the whole batch (one wake-up: per-block sleeps would add scheduler noise)."""
 
     def __init__(self, inner: Tier, bytes_per_s: float) -> None:
         super().__init__(inner.namespace, inner.name)
@@ -65,6 +66,13 @@ class ThrottledTier(Tier):
         if record is not None:
             time.sleep(max(0.0, record.nbytes / self.bytes_per_s - (time.perf_counter() - start)))
         return record
+
+    def get_many(self, keys: Iterable[bytes]) -> list[BlockRecord | None]:
+        start = time.perf_counter()
+        records = self.inner.get_many(keys)
+        nbytes = sum(r.nbytes for r in records if r is not None)
+        time.sleep(max(0.0, nbytes / self.bytes_per_s - (time.perf_counter() - start)))
+        return records
 
     def put(self, key: bytes, record: BlockRecord) -> PutResult:
         return self.inner.put(key, record)
@@ -112,7 +120,7 @@ class World:
         """Read `hashes` from the disk tier and install them as the prompt's first blocks; returns bytes read."""
         if not hashes:
             return 0
-        records = [self.disk.get(h) for h in hashes]
+        records = self.disk.get_many(hashes)
         if any(r is None for r in records):
             raise RuntimeError("a block written to the disk tier is missing")
         blocks = torch.stack([r.tensor() for r in records])  # (k, L, 2, B, H, D)

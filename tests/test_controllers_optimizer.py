@@ -37,28 +37,29 @@ def world(truth: PrefillFit, bandwidths: dict[str, float]) -> PerformanceOptimiz
     return optimizer
 
 
-TRUTH = PrefillFit(fixed_s=0.01, per_token_s=0.001, per_token_pos_s=0.0001)
+TRUTH = PrefillFit(fixed_s=0.01, per_token_s=0.001, per_token_pos_s=0.0001, per_cached_token_s=0.00002)
 
 
 def test_prefill_fit_recovers_the_generating_costs():
     fit = world(TRUTH, {}).prefill.fit()
-    assert fit.fixed_s == pytest.approx(0.01)
-    assert fit.per_token_s == pytest.approx(0.001)
-    assert fit.per_token_pos_s == pytest.approx(0.0001)
+    assert fit.coefficients == pytest.approx(TRUTH.coefficients)
     assert fit.time(10, 10) == 0.0
+    assert TRUTH.time(8, 40) == pytest.approx(0.01 + 0.032 + 0.0001 * (1600 - 64) / 2 + 0.00002 * 8)
 
 
 def test_prefill_fit_uses_no_more_unknowns_than_points_and_stays_non_negative():
     model = PrefillCostModel()
     model.observe(0, 100, 1.0)
-    assert model.fit() == PrefillFit(0.0, 0.01, 0.0)
+    assert model.fit() == PrefillFit(0.0, 0.01, 0.0, 0.0)
     model.observe(0, 100, 3.0)  # the same point again: still one unknown, the mean
     assert model.fit().per_token_s == pytest.approx(0.02)
     model = PrefillCostModel()
     model.observe(0, 10, 1.0)  # costs that fall with length would need a negative term: it is dropped
     model.observe(0, 20, 1.0)
-    fit = model.fit()
-    assert min(fit.fixed_s, fit.per_token_s, fit.per_token_pos_s) >= 0.0
+    assert min(model.fit().coefficients) >= 0.0
+    for end in (30, 40, 50):  # four points, none with a cached prefix: the cached-token cost stays unfitted
+        model.observe(0, end, end / 10)
+    assert model.fit().per_cached_token_s == 0.0
     with pytest.raises(ValueError, match="no observation"):
         PrefillCostModel().fit()
     with pytest.raises(ValueError, match="0 <= start < end"):

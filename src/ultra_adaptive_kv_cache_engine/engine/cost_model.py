@@ -3,11 +3,12 @@
 - `BandwidthModel`: bytes per second of each tier, an exponentially weighted mean of observed transfers
   (time per byte is averaged, so one slow transfer weighs as much as it cost), seeded by a prior (a probe).
 - `PrefillCostModel`: the time to prefill tokens [start, end) of a prompt whose first `start` tokens are
-  cached. Token p costs a + b*p (projections and MLP, plus attention over p earlier tokens), so
-      t(start, end) = c0 + a*(end - start) + b*(end**2 - start**2) / 2
-  with c0 the fixed cost of one forward. (c0, a, b) are fitted by least squares on the observations
-  (window `max_observations`), constrained to be >= 0; with one distinct (start, end) only `a` is fitted,
-  with two only `a` and `b`.
+  cached. Token p costs a + b*p (projections and MLP, plus attention over p earlier tokens), and each cached
+  token costs d (placing its KV where attention reads it), so
+      t(start, end) = c0 + a*(end - start) + b*(end**2 - start**2) / 2 + d*start
+  with c0 the fixed cost of one forward. (c0, a, b, d) are fitted by least squares on the observations
+  (window `max_observations`), constrained to be >= 0, with no more unknowns than distinct (start, end)
+  points: one point fits `a`; two fit `a`, `b`; three add `c0`; `d` needs a fourth point with start > 0.
 """
 
 from __future__ import annotations
@@ -65,20 +66,26 @@ class BandwidthModel:
 
 @dataclass(frozen=True)
 class PrefillFit:
-    """t(start, end) = fixed_s + per_token_s*(end-start) + per_token_pos_s*(end^2-start^2)/2 (seconds)."""
+    """t(start, end) = fixed_s + per_token_s*(end-start) + per_token_pos_s*(end^2-start^2)/2
+    + per_cached_token_s*start (seconds)."""
 
     fixed_s: float
     per_token_s: float
     per_token_pos_s: float
+    per_cached_token_s: float = 0.0
 
     def time(self, start: int, end: int) -> float:
         if end <= start:
             return 0.0
-        return self.fixed_s + self.per_token_s * (end - start) + self.per_token_pos_s * (end * end - start * start) / 2
+        return sum(c * f for c, f in zip(self.coefficients, _features(start, end), strict=True))
+
+    @property
+    def coefficients(self) -> tuple[float, float, float, float]:
+        return (self.fixed_s, self.per_token_s, self.per_token_pos_s, self.per_cached_token_s)
 
 
 def _features(start: int, end: int) -> list[float]:
-    return [1.0, float(end - start), (end * end - start * start) / 2.0]
+    return [1.0, float(end - start), (end * end - start * start) / 2.0, float(start)]
 
 
 class PrefillCostModel:
@@ -114,18 +121,20 @@ class PrefillCostModel:
             raise ValueError("the prefill cost model has no observation yet; observe or probe a prefill first")
         rows = [_features(s, e) for s, e, _ in self._observations]
         times = [t for _, _, t in self._observations]
-        distinct = len({(s, e) for s, e, _ in self._observations})
-        active = [[1], [1, 2], [0, 1, 2]][min(distinct, 3) - 1]  # no more unknowns than distinct points
-        while True:  # non-negative least squares over 3 columns: drop the most negative one and refit
+        points = {(s, e) for s, e, _ in self._observations}
+        active = [[1], [1, 2], [0, 1, 2], [0, 1, 2, 3]][min(len(points), 4) - 1]
+        if 3 in active and not any(s > 0 for s, _ in points):
+            active.remove(3)  # nothing cached was ever observed: the cached-token cost is unknown
+        while True:  # non-negative least squares: drop the most negative coefficient and refit
             a = np.array([[r[j] for j in active] for r in rows])
             coef, *_ = np.linalg.lstsq(a, np.array(times), rcond=None)
             if (coef >= 0).all() or len(active) == 1:
                 break
             del active[int(np.argmin(coef))]
-        full = [0.0, 0.0, 0.0]
+        full = [0.0, 0.0, 0.0, 0.0]
         for j, c in zip(active, coef, strict=True):
             full[j] = max(0.0, float(c))
-        if full == [0.0, 0.0, 0.0]:  # degenerate data: charge the mean time per token
+        if full == [0.0, 0.0, 0.0, 0.0]:  # degenerate data: charge the mean time per token
             tokens = sum(e - s for s, e, _ in self._observations)
             full[1] = sum(times) / tokens
         return PrefillFit(*full)
