@@ -98,24 +98,31 @@ def test_register_backend_adds_a_name_and_rejects_junk():
 
 
 def test_decode_plan_fills_the_gpu_for_small_batches_and_not_for_large():
-    one = plan_decode(DecodeShape(1, 8, 4, 128, 32768), num_sms=132)  # 8 programs: split to fill 528 slots
-    assert (one.num_splits, one.partition_size, one.block_m, one.block_n, one.block_d) == (57, 576, 16, 64, 128)
-    mid = plan_decode(DecodeShape(16, 8, 4, 128, 32768), num_sms=132)  # 128 programs x 4 = 512 of 528 slots
-    assert (mid.num_splits, mid.partition_size) == (4, 8192)
-    big = plan_decode(DecodeShape(64, 8, 4, 128, 8192), num_sms=132)  # 512 programs already fill the slots
-    assert (big.num_splits, big.partition_size) == (1, 8192)
+    one = plan_decode(DecodeShape(1, 8, 4, 128, 32768), num_sms=132)  # 8 programs: split up to MAX_SPLITS
+    assert (one.num_splits, one.partition_size, one.block_m, one.block_n, one.block_d) == (128, 256, 16, 64, 128)
+    assert one.num_stages == 2
+    mid = plan_decode(DecodeShape(16, 8, 4, 128, 32768), num_sms=132)  # 128 programs x 16 = 2048 ~ 4 waves of 528
+    assert (mid.num_splits, mid.partition_size, mid.block_n, mid.num_stages) == (16, 2048, 64, 2)
+    big = plan_decode(DecodeShape(64, 8, 4, 128, 8192), num_sms=132)  # 512 programs already fill a wave
+    assert (big.num_splits, big.partition_size, big.block_n, big.num_stages) == (1, 8192, 128, 3)  # long: 128 keys
     short = plan_decode(DecodeShape(1, 8, 4, 128, 100), num_sms=132)  # 2 tiles: too short to split
     assert (short.num_splits, short.partition_size) == (1, 128)
     forced = plan_decode(DecodeShape(2, 2, 2, 40, 100), num_sms=132, num_splits=3, block_n=16)
     assert (forced.num_splits, forced.partition_size, forced.block_d) == (3, 48, 64)
     assert plan_decode(DecodeShape(1, 8, 4, 128, 100, itemsize=4), num_sms=132).block_n == 32
+    wide = plan_decode(DecodeShape(64, 8, 4, 128, 8192, itemsize=4), num_sms=132)  # float32: never 128 keys
+    assert (wide.block_n, wide.num_stages) == (32, 2)
+    pinned = plan_decode(DecodeShape(64, 8, 4, 128, 8192), num_sms=132, block_n=64)  # an override is kept
+    assert (pinned.block_n, pinned.partition_size, pinned.num_stages) == (64, 8192, 2)
 
 
-def test_split_choice_takes_the_fewest_splits_near_the_best_wave_efficiency():
-    assert choose_num_splits(base=100, slots=400, max_splits=64) == 4  # exactly one full wave
+def test_split_choice_aims_at_several_waves_with_a_good_last_wave():
+    assert choose_num_splits(base=100, slots=400, max_splits=64) == 16  # exactly four full waves
+    assert choose_num_splits(base=100, slots=400, max_splits=64, target=400) == 4  # one wave asked
     assert choose_num_splits(base=100, slots=400, max_splits=2) == 2  # clamped by the tiles
     assert choose_num_splits(base=350, slots=400, max_splits=64) == 1  # already 87% full
-    assert choose_num_splits(base=30, slots=100, max_splits=64) == 3  # 0.9 of a wave beats 1.2 waves
+    assert choose_num_splits(base=30, slots=100, max_splits=64, target=100) == 3  # 0.9 of a wave beats 1.2 waves
+    assert choose_num_splits(base=128, slots=528, max_splits=128, target=2112) == 16  # 17 would waste 0.18 wave
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # an older or newer layout of triton: nothing to catch by name
+    class OutOfResources(Exception):  # type: ignore[no-redef]
+        """Stands in for triton's shared-memory error when triton does not export it."""
+
 from .checks import require_out, require_positive_scale, require_tensor
 from .launch_plan import DecodeLaunch, DecodeShape, plan_decode
 from .paged_kv import PagedKV
@@ -136,22 +142,10 @@ def _check(query: Tensor, kv: PagedKV, out: Tensor | None) -> int:
     return group
 
 
-def triton_decode_attention(
-    query: Tensor, kv: PagedKV, scale: float | None = None, out: Tensor | None = None,
-    launch: DecodeLaunch | None = None,
-) -> Tensor:
-    """Paged decode attention; returns (batch, num_q_heads, head_dim). `launch` overrides the planner."""
-    group = _check(query, kv, out)
-    scale = require_positive_scale(scale, kv.head_dim)
+def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaunch, group: int, scale: float) -> None:
+    """Kernel 1, then (when split) kernel 2; the partial buffers come from the caching allocator (or the
+    private pool of a CUDA graph being captured)."""
     batch, heads, dim = (int(x) for x in query.shape)
-    if out is None:
-        out = torch.empty_like(query)
-    if batch == 0:
-        return out
-    shape = DecodeShape(batch, kv.num_kv_heads, group, dim, kv.max_len_bound, query.element_size())
-    plan = launch if launch is not None else plan_decode(shape, num_sms(query.device))
-    if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
-        raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
     split = plan.num_splits > 1
     parts, lse = out, out[:, :, 0]  # placeholders with the right rank when not split (never touched)
     if split:
@@ -179,4 +173,33 @@ def triton_decode_attention(
             HEAD_DIM=dim, BLOCK_D=plan.block_d, BLOCK_S=max(16, triton.next_power_of_2(plan.num_splits)),
             CHUNK=16, num_warps=4,
         )
+
+
+def triton_decode_attention(
+    query: Tensor, kv: PagedKV, scale: float | None = None, out: Tensor | None = None,
+    launch: DecodeLaunch | None = None,
+) -> Tensor:
+    """Paged decode attention; returns (batch, num_q_heads, head_dim). `launch` overrides the planner.
+
+    A planned launch whose tiles do not fit the device's shared memory (a 128-key tile on a GPU smaller than
+    an H100) is retried once with 64-key tiles and 2 stages.
+    """
+    group = _check(query, kv, out)
+    scale = require_positive_scale(scale, kv.head_dim)
+    batch, heads, dim = (int(x) for x in query.shape)
+    if out is None:
+        out = torch.empty_like(query)
+    if batch == 0:
+        return out
+    shape = DecodeShape(batch, kv.num_kv_heads, group, dim, kv.max_len_bound, query.element_size())
+    plan = launch if launch is not None else plan_decode(shape, num_sms(query.device))
+    if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
+        raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
+    try:
+        _launch_partitions(query, kv, out, plan, group, scale)
+    except OutOfResources:
+        if launch is not None or plan.block_n <= 64:
+            raise
+        small = plan_decode(shape, num_sms(query.device), num_splits=plan.num_splits, block_n=64)
+        _launch_partitions(query, kv, out, small, group, scale)
     return out
