@@ -63,16 +63,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"stored 10 entries of 8 tokens in a 64-token LRU cache: {held} still held, "
           f"stats {json.dumps(engine.cache.stats())}")
     print("\n== 2. A multi-turn chat with the embedded model: each turn reuses the cached prefix ==")
-    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
-    messages: list[dict[str, str]] = [{"role": "system", "content": DEMO_SYSTEM}]
-    for question in DEMO_QUESTIONS:
-        messages.append({"role": "user", "content": question})
-        result = asyncio.run(engine.process_request(
-            {"action": "process", "messages": messages, "max_new_tokens": args.max_new_tokens, "seed": 0}))
-        print(f"\nuser> {question}")
-        _print_turn("assistant> ", result)
-        messages.append({"role": "assistant", "content": result["text"]})
-    print(f"\ncache stats: {json.dumps(engine.get_stats().get('model', {}), default=str)}")
+    with UltraAdaptiveKVCacheEngine(config_from_args(args)) as engine:
+        messages: list[dict[str, str]] = [{"role": "system", "content": DEMO_SYSTEM}]
+        for question in DEMO_QUESTIONS:
+            messages.append({"role": "user", "content": question})
+            result = asyncio.run(engine.process_request(
+                {"action": "process", "messages": messages, "max_new_tokens": args.max_new_tokens, "seed": 0}))
+            print(f"\nuser> {question}")
+            _print_turn("assistant> ", result)
+            messages.append({"role": "assistant", "content": result["text"]})
+        stats = engine.get_stats()["model"]
+    print(f"\n{stats['requests']} requests, {stats['prompt_tokens']} prompt tokens, {stats['cached_tokens']} of them "
+          f"served from the cache ({stats['token_hit_rate']:.0%}); {stats['indexed_blocks']} blocks of "
+          f"{stats['block_size']} tokens cached")
     return 0
 
 
@@ -89,10 +92,10 @@ DEMO_QUESTIONS = (
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
     request = {"action": "process", "text": args.prompt, "max_new_tokens": args.max_new_tokens,
                "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
-    result = asyncio.run(engine.process_request(request))
+    with UltraAdaptiveKVCacheEngine(config_from_args(args)) as engine:
+        result = asyncio.run(engine.process_request(request))
     if args.json:
         print(json.dumps(result))
     else:
@@ -101,7 +104,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
+    with UltraAdaptiveKVCacheEngine(config_from_args(args)) as engine:
+        return _chat_loop(engine, args)
+
+
+def _chat_loop(engine: UltraAdaptiveKVCacheEngine, args: argparse.Namespace) -> int:
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -126,8 +133,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    engine = UltraAdaptiveKVCacheEngine(config_from_args(args))
-    print(json.dumps(engine.describe(), indent=2, default=str))
+    with UltraAdaptiveKVCacheEngine(config_from_args(args)) as engine:
+        print(json.dumps(engine.describe(), indent=2, default=str))
     return 0
 
 

@@ -13,6 +13,7 @@ tier can always be used once its parents are.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +54,8 @@ class LowerTiers:
         self.store = store
         self.codec = codec
         self.transfer = AsyncTransfer(store, max_pending=max_pending)
+        # At interpreter exit, finish queued writes before the writer threads die mid-copy.
+        self._finalizer = weakref.finalize(self, self.transfer.close)
 
     @classmethod
     def from_config(cls, config: KVCacheConfig, namespace_digest: bytes) -> LowerTiers | None:
@@ -88,7 +91,9 @@ class LowerTiers:
         return self.transfer.flush()
 
     def close(self) -> FlushResult:
-        return self.transfer.close()
+        result = self.transfer.close()
+        self._finalizer.detach()
+        return result
 
     def usage(self) -> Any:
         return self.store.usage()
