@@ -23,7 +23,15 @@ from torch import nn
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Counters
 from ..policies import EvictionPolicy, has_policy, make_policy
-from .keys import entry_tokens, tensor_digest
+from .keys import all_finite, entry_tokens, tensor_digest
+
+
+@dataclass(slots=True)
+class _Book:
+    """Mutable bookkeeping kept off `nn.Module.__setattr__` (slow) on the hot path."""
+
+    tokens: int = 0
+    pending: tuple[torch.Tensor, bytes] | None = None
 
 
 @dataclass(slots=True)
@@ -47,8 +55,7 @@ class BaseKVCache(nn.Module):
         self.counters = Counters()
         self.policy: EvictionPolicy | None = self._make_policy()
         self._entries: dict[bytes, CacheEntry] = {}
-        self._tokens = 0
-        self._pending: tuple[torch.Tensor, bytes] | None = None
+        self._book = _Book()
 
     # ----------------------------------------------------------------- policy
     def _policy_name(self) -> str:
@@ -69,7 +76,7 @@ class BaseKVCache(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Tokens currently held."""
-        return self._tokens
+        return self._book.tokens
 
     def store(self, key: torch.Tensor, value: torch.Tensor) -> None:
         """Cache `value` under the content of `key`, evicting through the policy when over capacity.
@@ -80,14 +87,14 @@ class BaseKVCache(nn.Module):
         digest = tensor_digest(key)
         with self._lock:
             old = self._entries.get(digest)
-            need = self._tokens - (old.tokens if old else 0) + tokens - self.max_tokens
+            need = self._book.tokens - (old.tokens if old else 0) + tokens - self.max_tokens
             if need > 0:
                 self._evict(need)
-            self._pending = (key, digest)
+            self._book.pending = (key, digest)
             try:
                 self._store(key, value)
             finally:
-                self._pending = None
+                self._book.pending = None
             self.counters.add("stores")
 
     def retrieve(self, key: torch.Tensor) -> torch.Tensor | None:
@@ -120,10 +127,10 @@ class BaseKVCache(nn.Module):
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens={num_tokens!r} must be a non-negative integer")
         with self._lock:
-            before = self._tokens
+            before = self._book.tokens
             if num_tokens:
                 self._evict(min(num_tokens, before))
-            return before - self._tokens
+            return before - self._book.tokens
 
     def clear(self) -> None:
         with self._lock:
@@ -140,7 +147,7 @@ class BaseKVCache(nn.Module):
             return {
                 "strategy": self.config.cache_strategy.value,
                 "entries": len(self._entries),
-                "tokens": self._tokens,
+                "tokens": self._book.tokens,
                 "max_tokens": self.max_tokens,
                 "hits": hits,
                 "misses": misses,
@@ -163,11 +170,11 @@ class BaseKVCache(nn.Module):
                 tokens = entry_tokens(value)
                 if digest in self._entries or tokens > self.max_tokens:
                     continue
-                need = self._tokens + tokens - self.max_tokens
+                need = self._book.tokens + tokens - self.max_tokens
                 if need > 0:
                     self._evict(need)
                 self._entries[digest] = CacheEntry(value, tokens)
-                self._tokens += tokens
+                self._book.tokens += tokens
                 if self.policy is not None:
                     self.policy.on_insert(digest, tokens)
                 added += 1
@@ -180,11 +187,11 @@ class BaseKVCache(nn.Module):
         tokens = entry_tokens(value)
         old = self._entries.pop(digest, None)
         if old is not None:
-            self._tokens -= old.tokens
+            self._book.tokens -= old.tokens
             if self.policy is not None:
                 self.policy.on_remove(digest)
         self._entries[digest] = CacheEntry(value.detach().clone(), tokens)
-        self._tokens += tokens
+        self._book.tokens += tokens
         if self.policy is not None:
             self.policy.on_insert(digest, tokens)
 
@@ -205,7 +212,7 @@ class BaseKVCache(nn.Module):
 
     # ----------------------------------------------------------------- helpers
     def _digest_of(self, key: torch.Tensor) -> bytes:
-        pending = self._pending
+        pending = self._book.pending
         if pending is not None and pending[0] is key:
             return pending[1]
         return tensor_digest(key)
@@ -217,7 +224,7 @@ class BaseKVCache(nn.Module):
             self.policy.on_remove(digest)
         if entry is None:
             return 0
-        self._tokens -= entry.tokens
+        self._book.tokens -= entry.tokens
         return entry.tokens
 
     def _validate(self, key: Any, value: Any) -> int:
@@ -226,7 +233,7 @@ class BaseKVCache(nn.Module):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if value.numel() == 0:
             raise ValueError(f"value of shape {tuple(value.shape)} is empty; expected at least one element")
-        if self.config.reject_non_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        if self.config.reject_non_finite and not all_finite(value):
             raise ValueError(
                 "value contains NaN or Inf; expected finite values (set reject_non_finite=False to allow them)"
             )
