@@ -29,15 +29,22 @@ class KVShape:
 
 
 def kv_shape_of(model: nn.Module) -> KVShape:
-    """The KV shape of a decoder-only transformers model, read from its config."""
+    """The KV shape of a decoder-only transformers model, read from its config.
+
+    For a model sharded by transformers' tensor-parallel plan (`model.tp_size` = N > 1) it is the shape of
+    the KV this rank computes: ``num_kv_heads / N`` heads (a contiguous slice of them).
+    """
     config: Any = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"model {type(model).__name__} has no `config`; expected a transformers causal LM")
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return KVShape(int(config.num_hidden_layers), int(kv_heads), int(head_dim))
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    degree = int(getattr(model, "tp_size", None) or 1)
+    if kv_heads % degree:
+        raise ValueError(f"model has {kv_heads} KV heads, which a tensor-parallel degree of {degree} does not divide")
+    return KVShape(int(config.num_hidden_layers), kv_heads // degree, int(head_dim))
 
 
 def max_context_of(model: nn.Module) -> int:

@@ -84,7 +84,7 @@ def tokenizer_identity(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(folder: Path, model_dir: Path) -> str:
+def folder_fingerprint(folder: Path, model_dir: Path) -> str:
     """Weights digest, recorded inside converted folders and under `model_dir/fingerprints` for user ones."""
     converted = (folder / SOURCE_RECORD).is_file()
     record = folder / FINGERPRINT_RECORD if converted else record_path_for(folder, model_dir / "fingerprints")
@@ -107,7 +107,7 @@ def load_folder(folder: Path, model_dir: Path, dtype: torch.dtype, device: torch
         model=model,
         tokenizer=HFTextCodec(tokenizer, tokenizer_identity(folder)),
         model_id=folder.name,
-        weights_fingerprint=_fingerprint(folder, model_dir),
+        weights_fingerprint=folder_fingerprint(folder, model_dir),
         dtype=dtype,
         device=device,
         max_context=max_context_of(model),
