@@ -1,0 +1,300 @@
+"""`ModelRunner`: greedy generation for a batch of prompts with our own paged Llama over a `PagedKVCache`.
+
+Per call (`generate`):
+1. Each prompt opens a sequence in the cache (`new_sequence`, capped at ``len(prompt) - 1`` so the last
+   prompt token is always computed): the longest cached prefix is reused, from the pool or promoted from the
+   cache's lower tiers. The remaining prompt tokens get their blocks by appending placeholder (zero) KV,
+   which the prefill then overwrites in place before anything names those blocks. The blocks that decoding
+   will fill are taken from the pool as scratch.
+2. Prefill, prompt by prompt (optionally in chunks of `prefill_chunk` tokens), gives the first token; then
+   the prompt's full blocks are committed (named, indexed, written through to lower tiers), so the next
+   prompts of the same call already reuse them.
+3. Decode steps the whole batch one token at a time with the paged decode kernel: on CUDA a CUDA graph per
+   batch size (captured at its first step, replayed afterwards), eagerly otherwise or if capture fails.
+   Finished rows (eos) keep stepping inside their reserved slots until every row is done; their tokens
+   after eos are dropped.
+4. The generated tokens' KV is appended to each sequence and committed (multi-turn reuse); scratch blocks
+   and sequences are released even when an error interrupts the call.
+
+Invariants: a row's block table is the cache's blocks for its prompt followed by its scratch blocks, and
+covers every position that gets KV (``len(prompt) + max_new_tokens - 1`` tokens); the pool is only written
+in blocks this call holds. Greedy tokens equal transformers' `generate` with its DynamicCache on CPU, in
+float32 (tests), for single prompts, batches of different lengths and cached prefixes.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..cache.paged_cache import PagedKVCache
+from ..memory import OutOfBlocksError
+from ..metrics import LOGGER_NAME
+from ..model.decode_step import DecodeStep
+from ..model.paged_llama import PagedLlama
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+class DecodeMode(str, enum.Enum):
+    """How the decode steps of a call ran."""
+
+    GRAPH = "graph"  # replayed CUDA graphs
+    EAGER = "eager"  # plain kernel launches
+    NONE = "none"  # no decode step (one new token, or every row finished at its first token)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """`max_context`: tokens per sequence (prompt + generated), which sizes the block tables and graphs;
+    `cuda_graphs`: capture decode steps on CUDA; `prefill_chunk`: most prompt tokens per forward (None: all)."""
+
+    max_context: int = 4096
+    cuda_graphs: bool = True
+    prefill_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_context, bool) or not isinstance(self.max_context, int) or self.max_context < 2:
+            raise ValueError(f"max_context={self.max_context!r} must be an int >= 2")
+        chunk = self.prefill_chunk
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"prefill_chunk={chunk!r} must be a positive int or None")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one `generate` call did. `tokens[i]` are prompt i's new tokens (ending at eos if it came);
+    `cached_tokens[i]` its prompt tokens whose KV was reused; `ttft_s[i]` runs from the call's start to its
+    first token. Decode figures count the tokens after each row's first."""
+
+    tokens: tuple[tuple[int, ...], ...]
+    cached_tokens: tuple[int, ...]
+    ttft_s: tuple[float, ...]
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+    decode_tokens: int
+    decode_mode: DecodeMode
+    graph_error: str | None
+    committed_blocks: int
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    seq_id: int
+    cached: int
+    table: list[int]  # the cache's blocks of the sequence, then scratch blocks
+    scratch: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+def _token_ids(prompt: object) -> list[int] | None:
+    """`prompt` as a list of ints, or None if it is not a sequence (or 1-D tensor) of integers."""
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.tolist() if prompt.dim() == 1 and not prompt.is_floating_point() else None
+    if isinstance(prompt, str | bytes) or not isinstance(prompt, Sequence):
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None
+    return list(prompt)
+
+
+class ModelRunner:
+    """Prefill + greedy decode of `model` over `cache` (see the module docstring). Not thread-safe: one
+    runner per thread; the cache itself may be shared."""
+
+    def __init__(self, model: PagedLlama, cache: PagedKVCache, config: RunnerConfig | None = None) -> None:
+        if not isinstance(model, PagedLlama):
+            raise TypeError(f"model must be a PagedLlama, got {type(model).__name__}")
+        if not isinstance(cache, PagedKVCache):
+            raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
+        model.check_pool(cache.pool.kv)
+        self.model, self.cache = model, cache
+        self.config = config if config is not None else RunnerConfig()
+        self.block_size = cache.block_size
+        self.table_width = math.ceil(self.config.max_context / self.block_size)
+        self._steps: dict[int, DecodeStep] = {}
+        self._graph_pool: Any = None
+
+    # -- the call -----------------------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_token_id: int | None = None
+    ) -> RunResult:
+        """Greedy continuation of every prompt (token ids) by up to `max_new_tokens` tokens."""
+        batch = self._check(prompts, max_new_tokens)
+        start = time.perf_counter()
+        rows: list[_Row] = []
+        ttft: list[float] = []
+        committed = 0
+        try:
+            for prompt in batch:
+                rows.append(self._open(prompt, max_new_tokens))
+                row = rows[-1]
+                row.generated.append(self._prefill(row))
+                row.finished = row.generated[-1] == eos_token_id or max_new_tokens == 1
+                ttft.append(time.perf_counter() - start)
+                committed += self.cache.commit(row.seq_id)
+            prefill_s = time.perf_counter() - start
+            steps, mode, error = self._decode(rows, max_new_tokens, eos_token_id)
+            decode_s = time.perf_counter() - start - prefill_s
+            for row in rows:
+                committed += self._write_back(row)
+        finally:
+            for row in rows:
+                self._release(row)
+        return RunResult(
+            tokens=tuple(tuple(r.generated) for r in rows), cached_tokens=tuple(r.cached for r in rows),
+            ttft_s=tuple(ttft), prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
+            decode_tokens=sum(len(r.generated) - 1 for r in rows), decode_mode=mode, graph_error=error,
+            committed_blocks=committed,
+        )
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
+        if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError("prompts must be a non-empty sequence of token id sequences")
+        limit = min(self.config.max_context, self.model.max_positions)
+        vocab = self.model.shape.vocab_size
+        out: list[list[int]] = []
+        for i, prompt in enumerate(prompts):
+            ids = _token_ids(prompt)
+            if not ids:
+                raise ValueError(f"prompts[{i}] must be a non-empty sequence of int token ids, got {prompt!r:.80}")
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}] holds token id {bad[0]}; expected ids in [0, {vocab})")
+            if len(ids) + max_new_tokens > limit:
+                raise ValueError(
+                    f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
+                    f"context of {limit} tokens (RunnerConfig.max_context / the model's positions)"
+                )
+            out.append(ids)
+        return out
+
+    # -- one row ------------------------------------------------------------------------------------------
+    def _open(self, prompt: list[int], max_new_tokens: int) -> _Row:
+        """Open the sequence, give its uncached prompt tokens their blocks, take decode scratch blocks."""
+        cache, spec = self.cache, self.cache.spec
+        seq_id = cache.new_sequence(prompt, max_cached_tokens=len(prompt) - 1)
+        try:
+            cached = cache.num_cached_tokens(seq_id)
+            count = len(prompt) - cached
+            zeros = torch.zeros((spec.num_kv_heads, count, spec.head_dim), dtype=spec.dtype, device=spec.device)
+            cache.append(seq_id, prompt[cached:], [zeros] * spec.num_layers, [zeros] * spec.num_layers)
+            table = list(cache.block_table(seq_id))
+            need = math.ceil((len(prompt) + max_new_tokens - 1) / self.block_size) - len(table)
+            scratch = self._take_blocks(need) if need > 0 else []
+        except BaseException:
+            cache.free(seq_id)
+            raise
+        return _Row(prompt, seq_id, cached, table + scratch, scratch)
+
+    def _take_blocks(self, count: int) -> list[int]:
+        # The pool belongs to the cache, which serialises its users with its (agreed, shared) lock.
+        with self.cache._lock:
+            blocks = self.cache.pool.allocate_many(count)
+        if blocks is None:
+            raise OutOfBlocksError(
+                f"decoding needs {count} more block(s) of {self.block_size} tokens; the pool has "
+                f"{self.cache.pool.num_free} free; free sequences, enlarge the pool or lower max_new_tokens"
+            )
+        return blocks
+
+    def _prefill(self, row: _Row) -> int:
+        """Runs the uncached prompt tokens; returns the first new token."""
+        device = self.model.device
+        ids = torch.tensor(row.prompt[row.cached :], dtype=torch.int64).to(device)
+        table = torch.tensor(row.table, dtype=torch.int32).to(device)
+        chunk = self.config.prefill_chunk or len(ids)
+        logits = None
+        for a in range(0, len(ids), chunk):
+            logits = self.model.prefill(self.cache.pool.kv, ids[a : a + chunk], row.cached + a, table)
+        assert logits is not None  # at least one uncached token: the cap of new_sequence
+        return int(logits.argmax())
+
+    def _write_back(self, row: _Row) -> int:
+        """Appends the generated tokens' KV (all but the last token, which has none) and commits."""
+        count = len(row.generated) - 1
+        if count <= 0:
+            return 0
+        kv = self.cache.pool.kv
+        positions = torch.arange(len(row.prompt), len(row.prompt) + count, device=kv.device)
+        table = torch.tensor(row.table, dtype=torch.int64, device=kv.device)
+        tokens = kv[table[positions // self.block_size], :, :, positions % self.block_size]  # (T, L, 2, H, D)
+        keys = [tokens[:, layer, 0].transpose(0, 1) for layer in range(kv.shape[1])]
+        values = [tokens[:, layer, 1].transpose(0, 1) for layer in range(kv.shape[1])]
+        self._free_scratch(row)  # the copies above are taken: the append may reuse these blocks
+        try:
+            self.cache.append(row.seq_id, row.generated[:count], keys, values)
+        except OutOfBlocksError as exc:  # keep what is cached; the generated tail is just not reusable
+            logger.warning("generated tokens not written back: %s", exc)
+            return 0
+        return self.cache.commit(row.seq_id)
+
+    def _free_scratch(self, row: _Row) -> None:
+        if row.scratch:
+            with self.cache._lock:
+                self.cache.pool.free(row.scratch)
+            row.scratch = []
+
+    def _release(self, row: _Row) -> None:
+        self._free_scratch(row)
+        self.cache.free(row.seq_id)
+
+    # -- decode -------------------------------------------------------------------------------------------
+    def _step_for(self, batch: int) -> DecodeStep:
+        step = self._steps.get(batch)
+        if step is None:
+            step = DecodeStep(self.model, self.cache.pool.kv, batch, self.table_width)
+            self._steps[batch] = step
+        return step
+
+    def _tables(self, rows: list[_Row]) -> torch.Tensor:
+        tables = torch.zeros((len(rows), self.table_width), dtype=torch.int32)
+        for r, row in enumerate(rows):
+            tables[r, : len(row.table)] = torch.tensor(row.table, dtype=torch.int32)
+        return tables
+
+    def _decode(self, rows: list[_Row], max_new_tokens: int, eos: int | None) -> tuple[int, DecodeMode, str | None]:
+        """Steps every row until all are finished; returns (steps, mode, capture error)."""
+        if all(r.finished for r in rows):
+            return 0, DecodeMode.NONE, None
+        step = self._step_for(len(rows))
+        steps = 0
+        for k in range(1, max_new_tokens):
+            positions = [len(r.prompt) + k - 1 for r in rows]
+            step.load([r.generated[-1] for r in rows], positions, self._tables(rows) if k == 1 else None)
+            if k == 1 and self._wants_graph(step):
+                step.capture(self._pool_handle())
+            next_ids = step().tolist()
+            steps += 1
+            for row, token in zip(rows, next_ids, strict=True):
+                if not row.finished:
+                    row.generated.append(int(token))
+                    row.finished = token == eos or len(row.generated) == max_new_tokens
+            if all(r.finished for r in rows):
+                break
+        return steps, DecodeMode.GRAPH if step.captured else DecodeMode.EAGER, step.capture_error
+
+    def _wants_graph(self, step: DecodeStep) -> bool:
+        on_cuda = self.cache.pool.kv.device.type == "cuda"
+        return self.config.cuda_graphs and on_cuda and not step.captured and step.capture_error is None
+
+    def _pool_handle(self) -> Any:
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool

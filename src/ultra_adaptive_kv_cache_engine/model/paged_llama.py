@@ -1,0 +1,299 @@
+"""`PagedLlama`: a Llama forward of our own whose KV lives in a block-major paged pool.
+
+It takes the weights of a transformers `LlamaForCausalLM` (`from_hf(model)`, or `from_state_dict(state_dict,
+config)`; SmolLM2 and other Llama-architecture checkpoints work too) and computes what that model computes:
+RMSNorm in float32 cast back to the model dtype, RoPE from the model's own inverse frequencies and attention
+scaling, grouped-query attention with scale ``head_dim ** -0.5``, a SiLU-gated MLP. The q/k/v and gate/up
+projections are concatenated once (one matmul each instead of three and two); weights stay on the model's
+device and dtype.
+
+KV lives in a pool of shape (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim) (`KVSpec`); every
+forward writes the new tokens' keys and values into their slots with the backend's `write_kv`, then attends:
+- `prefill`: the new tokens of ONE sequence, positions ``start .. start + T - 1``. Without a cached prefix
+  (start == 0) attention is causal SDPA over the new tokens themselves (FlashAttention on CUDA); otherwise
+  the backend's paged prefill kernel attends over the cached prefix in the pool and the new tokens.
+- `decode`: one token per sequence for a batch, with the backend's paged decode kernel. It reads only the
+  tensors of its `DecodeInputs` (slots and lengths are derived on the device), never synchronises with the
+  host and allocates only through the caching allocator, so a CUDA graph can capture it (`DecodeStep`).
+
+Invariants: the block table rows cover every position attended (``table[p // block_size]`` holds position
+p); positions are below `max_positions` (the RoPE table length; checked on the host in `prefill`, by the
+caller for `decode`). Greedy tokens equal transformers' own on CPU in float32 (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..kernels import KernelBackend, PagedKV, select_backend
+
+#: RoPE types whose inverse frequencies change with the sequence length (not supported: one fixed table).
+_DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The sizes of a Llama model (from its transformers config)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+
+    @classmethod
+    def from_config(cls, config: Any) -> LlamaShape:
+        config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r} is not supported; PagedLlama implements the SiLU-gated MLP")
+        heads = int(config.num_attention_heads)
+        return cls(
+            num_layers=int(config.num_hidden_layers),
+            hidden_size=int(config.hidden_size),
+            num_heads=heads,
+            num_kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            intermediate_size=int(config.intermediate_size),
+            vocab_size=int(config.vocab_size),
+            rms_norm_eps=float(config.rms_norm_eps),
+        )
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer; biases are None when the checkpoint has none."""
+
+    input_norm: Tensor
+    qkv: Tensor  # (q_heads + 2 * kv_heads) * head_dim rows
+    qkv_bias: Tensor | None
+    o: Tensor
+    o_bias: Tensor | None
+    post_norm: Tensor
+    gate_up: Tensor  # 2 * intermediate_size rows: gate, then up
+    gate_up_bias: Tensor | None
+    down: Tensor
+    down_bias: Tensor | None
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """What one decode step reads: the new token and its position per sequence, and the block tables.
+
+    token_ids and positions are (batch,) int64; block_tables is (batch, width) int32, all on the pool's device.
+    The token at ``positions[b]`` is appended, so sequence b attends to ``positions[b] + 1`` tokens.
+    """
+
+    token_ids: Tensor
+    positions: Tensor
+    block_tables: Tensor
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    if len(present) != len(parts):
+        raise ValueError("some projections of a fused group have a bias and some do not")
+    return torch.cat(present, dim=0)
+
+
+def _layer_weights(sd: dict[str, Tensor], i: int) -> LayerWeights:
+    p = f"model.layers.{i}."
+    try:
+        attn = [sd[f"{p}self_attn.{n}_proj.weight"] for n in ("q", "k", "v")]
+        mlp = [sd[f"{p}mlp.{n}_proj.weight"] for n in ("gate", "up")]
+        return LayerWeights(
+            input_norm=sd[f"{p}input_layernorm.weight"],
+            qkv=torch.cat(attn, dim=0),
+            qkv_bias=_cat([sd.get(f"{p}self_attn.{n}_proj.bias") for n in ("q", "k", "v")]),
+            o=sd[f"{p}self_attn.o_proj.weight"],
+            o_bias=sd.get(f"{p}self_attn.o_proj.bias"),
+            post_norm=sd[f"{p}post_attention_layernorm.weight"],
+            gate_up=torch.cat(mlp, dim=0),
+            gate_up_bias=_cat([sd.get(f"{p}mlp.{n}_proj.bias") for n in ("gate", "up")]),
+            down=sd[f"{p}mlp.down_proj.weight"],
+            down_bias=sd.get(f"{p}mlp.down_proj.bias"),
+        )
+    except KeyError as exc:
+        raise ValueError(f"state dict lacks {exc.args[0]!r}; expected a transformers LlamaForCausalLM's") from None
+
+
+def _rope_table(inv_freq: Tensor, scaling: float, max_positions: int) -> tuple[Tensor, Tensor]:
+    """cos and sin (max_positions, head_dim) in float32, computed as transformers computes them."""
+    inv_freq = inv_freq.float()
+    positions = torch.arange(max_positions, device=inv_freq.device, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE of x (tokens, heads, head_dim) with cos/sin (tokens, head_dim) in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class PagedLlama:
+    """A Llama forward over a paged KV pool (see the module docstring). Weights are shared, never copied
+    except the concatenated projections; the object is immutable after construction."""
+
+    def __init__(
+        self, shape: LlamaShape, weights: dict[str, Tensor], inv_freq: Tensor, attention_scaling: float,
+        max_positions: int, backend: KernelBackend | None = None,
+    ) -> None:
+        if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
+            raise ValueError(f"max_positions={max_positions!r} must be a positive int")
+        try:
+            self.embed = weights["model.embed_tokens.weight"]
+            self.norm = weights["model.norm.weight"]
+        except KeyError as exc:
+            raise ValueError(f"state dict lacks {exc.args[0]!r}; expected a transformers LlamaForCausalLM's") from None
+        self.shape = shape
+        self.lm_head = weights.get("lm_head.weight", self.embed)  # tied embeddings: the same matrix
+        self.layers = tuple(_layer_weights(weights, i) for i in range(shape.num_layers))
+        self.device, self.dtype = self.embed.device, self.embed.dtype
+        self.max_positions = max_positions
+        cos, sin = _rope_table(inv_freq.to(self.device), float(attention_scaling), max_positions)
+        self._cos, self._sin = cos, sin
+        self.backend = backend if backend is not None else select_backend(self.device)
+        self.scale = shape.head_dim**-0.5
+
+    @classmethod
+    def from_hf(cls, model: Any, max_positions: int | None = None, backend: KernelBackend | None = None) -> PagedLlama:
+        """From a transformers LlamaForCausalLM (its weights are shared, its rotary table is reused)."""
+        rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+        if rotary is None or not hasattr(rotary, "inv_freq"):
+            raise TypeError(f"{type(model).__name__} has no model.rotary_emb.inv_freq; expected a LlamaForCausalLM")
+        if getattr(rotary, "rope_type", "default") in _DYNAMIC_ROPE:
+            raise ValueError(f"rope_type={rotary.rope_type!r} is not supported (its frequencies change with length)")
+        shape = LlamaShape.from_config(model.config)
+        limit = max_positions if max_positions is not None else int(model.config.max_position_embeddings)
+        weights = dict(model.state_dict())
+        return cls(shape, weights, rotary.inv_freq, float(rotary.attention_scaling), limit, backend)
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict[str, Tensor], config: Any, max_positions: int | None = None,
+        backend: KernelBackend | None = None,
+    ) -> PagedLlama:
+        """From a LlamaForCausalLM's state dict and its LlamaConfig (the rotary table is built from the config)."""
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rotary = LlamaRotaryEmbedding(config)
+        if getattr(rotary, "rope_type", "default") in _DYNAMIC_ROPE:
+            raise ValueError(f"rope_type={rotary.rope_type!r} is not supported (its frequencies change with length)")
+        limit = max_positions if max_positions is not None else int(config.max_position_embeddings)
+        return cls(LlamaShape.from_config(config), dict(state_dict), rotary.inv_freq, float(rotary.attention_scaling),
+                   limit, backend)
+
+    # -- the shared layer ---------------------------------------------------------------------------------
+    def _layer(self, h: Tensor, i: int, pool: Tensor, slots: Tensor, rope: tuple[Tensor, Tensor], attend: Any) -> Tensor:
+        """One decoder layer over h (tokens, hidden): writes the tokens' KV into `slots` of layer i, then
+        `attend(i, q, k, v)` -> (tokens, q_heads, head_dim)."""
+        s, w = self.shape, self.layers[i]
+        t = h.shape[0]
+        x = _rms_norm(h, w.input_norm, s.rms_norm_eps)
+        q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(
+            [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1
+        )
+        cos, sin = rope
+        q = _rotate(q.view(t, s.num_heads, s.head_dim), cos, sin)
+        k = _rotate(k.view(t, s.num_kv_heads, s.head_dim), cos, sin)
+        v = v.view(t, s.num_kv_heads, s.head_dim)
+        self.backend.write_kv(k, v, pool[:, i, 0], pool[:, i, 1], slots)
+        o = attend(i, q, k, v)
+        h = h + F.linear(o.reshape(t, s.num_heads * s.head_dim), w.o, w.o_bias)
+        x = _rms_norm(h, w.post_norm, s.rms_norm_eps)
+        gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self._cos[positions].to(self.dtype), self._sin[positions].to(self.dtype)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return F.linear(_rms_norm(h, self.norm, self.shape.rms_norm_eps), self.lm_head).float()
+
+    def check_pool(self, pool: Tensor) -> None:
+        """ValueError unless `pool` is a block-major pool of this model's KV (shape, dtype, device)."""
+        s = self.shape
+        if (not isinstance(pool, Tensor) or pool.dim() != 6 or pool.shape[1] != s.num_layers or pool.shape[2] != 2
+                or tuple(pool.shape[4:]) != (s.num_kv_heads, s.head_dim)):
+            got = tuple(pool.shape) if isinstance(pool, Tensor) else type(pool).__name__
+            raise ValueError(f"pool {got} is not (blocks, {s.num_layers}, 2, block_size, {s.num_kv_heads}, {s.head_dim})")
+        if pool.dtype != self.dtype or pool.device != self.device:
+            raise ValueError(f"pool is {pool.dtype} on {pool.device}; the model is {self.dtype} on {self.device}")
+
+    # -- forwards -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, pool: Tensor, token_ids: Tensor, start: int, block_table: Tensor) -> Tensor:
+        """Runs the T new tokens `token_ids` (T,) of one sequence at positions start .. start + T - 1, whose
+        block table (blocks,) covers them; returns the last token's logits (vocab,) in float32."""
+        t = int(token_ids.shape[0])
+        if t < 1 or start < 0 or start + t > self.max_positions:
+            raise ValueError(f"{t} tokens from position {start}: expected >= 1 token below {self.max_positions}")
+        bs = int(pool.shape[3])
+        if block_table.shape[0] * bs < start + t:
+            raise ValueError(f"block table of {block_table.shape[0]} blocks cannot hold {start + t} tokens")
+        positions = torch.arange(start, start + t, device=self.device)
+        table = block_table.to(self.device, torch.int32)
+        slots = table[positions // bs].long() * bs + positions % bs
+        if start == 0:
+            attend = self._causal_attend
+        else:
+            starts = torch.tensor([0, t], dtype=torch.int32, device=self.device)
+            lens = torch.tensor([start + t], dtype=torch.int32, device=self.device)
+
+            def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                kv = PagedKV.from_pool(pool, i, table[None], lens, max_seq_len=start + t)
+                return self.backend.prefill_attention(q, starts, kv, max_query_len=t, scale=self.scale)
+
+        h = F.embedding(token_ids.to(self.device), self.embed)
+        rope = self._rope(positions)
+        for i in range(self.shape.num_layers):
+            h = self._layer(h, i, pool, slots, rope, attend)
+        return self._logits(h[-1:])[0]
+
+    def _causal_attend(self, i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal SDPA over the new tokens alone (no cached prefix): (T, heads, dim) in and out."""
+        group = self.shape.num_heads // self.shape.num_kv_heads
+        k = k.repeat_interleave(group, dim=1) if group > 1 else k
+        v = v.repeat_interleave(group, dim=1) if group > 1 else v
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=self.scale
+        )
+        return out[0].transpose(0, 1)
+
+    @torch.no_grad()
+    def decode(self, pool: Tensor, inputs: DecodeInputs) -> Tensor:
+        """One token per sequence; returns logits (batch, vocab) in float32. Graph-capturable (module docstring)."""
+        bs = int(pool.shape[3])
+        positions = inputs.positions
+        tables = inputs.block_tables
+        seq_lens = (positions + 1).to(torch.int32)
+        slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            kv = PagedKV.from_pool(pool, i, tables, seq_lens)
+            return self.backend.decode_attention(q, kv, scale=self.scale)
+
+        h = F.embedding(inputs.token_ids, self.embed)
+        rope = self._rope(positions)
+        for i in range(self.shape.num_layers):
+            h = self._layer(h, i, pool, slots, rope, attend)
+        return self._logits(h)
