@@ -23,6 +23,7 @@ from ultra_adaptive_kv_cache_engine.tiers import (
     RedisTier,
     Tier,
     TieredStore,
+    borrow_block,
     encode_block,
     make_tier,
 )
@@ -157,6 +158,42 @@ def test_usage_reports_capacity_and_health(factory: Factory) -> None:
         assert usage.capacity_bytes == 1 << 20
     else:  # Redis: capacity is the server's business
         assert usage.capacity_bytes is None and usage.num_blocks is None
+
+
+def test_get_into_fills_the_callers_tensors(factory: Factory) -> None:
+    tier = factory(NS_A)
+    recs = records(NS_A, 3)
+    tier.put_many([(r.block_hash, r) for r in recs])
+    absent = records(NS_A, 1, b"absent")[0].block_hash
+    outs = [torch.zeros(2, 4, 8, dtype=torch.bfloat16) for _ in range(4)]
+    keys = [recs[2].block_hash, absent, recs[0].block_hash, recs[1].block_hash]
+    assert tier.get_many_into(keys, outs) == [True, False, True, True]
+    assert [float(o[0, 0, 0]) for o in outs] == [2.0, 0.0, 0.0, 1.0]
+    assert all(torch.equal(o, recs[i].tensor()) for o, i in ((outs[0], 2), (outs[2], 0), (outs[3], 1)))
+    strided = torch.zeros(8, 4, 2, dtype=torch.bfloat16).permute(2, 1, 0)  # not contiguous: still filled
+    assert tier.get_into(recs[1].block_hash, strided) and torch.equal(strided, recs[1].tensor())
+    assert tier.get_many_into([], []) == []
+    with pytest.raises(ValueError, match=r"out is torch.bfloat16 \(4, 8\)"):
+        tier.get_into(recs[0].block_hash, torch.zeros(4, 8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out is torch.float32"):
+        tier.get_into(recs[0].block_hash, torch.zeros(2, 4, 8))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        tier.get_into(recs[0].block_hash, bytearray(64))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="2 keys for 1 output tensors"):
+        tier.get_many_into(keys[:2], outs[:1])
+    if not isinstance(tier, TieredStore):  # a block found but not of out's shape still counts as found
+        assert (tier.usage().counters["hits"], tier.usage().counters["misses"]) == (6, 1)
+
+
+def test_a_borrowed_block_is_stored_as_it_was_at_put(factory: Factory) -> None:
+    tier = factory(NS_A)
+    block = torch.full((2, 4, 8), 3.0, dtype=torch.bfloat16)
+    key = hashlib.sha256(b"borrowed").digest()
+    record = borrow_block(key, NS_A, block)
+    assert record.borrowed and bytes(record.payload) == block.view(torch.uint8).numpy().tobytes()
+    assert tier.put(key, record).stored
+    block.fill_(-1.0)  # the caller reuses its tensor as soon as put has returned
+    assert torch.equal(tier.get(key).tensor(), torch.full((2, 4, 8), 3.0, dtype=torch.bfloat16))
 
 
 def test_registry_builds_tiers_and_names_the_valid_ones(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+import xxhash
 
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.tiers.record import (
@@ -15,6 +16,7 @@ from ultra_adaptive_kv_cache_engine.tiers.record import (
     PREFIX_BYTES,
     CorruptBlockError,
     NamespaceMismatchError,
+    UnsupportedFormatError,
     check_key,
     encode_block,
     parse_prefix,
@@ -39,14 +41,16 @@ def test_layout_is_prefix_json_payload_checksum() -> None:
         {"codec": "identity", "dtype": "bfloat16", "params": {}, "shape": [2, 2, 4, 3, 8]},
         separators=(",", ":"), sort_keys=True,
     ).encode()
+    header_json += b" " * (-(PREFIX_BYTES + len(header_json)) % 64)  # the payload starts 64-byte aligned
+    assert len(header_json) == 104 and (PREFIX_BYTES + len(header_json)) % 64 == 0
     payload = block.view(torch.uint8).numpy().tobytes()
     assert data[:8] == b"UAKVBLK\0"
-    assert struct.unpack_from("<HHI", data, 8) == (1, 0, len(header_json))
+    assert struct.unpack_from("<HHI", data, 8) == (2, 0, len(header_json))
     assert data[16:48] == KEY and data[48:80] == NS
     assert struct.unpack_from("<Q", data, 80) == (len(payload),)
     assert data[PREFIX_BYTES : PREFIX_BYTES + len(header_json)] == header_json
     assert data[PREFIX_BYTES + len(header_json) : -CHECKSUM_BYTES] == payload
-    assert data[-CHECKSUM_BYTES:] == hashlib.sha256(data[:-CHECKSUM_BYTES]).digest()
+    assert CHECKSUM_BYTES == 16 and data[-CHECKSUM_BYTES:] == xxhash.xxh3_128_digest(data[:-CHECKSUM_BYTES])
     assert record.nbytes == len(data) == PREFIX_BYTES + len(header_json) + len(payload) + CHECKSUM_BYTES
 
 
@@ -101,6 +105,16 @@ def test_prefix_checks_magic_and_version() -> None:
         parse_prefix(bytes(data[:8]) + struct.pack("<H", 7) + bytes(data[10:PREFIX_BYTES]))
     with pytest.raises(CorruptBlockError, match="starts with"):
         parse_prefix(b"GARBAGE!" + bytes(data[8:PREFIX_BYTES]))
+
+
+def test_a_version_1_record_is_rejected_by_name() -> None:
+    # Version 1 ended in a 32-byte SHA-256 of everything before it; this build reads version 2 only.
+    data = bytearray(_record()[1].to_bytes()[:-CHECKSUM_BYTES])
+    data[8:10] = struct.pack("<H", 1)
+    old = bytes(data) + hashlib.sha256(bytes(data)).digest()
+    with pytest.raises(UnsupportedFormatError, match="format version 1 is not read by this build") as err:
+        parse_record(old, KEY, NS)
+    assert isinstance(err.value, CorruptBlockError)  # so tiers drop and count it like any bad block
 
 
 def test_sound_checksum_over_a_bad_payload_is_still_not_served() -> None:

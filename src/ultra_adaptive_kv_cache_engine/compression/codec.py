@@ -138,6 +138,17 @@ def uint8_view(data: bytes | memoryview) -> torch.Tensor:
     return torch.frombuffer(view, dtype=torch.uint8)
 
 
+def writable_bytes(tensor: torch.Tensor) -> memoryview | None:
+    """A writable byte view ALIASING `tensor`'s memory (C order), or None unless it is a non-empty contiguous CPU
+    tensor. What a file or socket read fills directly, so the bytes land where the tensor already lives."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or tensor.numel() == 0:
+        return None
+    flat = tensor.detach() if tensor.requires_grad else tensor
+    if flat.dim() == 0:
+        flat = flat.reshape(1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
 def bytes_to_tensor(
     data: bytes | memoryview, dtype: torch.dtype, shape: tuple[int, ...], out: torch.Tensor | None = None
 ) -> torch.Tensor:

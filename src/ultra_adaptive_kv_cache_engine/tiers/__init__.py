@@ -1,7 +1,7 @@
 """Where blocks live: CPU memory, disk, Redis/Valkey; a tiered store composing them; one async wrapper."""
 
 from .base import FlushResult, PutResult, Tier, TierUsage
-from .block_io import load_records, records_to_host
+from .block_io import load_blocks, load_records, records_to_host
 from .cpu import CPUTier
 from .disk import DiskTier
 from .record import (
@@ -9,6 +9,8 @@ from .record import (
     CorruptBlockError,
     NamespaceMismatchError,
     RecordError,
+    UnsupportedFormatError,
+    borrow_block,
     encode_block,
     parse_record,
     seal,
@@ -21,6 +23,6 @@ from .transfer import AsyncTransfer
 __all__ = [
     "TIERS", "AsyncTransfer", "BlockRecord", "CPUTier", "CorruptBlockError", "DiskTier", "FlushResult",
     "NamespaceMismatchError", "PutResult", "RecordError", "RedisTier", "Tier", "TierUsage", "TieredStore",
-    "encode_block", "load_records", "make_tier", "parse_record", "records_to_host", "register_tier",
-    "seal",
+    "UnsupportedFormatError", "borrow_block", "encode_block", "load_blocks", "load_records", "make_tier", "parse_record",
+    "records_to_host", "register_tier", "seal",
 ]  # fmt: skip

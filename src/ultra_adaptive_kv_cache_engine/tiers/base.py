@@ -1,4 +1,9 @@
-"""The tier interface: six public methods (contains, get, put, remove, usage, flush); batched ones for free.
+"""The tier interface: six public methods (contains, get, put, remove, usage, flush); variants for free.
+
+Variants of `get` and `put` come from this base class and tiers may override them for speed: `get_many`,
+`put_many` (batches), and `get_into` / `get_many_into`, which decode a block straight into a caller's tensor
+(a pool slot, a reused or page-locked host buffer), so a load ends where the block is needed, with no fresh
+buffer per block.
 
 A tier holds `BlockRecord`s by their 32-byte block hash, for ONE namespace (the 32-byte digest given at
 construction): `put` refuses records of another namespace, and whatever a tier reads back from a medium is
@@ -22,9 +27,11 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
+
 from ..metrics import Counters
 from ..types import TierKind
-from .record import BlockRecord, check_key
+from .record import BlockRecord, CorruptBlockError, check_key, check_out
 
 LOGGER = logging.getLogger("ultra_adaptive_kv_cache_engine.tiers")
 
@@ -117,6 +124,25 @@ class Tier(ABC):
         """`put` for each (key, record), in order."""
         return [self.put(k, r) for k, r in items]
 
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        """Decode the verified block of `key` into `out` (its shape and dtype); True if `out` now holds it.
+
+        False is a miss (absent, dropped as corrupt, the medium failed); after a miss `out`'s contents are
+        unspecified (a tier may have read into it before it found the block bad). TypeError if `out` is not a
+        tensor; ValueError if the block is not of `out`'s shape and dtype (checked on the verified record).
+        This default is `get` then one decode copy; disk and Redis tiers override it to skip buffers.
+        """
+        require_tensor(out)
+        record = self.get(key)
+        return record is not None and self._decode_into(record, out)
+
+    def get_many_into(self, keys: Iterable[bytes], outs: Iterable[torch.Tensor]) -> list[bool]:
+        """`get_into` for each (key, out), in order (ValueError if the two lengths differ); this default is one
+        `get_many` (one round trip where the tier batches), then one decode copy per block."""
+        pairs = key_out_pairs(keys, outs)
+        records = self.get_many([k for k, _ in pairs])
+        return [r is not None and self._decode_into(r, o) for r, (_, o) in zip(records, pairs, strict=True)]
+
     def __iter__(self) -> Iterator[bytes]:
         """The keys held now (a snapshot). Tiers that cannot list their keys raise TypeError."""
         raise TypeError(f"tier {self.name!r} cannot list its keys")
@@ -133,7 +159,35 @@ class Tier(ABC):
                 f"namespace {self.namespace.hex()[:16]}"
             )
 
+    def _decode_into(self, record: BlockRecord, out: torch.Tensor) -> bool:
+        """Decode a verified `record` into `out`; a payload that does not decode (a sound checksum over a writer's
+        bad bytes) is dropped and counted like a corrupt block."""
+        check_out(record.meta, record.block_hash, out)
+        try:
+            record.tensor(out=out)
+        except CorruptBlockError as exc:
+            LOGGER.warning("%s tier: dropping block %s: %s", self.name, record.block_hash.hex()[:16], exc)
+            self.counters.add("corrupt_dropped")
+            self.remove(record.block_hash)
+            return False
+        return True
+
     def _counters(self) -> dict[str, int]:
         values = dict.fromkeys(COUNTERS, 0)
         values.update(self.counters.snapshot())
         return values
+
+
+def require_tensor(out: object) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor to decode the block into, got {type(out).__name__}")
+    return out
+
+
+def key_out_pairs(keys: Iterable[bytes], outs: Iterable[torch.Tensor]) -> list[tuple[bytes, torch.Tensor]]:
+    keys, outs = list(keys), list(outs)
+    if len(keys) != len(outs):
+        raise ValueError(f"{len(keys)} keys for {len(outs)} output tensors; expected one tensor per key")
+    for out in outs:
+        require_tensor(out)
+    return list(zip(keys, outs, strict=True))

@@ -1,6 +1,7 @@
 """`CPUTier`: blocks in host memory, with its own byte capacity and eviction policy.
 
-Records never leave the process here, so they are kept as they are (no copy, no re-verification). With
+Records never leave the process here, so they are kept as they are (no copy, no re-verification; a borrowed
+record, whose payload is a caller's tensor, is copied once: `BlockRecord.owned`). With
 `pin_memory` (default: when CUDA is present) each payload is copied once into page-locked memory, so a later
 host-to-device copy of it is a fast asynchronous DMA.
 
@@ -87,7 +88,7 @@ class CPUTier(Tier):
                 self.counters.add("rejected")
                 return PutResult(False, reason="not admitted by the policy")
             evicted = self._make_room(size)
-            self._records[key] = self._pinned(record) if self.pin_memory else record
+            self._records[key] = self._pinned(record) if self.pin_memory else record.owned()
             self._used += size
             self._policy.on_insert(key, size)
         self.counters.add("puts")
@@ -139,4 +140,4 @@ class CPUTier(Tier):
         src = uint8_view(record.payload)
         buf = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
         buf.copy_(src)
-        return dataclasses.replace(record, payload=memoryview(buf.numpy()))
+        return dataclasses.replace(record, payload=memoryview(buf.numpy()), borrowed=False)

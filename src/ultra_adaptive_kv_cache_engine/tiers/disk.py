@@ -4,6 +4,7 @@ Durability follows `FsyncPolicy`: ALWAYS fsyncs file and folder before `put` ret
 written since the last `flush()`; NEVER leaves it to the OS. Whatever the policy, a reader never sees a torn
 file under a block's name (temporary name + rename), and every read is verified (checksum, block hash,
 namespace): a bad file is deleted and counted (`corrupt_dropped`, `namespace_dropped`), never served.
+`get_into` reads an identity-coded payload straight into the caller's tensor and verifies it there.
 
 A full disk (ENOSPC, EFBIG, EDQUOT) turns the tier read-only for `readonly_retry_s` seconds: puts are
 refused with the reason, reads go on, the error is in `usage().last_error` and logged once per episode.
@@ -23,13 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from tqdm import tqdm
 
+from ..compression.codec import writable_bytes
 from ..policies import make_policy
 from ..policies.base import Clock
 from ..types import FsyncPolicy, TierKind, parse_enum
 from . import disk_files as files
-from .base import LOGGER, FlushResult, PutResult, Tier, TierUsage
+from .base import LOGGER, FlushResult, PutResult, Tier, TierUsage, key_out_pairs, require_tensor
 from .cpu import _require_capacity
 from .record import (
     PREFIX_BYTES,
@@ -40,11 +43,15 @@ from .record import (
     check_names,
     parse_prefix,
     parse_record,
+    raw_header,
+    record_head,
 )
 
 T = TypeVar("T")
 R = TypeVar("R")
 FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+HEADER_MEMO = 64
+"""Distinct (dtype, shape) headers `get_into` remembers."""
 SCAN_PROGRESS_MIN = 1000
 """Show a progress bar (stderr) when the start-up scan finds at least this many files."""
 
@@ -80,6 +87,8 @@ class DiskTier(Tier):
         self.fsync = parse_enum(FsyncPolicy, "fsync", fsync)
         self.readonly_retry_s = float(readonly_retry_s)
         self.folder = Path(root) / namespace.hex()
+        self._root = os.fspath(self.folder)
+        self._headers: dict[tuple[torch.dtype, tuple[int, ...]], bytes] = {}
         self._clock = clock or time.monotonic
         self._policy = make_policy(policy, capacity=self.capacity_bytes, clock=clock)
         self._index: dict[bytes, int] = {}
@@ -104,7 +113,7 @@ class DiskTier(Tier):
             self.counters.add("misses")
             return None
         try:
-            record = parse_record(files.read_file(files.block_path(self.folder, key)), key, self.namespace)
+            record = parse_record(files.read_file(self._path(key)), key, self.namespace)
         except FileNotFoundError:
             self._forget(key, size, unlink=False)
             self.counters.add("misses")
@@ -117,12 +126,34 @@ class DiskTier(Tier):
             self._error(f"read of block {key.hex()[:16]} failed: {exc}")
             self.counters.add("misses")
             return None
-        with self._lock:
-            if key in self._index:
-                self._policy.on_access(key)
-        self.counters.add("hits")
-        self.counters.add("bytes_out", record.nbytes)
+        self._served(key, record.nbytes)
         return record
+
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        """`get` into `out`: an identity payload is read from the file straight into a contiguous CPU `out` and
+        verified there (no intermediate buffer, no decode copy); anything else, or any doubt (a bad or odd file),
+        goes the way of `get` + decode, which classifies, counts and drops what is bad."""
+        check_key(key)
+        view = writable_bytes(require_tensor(out))
+        with self._lock:
+            size = self._index.get(key)
+        if size is None:
+            self.counters.add("misses")
+            return False
+        if view is not None:
+            head = record_head(key, self.namespace, self._raw_header(out), view.nbytes)
+            try:
+                read = files.read_record_into(self._path(key), head, view)
+            except OSError:
+                read = False
+            if read:
+                self._served(key, size)
+                return True
+        return super().get_into(key, out)
+
+    def get_many_into(self, keys: Iterable[bytes], outs: Iterable[torch.Tensor]) -> list[bool]:
+        """`get_into` of each (key, out), in order, on `io_threads` threads."""
+        return self._parallel(lambda pair: self.get_into(*pair), key_out_pairs(keys, outs))
 
     def get_many(self, keys: Iterable[bytes]) -> list[BlockRecord | None]:
         """`get` of each key, in order; reads and checksum checks of a batch run on `io_threads` threads."""
@@ -149,7 +180,7 @@ class DiskTier(Tier):
             evicted = self._make_room(size)
             self._used += size  # reserved while the file is written
         try:
-            files.atomic_write(files.block_path(self.folder, key), record.chunks(), self.fsync is FsyncPolicy.ALWAYS)
+            files.atomic_write(self._path(key), record.chunks(), self.fsync is FsyncPolicy.ALWAYS)
         except OSError as exc:
             with self._lock:
                 self._used -= size
@@ -165,7 +196,7 @@ class DiskTier(Tier):
                 return False
             self._used -= size
             self._policy.on_remove(key)
-            files.block_path(self.folder, key).unlink(missing_ok=True)
+            files.unlink(self._path(key))
         self.counters.add("removed")
         return True
 
@@ -186,8 +217,8 @@ class DiskTier(Tier):
         if self.fsync is FsyncPolicy.BATCH and live:
             try:
                 for key, _ in live:
-                    files.fsync_file(files.block_path(self.folder, key))
-                for shard in sorted({files.block_path(self.folder, k).parent for k, _ in live}):
+                    files.fsync_file(self._path(key))
+                for shard in sorted({os.path.dirname(self._path(k)) for k, _ in live}):
                     files.fsync_dir(shard)
             except OSError as exc:
                 self._error(f"fsync failed: {exc}")
@@ -201,6 +232,27 @@ class DiskTier(Tier):
         return len(self._index)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _path(self, key: bytes) -> str:
+        return files.block_path(self._root, key)
+
+    def _raw_header(self, out: torch.Tensor) -> bytes:
+        """`raw_header(out)`, remembered per dtype and shape (a tier sees few; the memo is cleared when large).
+        TypeError for a dtype no record stores."""
+        spec = (out.dtype, tuple(out.shape))
+        header = self._headers.get(spec)
+        if header is None:
+            if len(self._headers) >= HEADER_MEMO:
+                self._headers.clear()
+            header = self._headers[spec] = raw_header(out)
+        return header
+
+    def _served(self, key: bytes, size: int) -> None:
+        with self._lock:
+            if key in self._index:
+                self._policy.on_access(key)
+        self.counters.add("hits")
+        self.counters.add("bytes_out", size)
 
     def _parallel(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
         if len(items) < 2 or self.io_threads == 1:
@@ -230,6 +282,7 @@ class DiskTier(Tier):
             self.counters.add("temp_removed", found.temp_removed)
         entries = found.entries
         progress = tqdm(entries, desc=f"{self.name} tier scan", unit="block", disable=len(entries) < SCAN_PROGRESS_MIN)
+        bad: list[Exception] = []
         for entry in progress:
             try:
                 if verify:
@@ -241,11 +294,15 @@ class DiskTier(Tier):
                         raise RecordError(f"file has {entry.size} bytes; its prefix says {prefix.total_len}")
             except (RecordError, OSError) as exc:
                 self._count_bad(exc)
+                bad.append(exc)
                 entry.path.unlink(missing_ok=True)
                 continue
             self._index[entry.key] = entry.size
             self._used += entry.size
             self._policy.on_insert(entry.key, entry.size)
+        if bad:
+            LOGGER.warning("%s tier: dropped %d unreadable block file(s) at start (first: %s)", self.name, len(bad),
+                           bad[0])
         with self._lock:
             dropped = self._make_room(0)  # the capacity may have shrunk since the files were written
         if dropped:
@@ -262,13 +319,13 @@ class DiskTier(Tier):
             vsize = self._index.pop(victim)  # type: ignore[call-overload]
             self._used -= vsize
             self._policy.on_remove(victim)
-            path = files.block_path(self.folder, victim)  # type: ignore[arg-type]
+            path = self._path(victim)  # type: ignore[arg-type]
             if self.demote_evicted:
                 try:
                     evicted.append(parse_record(files.read_file(path), victim, self.namespace))  # type: ignore[arg-type]
                 except (RecordError, OSError) as exc:
                     self._count_bad(exc)
-            path.unlink(missing_ok=True)
+            files.unlink(path)
             count += 1
         if count:
             self.counters.add("evictions", count)
@@ -325,7 +382,7 @@ class DiskTier(Tier):
                 self._used -= size
                 self._policy.on_remove(key)
                 if unlink:
-                    files.block_path(self.folder, key).unlink(missing_ok=True)
+                    files.unlink(self._path(key))
 
     def _drop_bad(self, key: bytes, size: int, exc: RecordError) -> None:
         LOGGER.warning("%s tier: dropping block %s: %s", self.name, key.hex()[:16], exc)

@@ -1,13 +1,15 @@
 """File mechanics of the disk tier: block paths, crash-safe writes, fsync, and the start-up folder scan.
 
 Layout: <root>/<namespace hex>/<first 2 hex of hash>/<hash hex>.blk. A write goes to a unique temporary name
-in the same folder, is optionally fsynced, renamed over the final name (atomic on POSIX), and the folder is
-optionally fsynced, so a reader sees either no file or a whole one; a crash leaves at most temporary files,
-which the next scan deletes.
+in the same folder (one `writev` of header, payload and checksum), is optionally fsynced, renamed over the final
+name (atomic on POSIX), and the folder is optionally fsynced, so a reader sees either no file or a whole one; a
+crash leaves at most temporary files, which the next scan deletes. A read can land the payload straight in the
+caller's memory (`read_record_into`: no intermediate buffer), verified there before it is reported.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import re
@@ -18,27 +20,31 @@ from pathlib import Path
 
 import numpy as np
 
+from .record import CHECKSUM_BYTES, checksum_of
+
 SUFFIX = ".blk"
 TEMP_MARK = ".tmp-"
 _BLOCK_NAME = re.compile(r"^[0-9a-f]{64}\.blk$")
 _SHARD_NAME = re.compile(r"^[0-9a-f]{2}$")
 _counter = itertools.count()
 _counter_lock = threading.Lock()
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
 
 
-def block_path(folder: Path, key: bytes) -> Path:
+def block_path(folder: str, key: bytes) -> str:
+    """`<folder>/<first 2 hex>/<hash hex>.blk` (a plain string: this is on every read and write)."""
     name = key.hex()
-    return folder / name[:2] / (name + SUFFIX)
+    return f"{folder}/{name[:2]}/{name}{SUFFIX}"
 
 
-def temp_path(final: Path) -> Path:
+def temp_path(final: str) -> str:
     """A name no other writer (thread or process) uses at the same time, in the final name's folder."""
     with _counter_lock:
         n = next(_counter)
-    return final.with_name(f"{final.name}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}-{n}")
+    return f"{final}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}-{n}"
 
 
-def fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -46,7 +52,7 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
+def fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,34 +60,95 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(final: Path, chunks: Sequence[bytes | memoryview], fsync: bool) -> None:
+def unlink(path: str | os.PathLike[str]) -> None:
+    """Remove `path` if it is there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
+    """Write `chunks` in order with as few `writev` calls as the kernel allows (no concatenation copy)."""
+    views = [v for v in (memoryview(c).cast("B") for c in chunks) if v.nbytes]
+    while views:
+        written = os.writev(fd, views)
+        if written <= 0:
+            raise OSError(errno.EIO, f"writev wrote {written} of {sum(v.nbytes for v in views)} bytes")
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def atomic_write(final: str, chunks: Sequence[bytes | memoryview], fsync: bool) -> None:
     """Write `chunks` to `final` through a temporary name and a rename; fsync file and folder if `fsync`.
 
     On any error the temporary file is removed and the error re-raised; `final` is untouched.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fd = os.open(tmp, _CREATE, 0o644)
+    except FileNotFoundError:  # the shard folder was removed behind our back: make it again, once
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        fd = os.open(tmp, _CREATE, 0o644)
     try:
         try:
-            for chunk in chunks:
-                view = memoryview(chunk).cast("B")
-                while view.nbytes:
-                    written = os.write(fd, view)
-                    view = view[written:]
+            write_all(fd, chunks)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        unlink(tmp)
         raise
     if fsync:
-        fsync_dir(final.parent)
+        fsync_dir(os.path.dirname(final))
 
 
-def read_file(path: Path, limit: int | None = None) -> memoryview:
+def readv_full(fd: int, buffers: Sequence[memoryview]) -> int:
+    """Fill `buffers` in order from `fd`'s position; the bytes read (less than their sum only at end of file)."""
+    views = [b for b in buffers if b.nbytes]
+    total = 0
+    while views:
+        n = os.readv(fd, views)
+        if n <= 0:
+            break
+        total += n
+        while views and n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return total
+
+
+def read_record_into(path: str, head: bytes, out: memoryview) -> bool:
+    """Read the record at `path` in ONE `readv`: its first bytes into a small buffer, its payload straight into
+    `out`. True if the file is exactly `head` (the expected prefix and JSON header, which name the block and its
+    namespace), then `out.nbytes` of payload, then the checksum of both (verified over `out` in place).
+
+    False for anything else (another header, size, name or checksum): the caller reads the whole record the
+    ordinary way, which classifies and counts the fault. OSError from the file system. Unless True is returned,
+    `out` may have been overwritten.
+    """
+    got_head = bytearray(len(head))
+    tail = bytearray(CHECKSUM_BYTES + 1)  # one spare byte: a file longer than its record is noticed
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = readv_full(fd, (memoryview(got_head), out, memoryview(tail)))
+    finally:
+        os.close(fd)
+    return (
+        got == len(head) + out.nbytes + CHECKSUM_BYTES
+        and got_head == head
+        and checksum_of(head, out) == tail[:CHECKSUM_BYTES]
+    )
+
+
+def read_file(path: str | os.PathLike[str], limit: int | None = None) -> memoryview:
     """The whole file (or its first `limit` bytes) read straight into one fresh buffer, no zeroing, no resize."""
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size if limit is None else limit

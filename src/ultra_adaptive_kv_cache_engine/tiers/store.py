@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from .base import FlushResult, PutResult, Tier, TierUsage
+import torch
+
+from .base import FlushResult, PutResult, Tier, TierUsage, key_out_pairs
 from .record import BlockRecord, check_key
 
 
@@ -63,6 +65,29 @@ class TieredStore(Tier):
                     self._promote(record, level)
             missing = still
         self.counters.add("hits", len(keys) - len(missing))
+        self.counters.add("misses", len(missing))
+        return found
+
+    def get_into(self, key: bytes, out: torch.Tensor) -> bool:
+        return self.get_many_into([key], [out])[0]
+
+    def get_many_into(self, keys: Iterable[bytes], outs: Iterable[torch.Tensor]) -> list[bool]:
+        """Decode each block into its `out`. With promotion a hit below tier 0 needs its record (to put it into
+        the faster tiers), so this is `get_many` + decode; without, each tier's own `get_many_into` runs (a disk
+        tier then reads straight into `out`)."""
+        pairs = key_out_pairs(keys, outs)
+        if self.promote:
+            return super().get_many_into([k for k, _ in pairs], [o for _, o in pairs])
+        found = [False] * len(pairs)
+        missing = list(range(len(pairs)))
+        for tier in self.tiers:
+            if not missing:
+                break
+            hits = tier.get_many_into([pairs[i][0] for i in missing], [pairs[i][1] for i in missing])
+            for i, hit in zip(missing, hits, strict=True):
+                found[i] = hit
+            missing = [i for i, hit in zip(missing, hits, strict=True) if not hit]
+        self.counters.add("hits", len(pairs) - len(missing))
         self.counters.add("misses", len(missing))
         return found
 

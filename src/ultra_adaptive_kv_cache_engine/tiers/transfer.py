@@ -53,9 +53,11 @@ class AsyncTransfer:
         return self._queue.unfinished_tasks
 
     def put(self, key: bytes, record: BlockRecord, block: bool = True, timeout: float | None = None) -> bool:
-        """Queue `record` for `target.put`; False if the queue stayed full (block=False, or `timeout` passed)."""
+        """Queue `record` for `target.put`; False if the queue stayed full (block=False, or `timeout` passed).
+        A borrowed record is copied first (`owned()`), so the caller may change its tensor at once."""
         check_key(key)
-        return self._submit(key, lambda: record, block, timeout)
+        kept = record.owned()
+        return self._submit(key, lambda: kept, block, timeout)
 
     def put_blocks(
         self, keys: Sequence[bytes], blocks: torch.Tensor, codec: Codec, block: bool = True, copy: bool = True
