@@ -168,6 +168,24 @@ def test_block_transfer_round_trip_on_cpu_is_exact():
     assert torch.equal(pool, expected)
 
 
+def test_host_blocks_of_raw_bytes_land_in_their_pool_blocks():
+    pool = _pool(blocks=6)
+    transfer = BlockTransfer(pool, max_blocks=1)
+    fresh = torch.randn((2, *pool.shape[1:]), generator=torch.Generator().manual_seed(1))
+    raw = [fresh[0].reshape(-1).view(torch.uint8).clone(), fresh[1].clone()]  # raw bytes or the block itself
+    expected = pool.clone()
+    expected[[4, 1]] = fresh
+    transfer.from_host_blocks(raw, [4, 1])
+    assert torch.equal(pool, expected)
+    with pytest.raises(ValueError, match="2 host blocks for 1 block ids"):
+        transfer.from_host_blocks(raw, [0])
+    with pytest.raises(ValueError, match=r"block ids \[6\] are out of range"):
+        transfer.from_host_blocks(raw, [0, 6])
+    with pytest.raises(ValueError, match=r"blocks\[1\] holds 4 bytes; a block is 1024"):
+        transfer.from_host_blocks([raw[0], torch.zeros(1)], [0, 2])
+    assert torch.equal(pool, expected)  # nothing written by a rejected call
+
+
 def test_block_transfer_rejects_bad_arguments():
     pool = _pool()
     with pytest.raises(ValueError, match="max_blocks=0"):

@@ -99,6 +99,30 @@ class BlockTransfer:
         if wait:
             self.synchronize()
 
+    def from_host_blocks(self, blocks: Sequence[Tensor], block_ids: Sequence[int], wait: bool = True) -> None:
+        """Copy ``blocks[i]`` (a contiguous host tensor holding exactly one block's bytes, of any dtype: e.g. a
+        tier's raw payload) into block ``block_ids[i]``, one direct copy per block and no staging: from pinned
+        memory these are asynchronous DMAs queued back to back, with no host-side gather copy first. The host
+        tensors must stay alive and unchanged until the copies are complete (``wait=True`` ensures it)."""
+        ids = [int(b) for b in block_ids]
+        if len(ids) != len(blocks):
+            raise ValueError(f"{len(blocks)} host blocks for {len(ids)} block ids")
+        bad = [b for b in ids if not 0 <= b < self.pool.shape[0]]
+        if bad:
+            raise ValueError(f"block ids {bad[:8]} are out of range for a pool of {self.pool.shape[0]} blocks")
+        nbytes = self.pool[0].numel() * self.pool.element_size()
+        raw: list[Tensor] = []
+        for i, block in enumerate(blocks):
+            if not isinstance(block, Tensor) or block.device.type != "cpu" or not block.is_contiguous():
+                raise ValueError(f"blocks[{i}] must be a contiguous CPU tensor")
+            if block.numel() * block.element_size() != nbytes:
+                raise ValueError(f"blocks[{i}] holds {block.numel() * block.element_size()} bytes; a block is {nbytes}")
+            raw.append(block.reshape(-1).view(torch.uint8))
+        for block_id, src in zip(ids, raw, strict=True):
+            self.pool[block_id].reshape(-1).view(torch.uint8).copy_(src, non_blocking=self._on_cuda)
+        if wait:
+            self.synchronize()
+
     def synchronize(self) -> None:
         """Wait until every copy queued so far on the current stream is complete."""
         if self._on_cuda:
