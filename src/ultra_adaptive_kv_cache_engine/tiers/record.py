@@ -195,9 +195,11 @@ def borrow_block(block_hash: bytes, namespace: bytes, tensor: torch.Tensor) -> B
     view = writable_bytes(tensor) if isinstance(tensor, torch.Tensor) else None
     if view is None:
         return encode_block(block_hash, namespace, tensor, make_codec(CodecKind.IDENTITY))
+    check_key(block_hash, "block_hash")
+    check_key(namespace, "namespace")
     meta = TensorMeta(CodecKind.IDENTITY, dtype_name(tensor.dtype), tuple(int(d) for d in tensor.shape))
-    record = seal(block_hash, namespace, EncodedTensor(meta, view.toreadonly()))
-    return dataclasses.replace(record, borrowed=True)
+    header = record_head(block_hash, namespace, meta_json(meta), view.nbytes)
+    return BlockRecord(block_hash, namespace, meta, view.toreadonly(), header, borrowed=True)
 
 
 def parse_prefix(data: bytes | memoryview) -> RecordPrefix:
