@@ -9,18 +9,19 @@ import sys
 
 import pytest
 import torch
-from model_fixtures import make_paged, random_ids, tiny_model
+from model_fixtures import baseline_generate, make_paged, random_ids, tiny_model
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
 from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
 from ultra_adaptive_kv_cache_engine.cache.sharded_blocks import FetchResult, ShardedBlockStore
-from ultra_adaptive_kv_cache_engine.cache.sharded_group import ShardGroup
+from ultra_adaptive_kv_cache_engine.cache.sharded_group import RankFailureError, ShardGroup
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.model.generation import generate_with_prefix_cache
 from ultra_adaptive_kv_cache_engine.model.loaded import kv_shape_of
 from ultra_adaptive_kv_cache_engine.model.parallel.launcher import EXIT_GROUP_BROKE, RankLauncher, _root_cause
 from ultra_adaptive_kv_cache_engine.model.parallel.loading import _check_shardable
 from ultra_adaptive_kv_cache_engine.model.parallel.prompt_job import PromptJob
+from ultra_adaptive_kv_cache_engine.model.parallel.runner import ShardedRunner
 from ultra_adaptive_kv_cache_engine.model.tiny import build_tiny_llama
 from ultra_adaptive_kv_cache_engine.prefix import hash_blocks
 from ultra_adaptive_kv_cache_engine.tiers import DiskTier
@@ -197,3 +198,31 @@ def test_without_tiers_nothing_is_fetched_or_published(tiny_lm):
     store = ShardedBlockStore(paged, ShardGroup.single(), None)
     prompt = random_ids(13, seed=12)
     assert (store.fetch(prompt).loaded_blocks, store.publish(prompt).queued_blocks, store.persist()) == (0, 0, 0)
+
+
+def test_guard_turns_transport_errors_into_rank_failures_and_passes_others_through():
+    group = ShardGroup(0, 2)
+    with pytest.raises(RankFailureError, match=r"group of 2 ranks broke during a step on rank 0: \[gloo\] Connection"):
+        with group.guard("a step"):
+            raise RuntimeError("[gloo] Connection closed by peer\nmore detail")
+    with pytest.raises(RuntimeError, match="^a model bug$") as info:
+        with group.guard("a step"):
+            raise RuntimeError("a model bug")
+    assert not isinstance(info.value, RankFailureError)
+
+
+# -- the runner at degree 1, in this process ---------------------------------------------------------------
+def test_runner_leads_a_greedy_request_at_degree_one(tiny_lm):
+    config = KVCacheConfig(block_size=4, max_tokens=256, cpu_tier_bytes=0, device="cpu")
+    runner = ShardedRunner(tiny_lm, ShardGroup.single(), config)
+    prompt = random_ids(22, seed=13)
+    result, persisted = runner.lead(prompt, 6, persist=True)
+    assert result.output_ids == baseline_generate(tiny_lm, prompt, 6)[0].tolist() and persisted == 0
+    again, _ = runner.lead(prompt, 6)
+    assert (again.local_blocks, again.fetched_blocks, again.generation.cached_tokens) == (5, 0, 20)
+    assert again.block_table == result.block_table == tuple(range(6))  # 22 + 6 - 1 tokens with KV
+    with pytest.raises(ValueError, match="max_new_tokens >= 1"):
+        runner.lead(prompt, 0)
+    with pytest.raises(ValueError, match="rank 0: values must be given on rank 0 only"):
+        runner.follow()
+    runner.close()

@@ -61,6 +61,18 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
 
 
+_TRANSPORT_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "process group", "socket")
+
+
+def _is_transport_failure(exc: RuntimeError) -> bool:
+    """True for torch.distributed's own errors and for the plain RuntimeErrors its backends raise (gloo
+    raises them with its source path in the message: "Connection closed by peer", "Timed out waiting")."""
+    if isinstance(exc, dist.DistError):
+        return True
+    message = str(exc).lower()
+    return any(word in message for word in _TRANSPORT_WORDS)
+
+
 @dataclass(frozen=True)
 class ShardGroup:
     """Rank `rank` of `degree` ranks; collective tensors live on `device` (CPU for gloo, CUDA for NCCL).
@@ -130,13 +142,14 @@ class ShardGroup:
     # -- collectives ---------------------------------------------------------------------------------------
     @contextmanager
     def guard(self, what: str) -> Iterator[None]:
-        """Turns a failing collective inside the block into `RankFailureError` naming `what`."""
+        """Turns a failing collective inside the block into `RankFailureError` naming `what`; other errors
+        (bad input, a model bug) pass through unchanged."""
         try:
             yield
         except RankFailureError:
             raise
         except RuntimeError as exc:
-            if self.degree == 1:
+            if self.degree == 1 or not _is_transport_failure(exc):
                 raise
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise RankFailureError(

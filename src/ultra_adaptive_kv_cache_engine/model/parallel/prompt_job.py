@@ -2,7 +2,8 @@
 
     python -m ultra_adaptive_kv_cache_engine.model.parallel.prompt_job JOB.json OUT_DIR
 
-Started once per rank (by torchrun or `RankLauncher`). The job file is JSON: ``config`` (KVCacheConfig
+Started once per rank (by torchrun or `RankLauncher`); rank 0 leads the requests and the other ranks follow
+what it broadcasts, as a server would (`ShardedRunner.lead` / `follow`). The job file is JSON: ``config`` (KVCacheConfig
 fields; ``model_path`` names the model folder, ``persistence_path`` / ``enable_persistence`` the disk tier),
 ``prompts`` (lists of token ids), ``max_new_tokens``, ``tokenizer`` (a `TOKENIZERS` name), ``device``
 ("cpu" or "cuda") and ``timeout_s`` (how long a collective may wait for a peer).
@@ -78,8 +79,8 @@ def _record(index: int, result: ShardedResult, persisted: int) -> dict[str, Any]
         "request": index, "output_ids": result.output_ids, "prompt_tokens": g.prompt_tokens,
         "cached_tokens": g.cached_tokens, "new_tokens": g.new_tokens, "local_blocks": result.local_blocks,
         "fetched_blocks": result.fetched_blocks, "published_blocks": result.published_blocks,
-        "block_table": list(result.block_table), "persisted_blocks": persisted, "ttft_s": g.ttft_s,
-        "total_s": g.total_s, "fetch_s": result.fetch_s, "publish_s": result.publish_s,
+        "block_table": list(result.block_table), "persisted_blocks": persisted, "ttft_s": result.ttft_s,
+        "total_s": result.fetch_s + g.total_s, "fetch_s": result.fetch_s, "publish_s": result.publish_s,
     }  # fmt: skip
 
 
@@ -89,11 +90,16 @@ def _write(out: IO[str], payload: dict[str, Any]) -> None:
 
 
 def _run(runner: ShardedRunner, job: PromptJob, out: IO[str]) -> None:
-    codec = runner.loaded.tokenizer
-    pad = codec.pad_token_id if codec.pad_token_id is not None else codec.eos_token_id
-    for index, prompt in enumerate(job.prompts):
-        result = runner.generate(prompt, max_new_tokens=job.max_new_tokens, do_sample=False, pad_token_id=pad)
-        _write(out, _record(index, result, runner.persist()))
+    """Rank 0 reads the prompts and leads; the other ranks follow what it broadcasts (as in serving)."""
+    if runner.group.is_first:
+        for index, prompt in enumerate(job.prompts):
+            _write(out, _record(index, *runner.lead(prompt, job.max_new_tokens, persist=True)))
+        runner.release_followers()
+        return
+    index = 0
+    while (served := runner.follow()) is not None:
+        _write(out, _record(index, *served))
+        index += 1
 
 
 def run_prompt_job(job: PromptJob, out_dir: str | Path) -> int:

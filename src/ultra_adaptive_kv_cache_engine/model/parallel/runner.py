@@ -55,6 +55,11 @@ class ShardedResult:
     def output_ids(self) -> list[int]:
         return self.generation.output_ids[0].tolist()
 
+    @property
+    def ttft_s(self) -> float:
+        """From the request to the first token's logits, loading from the tiers (`fetch_s`) included."""
+        return self.fetch_s + self.generation.ttft_s
+
 
 class ShardedRunner:
     """Rank `group.rank` of `loaded` (a shard at degree > 1) over a pool of its KV heads.
@@ -101,6 +106,33 @@ class ShardedRunner:
         return ShardedResult(
             generation, fetched.local_blocks, fetched.loaded_blocks, published.queued_blocks, table, fetch_s, publish_s
         )
+
+    # -- serving: rank 0 takes requests, the other ranks follow --------------------------------------------
+    def lead(self, prompt_ids: Sequence[int], max_new_tokens: int, persist: bool = False) -> tuple[ShardedResult, int]:
+        """Rank 0: sends one greedy request to every rank (`follow`), runs it, persists if asked. Returns the
+        result and the number of blocks made durable."""
+        prompt = [int(t) for t in prompt_ids]
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1 or not prompt:
+            raise ValueError(f"need a non-empty prompt and max_new_tokens >= 1, got {len(prompt)}, {max_new_tokens!r}")
+        self.group.broadcast_ints([max_new_tokens, int(persist), *prompt])
+        return self._serve(prompt, max_new_tokens, persist)
+
+    def follow(self) -> tuple[ShardedResult, int] | None:
+        """Ranks > 0: runs the next request rank 0 `lead`s; None once rank 0 `release_followers`."""
+        request = self.group.broadcast_ints(None)
+        if not request:
+            return None
+        return self._serve(list(request[2:]), request[0], bool(request[1]))
+
+    def release_followers(self) -> None:
+        """Rank 0: tells every `follow`ing rank that no request comes any more."""
+        self.group.broadcast_ints([])
+
+    def _serve(self, prompt: list[int], max_new_tokens: int, persist: bool) -> tuple[ShardedResult, int]:
+        codec = self.loaded.tokenizer
+        pad = codec.pad_token_id if codec.pad_token_id is not None else codec.eos_token_id
+        result = self.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        return result, self.persist() if persist else 0
 
     def persist(self) -> int:
         """Makes rank 0's stored blocks durable; returns how many were flushed (on every rank). Collective."""
