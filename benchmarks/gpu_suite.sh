@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# GPU suite of the kernels: the Triton tests (pytest -m gpu; a standalone runner when pytest is missing), then
-# bench_paged_attention.py and bench_transfers.py. Run from anywhere; it works from the repository root:
+# GPU suite: the GPU tests (pytest -m gpu: Triton kernels and the model runner; a standalone kernel runner when
+# pytest is missing), then bench_paged_attention.py, bench_transfers.py and bench_end_to_end_gpu.py (Llama-3-8B
+# shape, random weights). Run from anywhere; it works from the repository root:
 #     PYTHONPATH=src bash benchmarks/gpu_suite.sh
-# Every part has a time limit (about 5.5 minutes in all) and a failing part does not stop the others. JSON
+#     GPU_SUITE_PARTS="e2e,attention" bash benchmarks/gpu_suite.sh     # only some parts
+# Parts (names for GPU_SUITE_PARTS): tests, attention, transfers, e2e; all by default. Every part has a time
+# limit (500 s in all, at most 540 s with the kill grace) and a failing part does not stop the others. JSON
 # lines go to $OUT if set, else benchmarks/results/: one file per part plus gpu_suite.jsonl with one line per
 # part (its result, or {"part": ..., "error": ...} with the tail of its log). Python: $PYTHON or python3.
 set -u
@@ -15,6 +18,7 @@ export UAKV_RESULTS_DIR="$DEST"
 SUMMARY="$DEST/gpu_suite.jsonl"
 : > "$SUMMARY"
 failures=0
+PARTS=",$(printf %s "${GPU_SUITE_PARTS:-tests,attention,transfers,e2e}" | tr -d " "),"
 
 # record NAME RC SECONDS: append the part's last JSON line to the summary, or an error line with its log tail.
 record() {
@@ -37,10 +41,15 @@ else:
 EOF
 }
 
-# part NAME LIMIT_SECONDS CMD...: run CMD under a time limit, stdout to NAME.out, stderr to NAME.log.
+# part NAME KEY LIMIT_SECONDS CMD...: unless KEY is left out of GPU_SUITE_PARTS, run CMD under a time limit,
+# stdout to NAME.out, stderr to NAME.log.
 part() {
-  local name="$1" limit="$2" start rc
-  shift 2
+  local name="$1" key="$2" limit="$3" start rc
+  shift 3
+  case "$PARTS" in
+    *",$key,"*) ;;
+    *) echo "[gpu_suite] $name skipped (not in GPU_SUITE_PARTS)" >&2; return 0 ;;
+  esac
   echo "[gpu_suite] $name (limit ${limit}s)" >&2
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" > "$DEST/$name.out" 2> "$DEST/$name.log"
@@ -53,6 +62,11 @@ part() {
 import json, torch
 env = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+for module in ("transformers", "xxhash"):  # the model runner and the tiers need them
+    try:
+        env[module] = getattr(__import__(module), "__version__", "present")
+    except Exception as exc:  # reported, not fatal
+        env[module] = repr(exc)
 try:
     import pytest
     env["pytest"] = pytest.__version__
@@ -68,7 +82,7 @@ EOF
 
 if "$PY" -c "import pytest" 2>/dev/null; then
   # pytest in-process with a tiny plugin, so that the part ends with one JSON line like the others.
-  part kernel_tests 140 "$PY" - <<'EOF'
+  part gpu_tests tests 90 "$PY" - <<'EOF'
 import json, sys
 import pytest
 
@@ -84,22 +98,23 @@ class Collect:
             self.passed += 1
 
 files = ["tests/test_kernels_triton.py", "tests/test_kernels_reference.py", "tests/test_kernels_api.py",
-         "tests/test_kernels_oracle.py"]
+         "tests/test_kernels_oracle.py", "tests/test_model_runner_gpu.py"]
 c = Collect()
 code = int(pytest.main(["-q", "-m", "gpu", "-p", "no:cacheprovider", *files], plugins=[c]))
-print(json.dumps({"tests": "kernels -m gpu", "exit_code": code, "passed": c.passed, "skipped": c.skipped,
+print(json.dumps({"tests": "kernels and model runner, -m gpu", "exit_code": code, "passed": c.passed, "skipped": c.skipped,
                   "failed": c.failed}))
 sys.exit(code)
 EOF
 else
-  part kernel_tests 140 "$PY" tests/test_kernels_triton.py
+  part gpu_tests tests 90 "$PY" tests/test_kernels_triton.py
 fi
 
 # Without CUDA (a dry run of this script) the benchmarks take their --quick sizes.
 QUICK=""
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || QUICK="--quick"
-part bench_paged_attention 140 "$PY" benchmarks/bench_paged_attention.py --time-budget-s 110 $QUICK
-part bench_transfers 50 "$PY" benchmarks/bench_transfers.py $QUICK
+part bench_paged_attention attention 45 "$PY" benchmarks/bench_paged_attention.py --time-budget-s 35 $QUICK
+part bench_transfers transfers 30 "$PY" benchmarks/bench_transfers.py $QUICK
+part end_to_end_gpu e2e 335 "$PY" benchmarks/bench_end_to_end_gpu.py --time-budget-s 290 $QUICK
 
 echo "[gpu_suite] done: $failures part(s) failed; summary in $SUMMARY" >&2
 cat "$SUMMARY"

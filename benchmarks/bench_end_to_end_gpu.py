@@ -1,0 +1,395 @@
+"""End to end on a Llama-3-8B-shaped model (random bf16 weights): our paged runner vs transformers, one run.
+
+Questions, on one GPU, same weights, same run:
+(a) TTFT of a 16k-token prompt that is not cached: our runner's full prefill (SDPA over the new tokens,
+    KV written into the paged pool), and transformers' forward of the same prompt for reference;
+(b) TTFT when the prompt's prefix is cached in the GPU pool (only the last block is computed);
+(c) TTFT when it is cached only in the CPU tier: every block is evicted from the pool, the lookup promotes
+    the blocks from the pinned CPU tier. Measured as the cache promotes them today (`tiers.load_records`: one
+    pinned host buffer, one host-to-device copy) and with direct per-block copies of the pinned payloads
+    (`BlockTransfer.from_host_blocks`), the first time and warm;
+(d) decode tokens per second at batch 1 and 32 (prompt 512, 128 new tokens): our runner with CUDA graphs
+    (and eagerly, for reference) vs `generate` with its DynamicCache (min_new_tokens forces the length). A
+    rate counts the tokens after each row's first over the time after it.
+Goals: CPU-tier TTFT <= 0.1 x uncached TTFT; decode >= 10x transformers at batch 1, >= 2x at batch 32.
+
+Every part is time-bounded by --time-budget-s (a part that would start too late is skipped and named), a
+failing part is reported and the others still run, progress goes to stderr, results so far are rewritten
+after each part into end_to_end_gpu.partial.json, and one JSON line goes to stdout at the end (`emit`).
+--quick runs a tiny Llama on the CPU (reference kernels) through the same code in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import RESULTS, emit
+
+from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
+from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache, default_namespace
+from ultra_adaptive_kv_cache_engine.compression import make_codec
+from ultra_adaptive_kv_cache_engine.compression.codec import uint8_view
+from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
+from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
+from ultra_adaptive_kv_cache_engine.kernels import BlockTransfer
+from ultra_adaptive_kv_cache_engine.memory import KVSpec
+from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama
+from ultra_adaptive_kv_cache_engine.tiers import CPUTier, TieredStore, load_records
+from ultra_adaptive_kv_cache_engine.types import CodecKind
+
+NAME = "end_to_end_gpu"
+LLAMA3_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "intermediate_size": 14336, "vocab_size": 128256}
+TINY = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": 320}
+
+
+def log(msg: str) -> None:
+    print(f"[{NAME} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class PromotionTiers(LowerTiers):
+    """The cache's lower tiers; promotion either as the cache does it (`load_records`) or, with `direct`, one
+    copy per block straight from the CPU tier's pinned payload into its pool block."""
+
+    direct = False
+
+    @staticmethod
+    def _raw_block(record: Any, pool_kv: torch.Tensor) -> bool:
+        """The payload IS one pool block's bytes (identity codec, the pool's block shape and dtype)."""
+        meta = record.meta
+        return meta.codec is CodecKind.IDENTITY and meta.shape == tuple(pool_kv.shape[1:]) and meta.torch_dtype == pool_kv.dtype
+
+    def load(self, pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[Any]) -> None:  # type: ignore[override]
+        if self.direct and all(self._raw_block(r, pool_kv) for r in records):
+            BlockTransfer(pool_kv, 1).from_host_blocks([uint8_view(r.payload) for r in records], block_ids)
+        else:
+            load_records(pool_kv, block_ids, records)
+
+
+@dataclass
+class Report:
+    """Results, errors and skips by part, under one deadline; rewritten to the partial file after each part."""
+
+    deadline: float
+    partial: Path
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, min_s: float, fn: Callable[[], Any]) -> Any:
+        left = self.deadline - time.monotonic()
+        if left < min_s:
+            self.skipped[name] = f"{left:.0f} s left of the time budget; the part needs about {min_s:.0f} s"
+            log(f"skip {name}: {self.skipped[name]}")
+            return None
+        log(f"start {name} ({left:.0f} s left)")
+        start = time.monotonic()
+        value = None
+        try:
+            value = fn()
+            if isinstance(value, dict):
+                self.results[name] = value
+        except Exception as exc:  # report the part's failure, keep going with the others
+            self.errors[name] = f"{type(exc).__name__}: {exc}"[:800]
+            traceback.print_exc(file=sys.stderr)
+        self.seconds[name] = round(time.monotonic() - start, 1)
+        log(f"done {name} in {self.seconds[name]} s: {json.dumps(self.results.get(name, self.errors.get(name)))[:400]}")
+        self.partial.write_text(json.dumps(self.payload()) + "\n")
+        return value
+
+    def payload(self) -> dict[str, Any]:
+        return {"results": self.results, "errors": self.errors, "skipped": self.skipped, "seconds": self.seconds}
+
+
+@dataclass
+class World:
+    hf: Any
+    model: PagedLlama
+    ttft_cache: PagedKVCache
+    tiers: PromotionTiers
+    ttft_runner: ModelRunner
+    decode_cache: PagedKVCache
+    runner: ModelRunner
+    eager_runner: ModelRunner
+    device: torch.device
+    gen: torch.Generator
+    last_prompt: list[int] = field(default_factory=list)  # the uncached prompt that (b) and (c) reuse
+
+    def prompt(self, n: int) -> list[int]:
+        return torch.randint(3, self.model.shape.vocab_size, (n,), generator=self.gen).tolist()
+
+
+def build_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Any:
+    """A LlamaForCausalLM built directly on the device in its dtype, then re-initialised in place (seeded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**(TINY if args.quick else LLAMA3_8B), max_position_embeddings=args.prompt_tokens + 256,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, args.init_std, generator=gen)
+            else:
+                param.fill_(1.0)  # RMSNorm weights
+    return model.eval()
+
+
+def make_cache(
+    model: PagedLlama, block_size: int, tokens: int, tier_tokens: int = 0
+) -> tuple[PagedKVCache, PromotionTiers | None]:
+    """A pool of `tokens` tokens on the model's device; with `tier_tokens`, a CPU tier of that many below it
+    (pinned on CUDA)."""
+    s = model.shape
+    blocks = math.ceil(tokens / block_size)
+    config = KVCacheConfig(block_size=block_size, max_tokens=blocks * block_size, device=model.device.type)
+    spec = KVSpec(s.num_layers, s.num_kv_heads, s.head_dim, block_size, model.dtype, model.device)
+    namespace = default_namespace(config, spec)
+    tiers = None
+    if tier_tokens:
+        capacity = int(math.ceil(tier_tokens / block_size) * (spec.bytes_per_block + 4096))
+        tier = CPUTier(namespace.digest, capacity_bytes=capacity, pin_memory=model.device.type == "cuda")
+        tiers = PromotionTiers(TieredStore([tier]), make_codec("identity"))
+    return PagedKVCache(config, spec, num_blocks=blocks, namespace=namespace, lower=tiers), tiers
+
+
+def build_world(args: argparse.Namespace) -> World:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf = build_hf(args, device, dtype)
+    model = PagedLlama.from_hf(hf)
+    bs, p = args.block_size, args.prompt_tokens
+    ttft_cache, tiers = make_cache(model, bs, 3 * p + 8 * bs, tier_tokens=2 * p + 8 * bs)
+    assert tiers is not None
+    ttft_runner = ModelRunner(model, ttft_cache, RunnerConfig(max_context=p + 2 * bs, cuda_graphs=False))
+    per_row = args.decode_prompt + args.new_tokens + bs
+    decode_cache, _ = make_cache(model, bs, 2 * max(args.batches) * per_row)
+    runner = ModelRunner(model, decode_cache, RunnerConfig(max_context=per_row))
+    eager = ModelRunner(model, decode_cache, RunnerConfig(max_context=per_row, cuda_graphs=False))
+    world = World(hf, model, ttft_cache, tiers, ttft_runner, decode_cache, runner, eager, device,
+                  torch.Generator().manual_seed(args.seed))
+    warm = world.prompt(min(p, 4 * bs))
+    for _ in range(2):  # compiles every kernel outside the timings: SDPA prefill, then paged prefill, decode
+        ttft_runner.generate([warm], 2)
+    tiers.flush()
+    return world
+
+
+def timed_ttft(runner: ModelRunner, prompt: list[int]) -> tuple[float, int]:
+    sync()
+    out = runner.generate([prompt], 1)
+    return out.ttft_s[0], out.cached_tokens[0]
+
+
+def hf_forward_s(hf: Any, prompt: list[int], device: torch.device) -> float:
+    ids = torch.tensor([prompt], device=device)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        hf(ids, use_cache=False, logits_to_keep=1)
+    sync()
+    return time.perf_counter() - start
+
+
+def part_uncached(w: World, args: argparse.Namespace) -> dict[str, Any]:
+    ours, hf = [], []
+    for _ in range(2):  # two different prompts: the second is the one (b) and (c) reuse
+        w.last_prompt = w.prompt(args.prompt_tokens)
+        ttft, cached = timed_ttft(w.ttft_runner, w.last_prompt)
+        if cached:
+            raise RuntimeError(f"a fresh random prompt hit {cached} cached tokens")
+        ours.append(ttft)
+        w.tiers.flush()  # the write-through (a background thread) is done before anything else is timed
+        hf.append(hf_forward_s(w.hf, w.last_prompt, w.device))
+    return {"ours_ms": [round(s * 1e3, 2) for s in ours], "hf_forward_ms": [round(s * 1e3, 2) for s in hf],
+            "ttft_ms": round(min(ours) * 1e3, 2), "hf_ms": round(min(hf) * 1e3, 2),
+            "ours_vs_hf_forward": round(min(hf) / min(ours), 3)}
+
+
+def part_gpu_hit(w: World, args: argparse.Namespace) -> dict[str, Any]:
+    prompt = w.last_prompt
+    runs = [timed_ttft(w.ttft_runner, prompt) for _ in range(3)]
+    expected = (len(prompt) - 1) // args.block_size * args.block_size
+    if any(cached != expected for _, cached in runs):
+        raise RuntimeError(f"pool hit reused {[c for _, c in runs]} tokens; expected {expected}")
+    return {"ttft_ms": round(min(t for t, _ in runs) * 1e3, 2), "runs_ms": [round(t * 1e3, 2) for t, _ in runs],
+            "cached_tokens": expected, "computed_tokens": len(prompt) - expected}
+
+
+def evict_pool(cache: PagedKVCache) -> None:
+    """Reallocate every free block of the pool, so no cached block is left in it (the tiers keep theirs)."""
+    with cache._lock:
+        cache.pool.free(cache.pool.allocate_many(cache.pool.num_free))
+
+
+def part_cpu_tier(w: World, args: argparse.Namespace) -> dict[str, Any]:
+    prompt = w.last_prompt
+    expected = (len(prompt) - 1) // args.block_size * args.block_size
+    out: dict[str, Any] = {"cached_tokens": expected}
+    for direct in (False, True):
+        w.tiers.direct = direct
+        runs = []
+        for _ in range(2):  # the first promotion pays one-time costs (the pinned staging buffer)
+            w.tiers.flush()
+            evict_pool(w.ttft_cache)
+            before = w.ttft_cache.stats()["tier_hit_tokens"]
+            ttft, cached = timed_ttft(w.ttft_runner, prompt)
+            promoted = w.ttft_cache.stats()["tier_hit_tokens"] - before
+            if cached != expected or promoted != expected:
+                raise RuntimeError(f"reused {cached} tokens, {promoted} promoted; expected {expected} from the tier")
+            runs.append(round(ttft * 1e3, 2))
+        key = "direct" if direct else "load_records"
+        out[f"{key}_ms"] = runs
+    w.tiers.direct = False
+    out["ttft_ms"] = min(out["load_records_ms"])
+    out["direct_ttft_ms"] = min(out["direct_ms"])
+    return out
+
+
+def hf_generate_s(hf: Any, ids: torch.Tensor, new: int) -> float:
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0)
+    sync()
+    if out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens; expected {new}")
+    return time.perf_counter() - start
+
+
+def hf_decode(w: World, prompts: list[list[int]], new: int, budget_s: float) -> dict[str, Any]:
+    """transformers' decode rate: (generate(n) - generate(1)) over n - 1 steps, n sized to fit `budget_s`."""
+    ids = torch.tensor(prompts, device=w.device)
+    hf_generate_s(w.hf, ids, 1)  # warm-up
+    first = min(hf_generate_s(w.hf, ids, 1) for _ in range(2))
+    probe = min(new, 8)
+    per_step = max((hf_generate_s(w.hf, ids, probe) - first) / max(1, probe - 1), 1e-4)
+    steps = max(probe, min(new, int(budget_s / per_step)))
+    total = hf_generate_s(w.hf, ids, steps)
+    rate = len(prompts) * (steps - 1) / max(total - first, 1e-9)
+    return {"tok_s": round(rate, 2), "new_tokens": steps, "first_token_ms": round(first * 1e3, 2)}
+
+
+def part_decode(w: World, args: argparse.Namespace, batch: int) -> dict[str, Any]:
+    warm = w.runner.generate([w.prompt(args.decode_prompt) for _ in range(batch)], 4)  # captures the graph
+    prompts = [w.prompt(args.decode_prompt) for _ in range(batch)]
+    ours = w.runner.generate(prompts, args.new_tokens)
+    eager = w.eager_runner.generate(prompts, min(args.new_tokens, 32))
+    hf = hf_decode(w, prompts, args.new_tokens, args.hf_budget_s)
+    hf_tokens = None
+    if batch == 1:
+        ids = torch.tensor(prompts, device=w.device)
+        with torch.no_grad():
+            hf_tokens = w.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                                      pad_token_id=0)[0, ids.shape[1]:].tolist()
+    agree = None
+    if hf_tokens is not None:
+        agree = next((i for i, (a, b) in enumerate(zip(ours.tokens[0], hf_tokens, strict=False)) if a != b),
+                     min(len(hf_tokens), len(ours.tokens[0])))
+    return {
+        "ours_tok_s": round(ours.decode_tokens_per_s, 2), "mode": ours.decode_mode.value,
+        "graph_error": warm.graph_error or ours.graph_error, "eager_tok_s": round(eager.decode_tokens_per_s, 2),
+        "hf_tok_s": hf["tok_s"], "hf_new_tokens": hf["new_tokens"], "new_tokens": args.new_tokens,
+        "speedup_vs_hf": round(ours.decode_tokens_per_s / hf["tok_s"], 2) if hf["tok_s"] else None,
+        "graph_vs_eager": round(ours.decode_tokens_per_s / eager.decode_tokens_per_s, 2),
+        "tokens_equal_hf_greedy_first_n": agree,
+    }
+
+
+def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    uncached = results.get("a_uncached", {}).get("ttft_ms")
+    tier = results.get("c_cpu_tier", {})
+    for label, key in (("cpu-tier TTFT / uncached TTFT (as the cache loads today)", "ttft_ms"),
+                       ("cpu-tier TTFT / uncached TTFT (direct per-block copies)", "direct_ttft_ms")):
+        if uncached and tier.get(key) is not None:
+            ratio = round(tier[key] / uncached, 4)
+            out.append({"goal": label, "value": ratio, "target": "<= 0.1", "met": ratio <= 0.1})
+    for batch, target in ((1, 10.0), (32, 2.0)):
+        speed = results.get(f"d_decode_batch_{batch}", {}).get("speedup_vs_hf")
+        if speed is not None:
+            out.append({"goal": f"decode tok/s vs transformers at batch {batch}", "value": speed,
+                        "target": f">= {target}", "met": speed >= target})
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a tiny Llama on the CPU (seconds), same code path")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-tokens", type=int, default=16384)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--decode-prompt", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--init-std", type=float, default=0.02)
+    p.add_argument("--hf-budget-s", type=float, default=20.0, help="longest transformers generate per batch")
+    p.add_argument("--time-budget-s", type=float, default=330.0, help="parts that would start later are skipped")
+    p.add_argument("--no-save", action="store_true", help="only print the JSON line")
+    args = p.parse_args()
+    if args.quick:
+        args.prompt_tokens, args.block_size, args.decode_prompt, args.new_tokens = 96, 16, 32, 8
+        args.batches, args.init_std, args.hf_budget_s = [1, 4], 0.1, 5.0
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # tiny matrices: more threads only wait on each other
+    start = time.monotonic()
+    out_dir = Path(os.environ.get("UAKV_RESULTS_DIR", RESULTS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(start + args.time_budget_s, out_dir / f"{NAME}.partial.json")
+    world: World | None = report.run("setup", 0, lambda: build_world(args))
+    if world is not None:
+        report.run("a_uncached", 10, lambda: part_uncached(world, args))
+        if "a_uncached" in report.results:
+            report.run("b_gpu_hit", 5, lambda: part_gpu_hit(world, args))
+            report.run("c_cpu_tier", 15, lambda: part_cpu_tier(world, args))
+        for batch in args.batches:
+            report.run(f"d_decode_batch_{batch}", 20 + args.hf_budget_s, lambda b=batch: part_decode(world, args, b))
+    r = report.results
+    a, b, c = r.get("a_uncached", {}), r.get("b_gpu_hit", {}), r.get("c_cpu_tier", {})
+    ratios = {"gpu_hit_vs_uncached": round(b["ttft_ms"] / a["ttft_ms"], 4) if a and b else None,
+              "cpu_tier_vs_uncached": round(c["ttft_ms"] / a["ttft_ms"], 4) if a and c else None,
+              "cpu_tier_direct_vs_uncached": round(c["direct_ttft_ms"] / a["ttft_ms"], 4) if a and c else None}
+    shape = dict(world.model.shape.__dict__) if world is not None else None
+    result = {"device": str(world.device) if world else None, "dtype": str(world.model.dtype) if world else None,
+              "model_shape": shape, "block_size": args.block_size, "prompt_tokens": args.prompt_tokens,
+              "decode_prompt": args.decode_prompt, "quick": args.quick, "seed": args.seed,
+              "ratios": ratios, "goals": goals(r), **report.payload(),
+              "total_s": round(time.monotonic() - start, 1)}
+    emit(NAME + ("_quick" if args.quick else ""), result, save=not args.no_save)
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
