@@ -11,9 +11,9 @@ Per prompt length, in one run and on the same prompt:
 The optimizer of prompt n never saw a measurement of prompt n. Torch runs one intra-op thread by default:
 on a shared 2-core machine, 2 OpenMP threads stall whenever the other core is busy (10-100x slower), and
 this benchmark reports ratios, not absolute speed. Each path is warmed up once per length (not
-timed); then the three are timed back to back in rotating order, `--repeats` times. `ratio` is the median
-over repeats of TTFT(optimizer) / min(TTFT(load), TTFT(recompute)) within one repeat (paired, so slow drift
-of the machine's load cancels); the per-path medians are reported too.
+timed); then the three are timed back to back in rotating order, `--repeats` times. The cheaper path is
+the one with the lower median TTFT; `ratio` is the median over repeats of TTFT(optimizer) / TTFT(cheaper)
+within one repeat (paired, so slow drift of the machine's load cancels); `ratio_of_medians` is reported too.
 """
 
 from __future__ import annotations
@@ -161,14 +161,16 @@ def timed_load(world: World, ids: list[int], hashes: Sequence[bytes]) -> tuple[f
 
 
 def probe(world: World, optimizer: PerformanceOptimizer, seed: int, sizes: Sequence[int]) -> None:
-    """The optimizer's priors: prefill of short prompts, and a load of a short prompt's blocks."""
+    """The optimizer's priors: prefill of short prompts, then a load of the last one's blocks (bandwidth, and
+    the prefill of its last tokens after a cached prefix)."""
     for i, n in enumerate(sizes):
         ids = prompt(world, n, seed + 1000 + i)
         paged = world.paged(n)
         optimizer.observe_prefill(0, n, world.generate(paged, ids))
-        hashes = world.store_blocks(paged, ids)
-    _, nbytes, seconds = timed_load(world, ids, hashes)
+        hashes = world.store_blocks(paged, ids)[: (n - 1) // world.block_size]
+    ttft, nbytes, seconds = timed_load(world, ids, hashes)
     optimizer.bandwidth.set_prior(TIER, nbytes / seconds)
+    optimizer.observe_prefill(len(hashes) * world.block_size, len(ids), ttft - seconds)
 
 
 def run_length(world: World, optimizer: PerformanceOptimizer, n: int, seed: int, repeats: int) -> dict[str, object]:
@@ -189,7 +191,6 @@ def run_length(world: World, optimizer: PerformanceOptimizer, n: int, seed: int,
     }
     ttft: dict[str, list[float]] = {name: [] for name in paths}
     learned: list[tuple[int, int, float, float]] = []  # (load tokens, bytes, load s, generate s)
-    ratios: list[float] = []
     for r in range(repeats):
         names = list(paths)[r % 3 :] + list(paths)[: r % 3]  # rotate the order: no path is always first
         for name in names:
@@ -197,16 +198,17 @@ def run_length(world: World, optimizer: PerformanceOptimizer, n: int, seed: int,
             ttft[name].append(seconds + (plan_s if name == "optimizer" else 0.0))
             tokens = {"optimizer": plan.load_tokens, "load": len(hashes) * bs, "recompute": 0}[name]
             learned.append((tokens, read, loaded, seconds - loaded))
-        ratios.append(ttft["optimizer"][-1] / min(ttft["load"][-1], ttft["recompute"][-1]))
     for tokens, read, loaded, generate_s in learned:  # learned only after prompt n was planned
         if read:
             optimizer.observe_transfer(TIER, read, loaded)
         optimizer.observe_prefill(tokens, n, generate_s)
     medians = {name: statistics.median(values) for name, values in ttft.items()}
+    cheaper = min(("load", "recompute"), key=lambda name: medians[name])
+    ratios = [opt / base for opt, base in zip(ttft["optimizer"], ttft[cheaper], strict=True)]
     return {
         "prompt_tokens": n, "cached_blocks": len(hashes), "planned_load_blocks": plan.load_blocks,
         "ttft_optimizer_s": medians["optimizer"], "ttft_load_s": medians["load"],
-        "ttft_recompute_s": medians["recompute"], "estimated_s": plan.total_s,
+        "ttft_recompute_s": medians["recompute"], "cheaper": cheaper, "estimated_s": plan.total_s,
         "estimated_load_s": plan.all_load_s, "estimated_recompute_s": plan.recompute_s,
         "ratio": statistics.median(ratios),
         "ratio_of_medians": medians["optimizer"] / min(medians["load"], medians["recompute"]),
@@ -236,7 +238,7 @@ def main() -> None:
         world = World(args.model, args.block_size, Path(tmp), args.disk_mbps)
         optimizer = PerformanceOptimizer()
         log("probing ...")
-        probe(world, optimizer, args.seed, [64, 160])
+        probe(world, optimizer, args.seed, [128, 320])
         rows = []
         for n in sorted(lengths):
             log(f"prompt of {n} tokens ...")
@@ -248,7 +250,8 @@ def main() -> None:
         "goal_ratio": 1.1, "per_prompt": rows, "seconds": time.perf_counter() - started,
         "torch_threads": torch.get_num_threads(),
     }  # fmt: skip
-    name = "bench_compute_or_load" if args.model == "smollm2" else f"bench_compute_or_load_{args.model}"
+    name = "compute_or_load" + ("" if args.model == "smollm2" else f"_{args.model}")
+    name += "" if args.disk_mbps == 50.0 else f"_disk{args.disk_mbps:g}mbps"
     emit(name, result, save=not args.no_save)
 
 

@@ -278,7 +278,7 @@ def main() -> None:
     result["optimizer"]["compute_or_load"] = "see bench_compute_or_load"
     result["metrics_collector"] = bench_metrics(20000 if args.quick else 200000)
     result["seconds"] = time.perf_counter() - started
-    emit("bench_controllers", result, save=not args.no_save)
+    emit("controllers", result, save=not args.no_save)
 
 
 if __name__ == "__main__":
