@@ -82,7 +82,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 DEMO_SYSTEM = (
     "You are a concise assistant. Answer in one or two sentences. You are helping a new engineer understand "
     "how a key-value cache speeds up language model inference by reusing the attention keys and values of a "
-    "prompt prefix that was already computed, instead of computing it again for every request."
+    "prompt prefix that was already computed, instead of computing it again for every request. Background you "
+    "may use: a transformer computes, for every token of the prompt and at every layer, a key vector and a "
+    "value vector; later tokens attend to all earlier keys and values. Computing them for a long prompt is the "
+    "prefill, and it dominates the time to the first token. When many requests begin with the same text, such "
+    "as a long system prompt, the previous turns of a conversation, a shared document in retrieval-augmented "
+    "generation, or the tool descriptions of an agent, the keys and values of that common prefix are the same "
+    "every time. A prefix cache splits the prompt into blocks of a fixed number of tokens, names each block by "
+    "a cryptographic hash of its tokens and of every block before it, and keeps the blocks in memory, on disk "
+    "or in a shared store. A new request looks up the longest run of blocks it already has and computes only "
+    "the rest. Blocks that are not used for a while are evicted by a policy such as least recently used, or "
+    "by an adaptive policy that learns from the workload which blocks are worth keeping."
 )
 DEMO_QUESTIONS = (
     "What is a KV cache?",
