@@ -134,6 +134,9 @@ def test_plan_promotes_a_conversation_due_within_the_lookahead():
     assert (result.planned, result.promoted, result.conversations) == (3, 3, ("x",))
     assert [source.tier_of(key(n)) for n in ("x1", "x2", "x3")] == ["fast"] * 3
     assert prefetcher.step().planned == 0  # already in the fast tier: nothing more to do
+    put(store, "o4", "o5", "o6")
+    store.remove(key("x2"))
+    assert prefetcher.plan() == ((key("x1"),), ("x",))  # x3 is useless without its parent x2
 
 
 def test_ranking_budget_expiry_and_end():

@@ -4,7 +4,8 @@ A live conversation's next turn starts with its previous turn (same prefix chain
 in the fast tier are those of the conversations whose next turn is due. The prefetcher learns the gap between
 turns (an EWMA per conversation, the EWMA over all conversations until it has one of its own), ranks live
 conversations by their expected next arrival, and, on each `step()`, promotes through a `BlockSource` the
-blocks (in prefix order) of those due within `lookahead_s`, at most `max_blocks` per step. A conversation
+blocks (in prefix order, up to the first block no tier holds: later ones lack a parent) of those due
+within `lookahead_s`, at most `max_blocks` per step. A conversation
 overdue by more than its own gap is presumed idle and no longer prefetched (until its next turn).
 
 Invariants: a conversation is live from its last turn until `live_timeout_s` later or `end()`; blocks
@@ -140,10 +141,7 @@ class CachePrefetcher:
                 break
             if candidate.expected_at + candidate.gap_s < now:  # overdue by a whole gap: likely gone
                 continue
-            wanted = [
-                k for k in self._live[candidate.conversation_id].keys
-                if k not in seen and self.source.tier_of(k) not in (None, self.fast_tier)
-            ]  # fmt: skip
+            wanted = self._wanted(self._live[candidate.conversation_id].keys, seen)
             if not wanted:
                 continue
             taken = wanted[: self.max_blocks - len(keys)]
@@ -151,6 +149,17 @@ class CachePrefetcher:
             seen.update(taken)
             chosen.append(candidate.conversation_id)
         return tuple(keys), tuple(chosen)
+
+    def _wanted(self, keys: tuple[bytes, ...], seen: set[bytes]) -> list[bytes]:
+        """Keys of the usable prefix (up to the first block no tier holds) not yet in the fast tier."""
+        wanted: list[bytes] = []
+        for k in keys:
+            where = self.source.tier_of(k)
+            if where is None:  # a block needs all its parents: nothing after a missing one is usable
+                break
+            if where != self.fast_tier and k not in seen:
+                wanted.append(k)
+        return wanted
 
     def step(self) -> PrefetchResult:
         """Plan and promote; returns what was done."""
