@@ -4,7 +4,8 @@ Question: what does a tier cost over simply moving the bytes? For each tier, n K
 block: 16 layers, K and V, 16 tokens, 8 KV heads, head dim 128, bf16 = 1 MiB) are written and read back, and
 every read ends where the raw read ends: the bytes in the same preallocated tensors (`outs`).
 - CPU: tier write = encode (identity codec: one copy) + seal + `put`; raw = one copy of each block. Tier read =
-  `get_into(key, out)`; raw = `out.copy_(block)`.
+  `get_into(key, out)`; raw = a copy into `out`. Raw copies are byte copies (memcpy speed; a bf16-typed torch
+  copy runs at less than half that speed, so it would flatter the tier).
 - disk (one file per block, no fsync on either side, page cache included): tier write = `borrow_block` (no copy)
   + `put` (header + payload + checksum, temporary name, rename); raw = one plain file per block (the tier's
   number of files). Tier read = `get_into` (the file read straight into `out`, checksum verified there);
@@ -16,8 +17,11 @@ every read ends where the raw read ends: the bytes in the same preallocated tens
   (`read_record`: `get` + decode to a fresh tensor), batched reads/writes (`get_many_into` / `put_many`,
   on the tier's io threads against raw on as many threads; Redis: one pipeline each), disk with
   fsync=always against raw write+fsync, per-codec encode/decode speed, size ratio and error.
-Raw and tier alternate round by round. GB/s = 1e9 bytes of KV per second, best round; ratio = median over
-rounds of raw time / tier time in the same round (1.0 = as fast as raw). Goal: >= 0.8 of raw for CPU and disk.
+Timing (the machine may be shared): raw and tier alternate BLOCK BY BLOCK (raw on block i, tier on block
+i + n/2, which comes first alternating), so both see the same load; GB/s = block bytes / median time of one
+block's operation, ratio = median raw time / median tier time (1.0 = as fast as raw), so a block that was
+preempted does not decide the figure. Batched figures time whole batches, alternating round by round (median of
+the per-round ratios). Goal: >= 0.8 of raw for CPU and disk.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ GOAL = 0.8
 NS = hashlib.sha256(b"bench-tiers").digest()
 IDENTITY = make_codec("identity")
 Fn = Callable[[], object]
+Op = Callable[[int], object]
 
 
 def log(msg: str) -> None:
@@ -68,7 +73,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 def paired(name: str, nbytes: int, raw: Fn, tier: Fn, repeats: int, raw_setup: Fn | None = None,
            tier_setup: Fn | None = None) -> dict[str, float]:
-    """Raw and tier alternating for `repeats` rounds: best GB/s of each, median of the per-round ratios."""
+    """Whole batches, raw and tier alternating for `repeats` rounds: best GB/s of each, median per-round ratio."""
     raw_s, tier_s = [], []
     for _ in range(repeats):
         raw_s.append(timed(raw, raw_setup))
@@ -78,116 +83,144 @@ def paired(name: str, nbytes: int, raw: Fn, tier: Fn, repeats: int, raw_setup: F
             f"{name}_ratio": round(ratio, 3)}
 
 
+def interleaved(name: str, block_bytes: int, n: int, raw: Op, tier: Op, rounds: int,
+                setup: Fn | None = None) -> dict[str, float]:
+    """`raw(i)` and `tier(j)` for every block, j = i + n/2 (no block's data warm from the other side), the first
+    of each pair alternating; `setup` (untimed) before each round. Per-block medians."""
+    raw_s: list[float] = []
+    tier_s: list[float] = []
+    clock = time.perf_counter
+    for _ in range(rounds):
+        if setup is not None:
+            setup()
+        for i in range(n):
+            j = (i + n // 2) % n
+            first, second = ((raw, i, raw_s), (tier, j, tier_s)) if i % 2 == 0 else ((tier, j, tier_s), (raw, i, raw_s))
+            t0 = clock()
+            first[0](first[1])
+            t1 = clock()
+            second[0](second[1])
+            t2 = clock()
+            first[2].append(t1 - t0)
+            second[2].append(t2 - t1)
+    raw_m, tier_m = statistics.median(raw_s), statistics.median(tier_s)
+    return {f"{name}_gbps": gbps(block_bytes, tier_m), f"raw_{name}_gbps": gbps(block_bytes, raw_m),
+            f"{name}_ratio": round(raw_m / tier_m, 3)}
+
+
 def byte_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-def bench_cpu(blocks: list[torch.Tensor], keys: list[bytes], repeats: int) -> dict[str, Any]:
-    nbytes = sum(b.numel() * b.element_size() for b in blocks)
+def bench_cpu(blocks: list[torch.Tensor], keys: list[bytes], rounds: int) -> dict[str, Any]:
+    n, size = len(blocks), blocks[0].numel() * blocks[0].element_size()
     outs = [torch.empty_like(b) for b in blocks]
+    copies: list[torch.Tensor | None] = [None] * n
     state: dict[str, Any] = {}
 
-    def tier_write() -> None:
-        for k, b in zip(keys, blocks, strict=True):
-            state["tier"].put(k, encode_block(k, NS, b, IDENTITY))
+    def raw_write(i: int) -> None:
+        copies[i] = blocks[i].view(torch.uint8).clone()
 
-    result = paired("write", nbytes, lambda: state.__setitem__("copies", [b.clone() for b in blocks]), tier_write,
-                    repeats, tier_setup=lambda: state.__setitem__("tier", CPUTier(NS, 4 * nbytes, pin_memory=False)))
+    def raw_read(i: int) -> None:
+        byte_view(outs[i])[:] = byte_view(copies[i])  # type: ignore[arg-type]
+
+    def setup() -> None:
+        state["tier"] = CPUTier(NS, 4 * n * size, pin_memory=False)
+
+    result = interleaved("write", size, n, raw_write,
+                         lambda i: state["tier"].put(keys[i], encode_block(keys[i], NS, blocks[i], IDENTITY)),
+                         rounds, setup)
     tier = state["tier"]
-    result |= paired("read", nbytes, lambda: [o.copy_(c) for o, c in zip(outs, state["copies"], strict=True)],
-                     lambda: [tier.get_into(k, o) for k, o in zip(keys, outs, strict=True)], repeats)
-    result |= paired("read_record", nbytes, lambda: [c.clone() for c in state["copies"]],
-                     lambda: [tier.get(k).tensor() for k in keys], repeats)
+    result |= interleaved("read", size, n, raw_read, lambda i: tier.get_into(keys[i], outs[i]), rounds)
+    result |= interleaved("read_record", size, n, lambda i: copies[i].clone(),  # type: ignore[union-attr]
+                          lambda i: tier.get(keys[i]).tensor(), rounds)
     return result
 
 
-def _raw_write(folder: Path, blocks: list[torch.Tensor], fsync: bool, first: int = 0) -> None:
-    for i, b in enumerate(blocks, first):
-        fd = os.open(folder / f"{i}.raw", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, byte_view(b))
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _raw_read(folder: Path, i: int, out: torch.Tensor) -> None:
-    with open(folder / f"{i}.raw", "rb", buffering=0) as f:
-        f.readinto(byte_view(out))
-
-
-def _single_write(path: Path, blocks: list[torch.Tensor]) -> None:
-    with open(path, "wb", buffering=0) as f:
-        for b in blocks:
-            f.write(byte_view(b))
-
-
-def _single_read(path: Path, outs: list[torch.Tensor]) -> None:
-    with open(path, "rb", buffering=0) as f:
-        for out in outs:
-            f.readinto(byte_view(out))
-
-
-def bench_disk(blocks: list[torch.Tensor], keys: list[bytes], repeats: int, base: Path) -> dict[str, Any]:
-    nbytes = sum(b.numel() * b.element_size() for b in blocks)
+def bench_disk(blocks: list[torch.Tensor], keys: list[bytes], rounds: int, base: Path) -> dict[str, Any]:
+    n, size = len(blocks), blocks[0].numel() * blocks[0].element_size()
     raw_dir, tier_dir, single = base / "raw", base / "tier", base / "single.raw"
     outs = [torch.empty_like(b) for b in blocks]
     state: dict[str, Any] = {}
-    pairs = list(zip(keys, blocks, strict=True))
 
     def fresh_raw() -> None:
         shutil.rmtree(raw_dir, ignore_errors=True)
-        single.unlink(missing_ok=True)
         raw_dir.mkdir(parents=True)
 
-    def fresh_tier(fsync: str = "never") -> Fn:
+    def fresh_tier(fsync: str = "never") -> None:
+        shutil.rmtree(tier_dir, ignore_errors=True)
+        state["tier"] = DiskTier(NS, tier_dir, 4 * n * size, fsync=fsync)
+
+    def fresh(fsync: str = "never", stream: str | None = None) -> Fn:
         def setup() -> None:
-            shutil.rmtree(tier_dir, ignore_errors=True)
-            state["tier"] = DiskTier(NS, tier_dir, 4 * nbytes, fsync=fsync)
+            for f in state.pop("files", ()):
+                f.close()
+            fresh_raw()
+            fresh_tier(fsync)
+            if stream:
+                state["files"] = [open(single, stream, buffering=0)]  # noqa: SIM115 (closed by the next setup)
         return setup
 
-    def tier_write() -> None:
-        for k, b in pairs:
-            state["tier"].put(k, borrow_block(k, NS, b))
+    def raw_write(i: int) -> None:
+        fd = os.open(raw_dir / f"{i}.raw", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, byte_view(blocks[i]))
+        finally:
+            os.close(fd)
 
-    def tier_write_copy() -> None:
-        for k, b in pairs:
-            state["tier"].put(k, encode_block(k, NS, b, IDENTITY))
+    def raw_write_fsync(i: int) -> None:
+        fd = os.open(raw_dir / f"{i}.raw", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, byte_view(blocks[i]))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-    def tier_read() -> None:
-        for k, o in zip(keys, outs, strict=True):
-            state["tier"].get_into(k, o)
+    def raw_read(i: int) -> None:
+        with open(raw_dir / f"{i}.raw", "rb", buffering=0) as f:
+            f.readinto(byte_view(outs[i]))
 
-    raw_files = lambda: _raw_write(raw_dir, blocks, False)  # noqa: E731
-    result = paired("write", nbytes, raw_files, tier_write, repeats, fresh_raw, fresh_tier())
-    result |= paired("write_single_file", nbytes, lambda: _single_write(single, blocks), tier_write, repeats,
-                     fresh_raw, fresh_tier())
-    result |= paired("write_copy", nbytes, raw_files, tier_write_copy, repeats, fresh_raw, fresh_tier())
-    fresh_raw()
-    raw_files()
-    _single_write(single, blocks)
-    result |= paired("read", nbytes, lambda: [_raw_read(raw_dir, i, o) for i, o in enumerate(outs)], tier_read,
-                     repeats)
-    result |= paired("read_single_file", nbytes, lambda: _single_read(single, outs), tier_read, repeats)
-    result |= paired("read_record", nbytes, lambda: [_raw_read(raw_dir, i, o) for i, o in enumerate(outs)],
-                     lambda: [state["tier"].get(k).tensor() for k in keys], repeats)
+    def tier_write(i: int) -> None:
+        state["tier"].put(keys[i], borrow_block(keys[i], NS, blocks[i]))
+
+    def stream_write(i: int) -> None:  # one file with every block, in block order
+        f = state["files"][0]
+        f.seek(i * size)
+        f.write(byte_view(blocks[i]))
+
+    def stream_read(i: int) -> None:
+        f = state["files"][0]
+        f.seek(i * size)
+        f.readinto(byte_view(outs[i]))
+
+    result = interleaved("write", size, n, raw_write, tier_write, rounds, fresh())
+    result |= interleaved("write_copy", size, n, raw_write,
+                          lambda i: state["tier"].put(keys[i], encode_block(keys[i], NS, blocks[i], IDENTITY)),
+                          rounds, fresh())
+    single_write = interleaved("single", size, n, stream_write, tier_write, rounds, fresh(stream="wb"))
+    fresh(stream="rb")()  # the single file is whole; now write every block once more, each way
+    for i in range(n):
+        raw_write(i)
+        tier_write(i)
     tier = state["tier"]
+    result |= interleaved("read", size, n, raw_read, lambda i: tier.get_into(keys[i], outs[i]), rounds)
+    single_read = interleaved("single", size, n, stream_read, lambda i: tier.get_into(keys[i], outs[i]), rounds)
+    result |= interleaved("read_record", size, n, raw_read, lambda i: tier.get(keys[i]).tensor(), rounds)
+    result |= {"raw_write_single_file_gbps": single_write["raw_single_gbps"],
+               "write_ratio_single_file": single_write["single_ratio"],
+               "raw_read_single_file_gbps": single_read["raw_single_gbps"],
+               "read_ratio_single_file": single_read["single_ratio"]}
     result["batch_threads"] = tier.io_threads
     with ThreadPoolExecutor(tier.io_threads) as pool:
-        result |= paired("batch_read", nbytes,
-                         lambda: list(pool.map(lambda i: _raw_read(raw_dir, i, outs[i]), range(len(outs)))),
-                         lambda: tier.get_many_into(keys, outs), repeats)
-        result |= paired("batch_write", nbytes,
-                         lambda: list(pool.map(lambda i: _raw_write(raw_dir, blocks[i : i + 1], False, i),
-                                               range(len(blocks)))),
-                         lambda: state["tier"].put_many([(k, borrow_block(k, NS, b)) for k, b in pairs]),
-                         repeats, fresh_raw, fresh_tier())
-    result |= paired("write_fsync_always", nbytes, lambda: _raw_write(raw_dir, blocks, True), tier_write, 1,
-                     fresh_raw, fresh_tier("always"))
-    for name in ("write", "read"):
-        result[f"{name}_ratio_single_file"] = result.pop(f"{name}_single_file_ratio")
-        result.pop(f"{name}_single_file_gbps")
+        result |= paired("batch_read", n * size, lambda: list(pool.map(raw_read, range(n))),
+                         lambda: tier.get_many_into(keys, outs), rounds)
+        result |= paired("batch_write", n * size, lambda: list(pool.map(raw_write, range(n))),
+                         lambda: state["tier"].put_many([(k, borrow_block(k, NS, b)) for k, b in zip(keys, blocks,
+                                                                                                     strict=True)]),
+                         rounds, fresh_raw, fresh_tier)
+    result |= interleaved("write_fsync_always", size, n, raw_write_fsync, tier_write, 1, fresh("always"))
+    for f in state.pop("files", ()):
+        f.close()
     return result
 
 
@@ -212,18 +245,13 @@ def start_redis(folder: Path) -> tuple[subprocess.Popen[bytes], int] | None:
     return None
 
 
-def bench_redis(blocks: list[torch.Tensor], keys: list[bytes], repeats: int, url: str) -> dict[str, Any]:
-    nbytes = sum(b.numel() * b.element_size() for b in blocks)
+def bench_redis(blocks: list[torch.Tensor], keys: list[bytes], rounds: int, url: str) -> dict[str, Any]:
+    n, size = len(blocks), blocks[0].numel() * blocks[0].element_size()
     tier = RedisTier(NS, url, prefix="bench:")
     client = redis.Redis.from_url(url)
     values = [encode_block(k, NS, b, IDENTITY).to_bytes() for k, b in zip(keys, blocks, strict=True)]
     raw_keys = [b"raw:" + k.hex().encode() for k in keys]
     outs = [torch.empty_like(b) for b in blocks]
-    pairs = list(zip(keys, blocks, strict=True))
-
-    def raw_write() -> None:
-        for k, v in zip(raw_keys, values, strict=True):
-            client.set(k, v)
 
     def raw_batch_write() -> None:
         pipe = client.pipeline(transaction=False)
@@ -237,17 +265,22 @@ def bench_redis(blocks: list[torch.Tensor], keys: list[bytes], repeats: int, url
             pipe.get(k)
         pipe.execute()
 
-    result = paired("write", nbytes, raw_write, lambda: [tier.put(k, borrow_block(k, NS, b)) for k, b in pairs],
-                    repeats)
-    result |= paired("write_copy", nbytes, raw_write,
-                     lambda: [tier.put(k, encode_block(k, NS, b, IDENTITY)) for k, b in pairs], repeats)
-    result |= paired("read", nbytes, lambda: [client.get(k) for k in raw_keys],
-                     lambda: [tier.get_into(k, o) for k, o in zip(keys, outs, strict=True)], repeats)
-    result |= paired("read_record", nbytes, lambda: [client.get(k) for k in raw_keys],
-                     lambda: [tier.get(k).tensor() for k in keys], repeats)
-    result |= paired("batch_write", nbytes, raw_batch_write,
-                     lambda: tier.put_many([(k, borrow_block(k, NS, b)) for k, b in pairs]), repeats)
-    result |= paired("batch_read", nbytes, raw_batch_read, lambda: tier.get_many_into(keys, outs), repeats)
+    def raw_set(i: int) -> None:
+        client.set(raw_keys[i], values[i])
+
+    def raw_get(i: int) -> None:
+        client.get(raw_keys[i])
+
+    result = interleaved("write", size, n, raw_set, lambda i: tier.put(keys[i], borrow_block(keys[i], NS, blocks[i])),
+                         rounds)
+    result |= interleaved("write_copy", size, n, raw_set,
+                          lambda i: tier.put(keys[i], encode_block(keys[i], NS, blocks[i], IDENTITY)), rounds)
+    result |= interleaved("read", size, n, raw_get, lambda i: tier.get_into(keys[i], outs[i]), rounds)
+    result |= interleaved("read_record", size, n, raw_get, lambda i: tier.get(keys[i]).tensor(), rounds)
+    result |= paired("batch_write", n * size, raw_batch_write,
+                     lambda: tier.put_many([(k, borrow_block(k, NS, b)) for k, b in zip(keys, blocks, strict=True)]),
+                     rounds)
+    result |= paired("batch_read", n * size, raw_batch_read, lambda: tier.get_many_into(keys, outs), rounds)
     return result
 
 
@@ -291,7 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer blocks and rounds (< 1 minute on 2 cores)")
     parser.add_argument("--blocks", type=int, default=None, help="blocks per pass (default 256, quick 32)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 7, quick 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 5, quick 5)")
     parser.add_argument("--redis-url", default=None, help="use this server instead of starting redis-server")
     parser.add_argument("--dir", default=None, help="folder for the disk tier (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
@@ -299,7 +332,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # single-threaded copies on both sides (and no OpenMP spinning on busy cores)
     n = args.blocks or (32 if args.quick else 256)
-    repeats = args.repeats or (5 if args.quick else 7)
+    repeats = args.repeats or 5
     gen = torch.Generator().manual_seed(args.seed)
     shape = (16, 2, 16, 8, 128)
     blocks = [torch.randn(shape, generator=gen).to(torch.bfloat16) for _ in range(n)]

@@ -55,6 +55,15 @@ def test_layout_is_prefix_json_payload_checksum() -> None:
 
 
 @pytest.mark.parametrize("codec", ["identity", "int8", "fp8", "int4"])
+def test_the_header_is_the_canonical_json_of_the_meta(codec: str) -> None:
+    record = _record(torch.float16, codec)[1]
+    canonical = json.dumps(record.meta.as_json(), separators=(",", ":"), sort_keys=True).encode()
+    header = record.header[PREFIX_BYTES:]
+    assert header.rstrip(b" ") == canonical and len(record.header) % 64 == 0
+    assert json.loads(header) == record.meta.as_json()
+
+
+@pytest.mark.parametrize("codec", ["identity", "int8", "fp8", "int4"])
 def test_parse_round_trip(codec: str) -> None:
     block, record = _record(torch.float16, codec)
     parsed = parse_record(record.to_bytes(), KEY, NS)

@@ -153,7 +153,9 @@ def checksum_of(*parts: bytes | memoryview) -> bytes:
 def meta_json(meta: TensorMeta) -> bytes:
     """The JSON header of `meta` exactly as a record carries it: compact, sorted keys (one text per meta), then
     spaces up to the next multiple of PAYLOAD_ALIGN bytes from the record's start (JSON ignores them)."""
-    text = json.dumps(meta.as_json(), separators=(",", ":"), sort_keys=True).encode()
+    params = json.dumps(dict(meta.params), separators=(",", ":"), sort_keys=True) if meta.params else "{}"
+    shape = ",".join(str(int(d)) for d in meta.shape)  # keys in sorted order; codec and dtype need no escaping
+    text = f'{{"codec":"{meta.codec.value}","dtype":"{meta.dtype}","params":{params},"shape":[{shape}]}}'.encode()
     return text + b" " * (-(PREFIX_BYTES + len(text)) % PAYLOAD_ALIGN)
 
 
