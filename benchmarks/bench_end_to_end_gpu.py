@@ -22,31 +22,74 @@ after each part into end_to_end_gpu.partial.json, and one JSON line goes to stdo
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
 import sys
 import time
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from bench_common import RESULTS, emit
 
-from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache, default_namespace
-from ultra_adaptive_kv_cache_engine.compression import make_codec
-from ultra_adaptive_kv_cache_engine.compression.codec import uint8_view
-from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
-from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
-from ultra_adaptive_kv_cache_engine.kernels import BlockTransfer
-from ultra_adaptive_kv_cache_engine.memory import KVSpec
-from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama
-from ultra_adaptive_kv_cache_engine.tiers import CPUTier, TieredStore, load_records
-from ultra_adaptive_kv_cache_engine.types import CodecKind
+def stub_missing_modules() -> list[str]:
+    """Stand-ins for dependencies this benchmark imports but never calls, when the machine lacks them: the Redis
+    client (no Redis tier here) and xxhash (a CPU-tier record's checksum is computed only when it is
+    serialised, which never happens in memory). Any call into a stand-in raises. Named in the JSON."""
+
+    def unavailable(name: str) -> type:
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(f"{name} is not installed on this machine (a stand-in was imported)")
+
+        return type(name, (Exception,), {"__init__": fail, "from_url": staticmethod(fail)})
+
+    def missing(name: str) -> bool:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return True
+        return False
+
+    stubbed = []
+    if missing("redis"):
+        parts = {n: types.ModuleType(n) for n in ("redis", "redis.backoff", "redis.cluster", "redis.retry",
+                                                  "redis.exceptions")}
+        parts["redis.exceptions"].RedisError = unavailable("RedisError")  # type: ignore[attr-defined]
+        parts["redis"].exceptions = parts["redis.exceptions"]  # type: ignore[attr-defined]
+        parts["redis"].Redis = unavailable("Redis")  # type: ignore[attr-defined]
+        parts["redis.backoff"].NoBackoff = unavailable("NoBackoff")  # type: ignore[attr-defined]
+        parts["redis.cluster"].RedisCluster = unavailable("RedisCluster")  # type: ignore[attr-defined]
+        parts["redis.retry"].Retry = unavailable("Retry")  # type: ignore[attr-defined]
+        sys.modules.update(parts)
+        stubbed.append("redis")
+    if missing("xxhash"):
+        module = types.ModuleType("xxhash")
+        module.xxh3_128 = unavailable("xxh3_128")  # type: ignore[attr-defined]
+        sys.modules["xxhash"] = module
+        stubbed.append("xxhash")
+    return stubbed
+
+
+STUBBED = stub_missing_modules()
+
+import torch  # noqa: E402
+from bench_common import RESULTS, emit  # noqa: E402
+
+from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers  # noqa: E402
+from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache, default_namespace  # noqa: E402
+from ultra_adaptive_kv_cache_engine.compression import make_codec  # noqa: E402
+from ultra_adaptive_kv_cache_engine.compression.codec import uint8_view  # noqa: E402
+from ultra_adaptive_kv_cache_engine.config import KVCacheConfig  # noqa: E402
+from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig  # noqa: E402
+from ultra_adaptive_kv_cache_engine.kernels import BlockTransfer  # noqa: E402
+from ultra_adaptive_kv_cache_engine.memory import KVSpec  # noqa: E402
+from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama  # noqa: E402
+from ultra_adaptive_kv_cache_engine.tiers import CPUTier, TieredStore, load_records  # noqa: E402
+from ultra_adaptive_kv_cache_engine.types import CodecKind  # noqa: E402
 
 NAME = "end_to_end_gpu"
 LLAMA3_8B = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -216,19 +259,37 @@ def hf_forward_s(hf: Any, prompt: list[int], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def guarded(what: str, fn: Callable[[], Any], errors: dict[str, str]) -> Any:
+    """fn(), or None with its error noted under `what` (a baseline's failure must not hide our figures)."""
+    try:
+        return fn()
+    except Exception as exc:
+        errors[what] = f"{type(exc).__name__}: {exc}"[:400]
+        traceback.print_exc(file=sys.stderr)
+        return None
+
+
 def part_uncached(w: World, args: argparse.Namespace) -> dict[str, Any]:
-    ours, hf = [], []
+    ours: list[float] = []
+    hf: list[float] = []
+    errors: dict[str, str] = {}
     for _ in range(2):  # two different prompts: the second is the one (b) and (c) reuse
-        w.last_prompt = w.prompt(args.prompt_tokens)
-        ttft, cached = timed_ttft(w.ttft_runner, w.last_prompt)
+        prompt = w.prompt(args.prompt_tokens)
+        ttft, cached = timed_ttft(w.ttft_runner, prompt)
         if cached:
             raise RuntimeError(f"a fresh random prompt hit {cached} cached tokens")
+        w.last_prompt = prompt
         ours.append(ttft)
         w.tiers.flush()  # the write-through (a background thread) is done before anything else is timed
-        hf.append(hf_forward_s(w.hf, w.last_prompt, w.device))
-    return {"ours_ms": [round(s * 1e3, 2) for s in ours], "hf_forward_ms": [round(s * 1e3, 2) for s in hf],
-            "ttft_ms": round(min(ours) * 1e3, 2), "hf_ms": round(min(hf) * 1e3, 2),
-            "ours_vs_hf_forward": round(min(hf) / min(ours), 3)}
+        seconds = guarded("hf_forward", lambda p=prompt: hf_forward_s(w.hf, p, w.device), errors)
+        if seconds is not None:
+            hf.append(seconds)
+    out: dict[str, Any] = {"ours_ms": [round(s * 1e3, 2) for s in ours], "ttft_ms": round(min(ours) * 1e3, 2),
+                           "hf_forward_ms": [round(s * 1e3, 2) for s in hf], **errors}
+    if hf:
+        out["hf_ms"] = round(min(hf) * 1e3, 2)
+        out["ours_vs_hf_forward"] = round(min(hf) / min(ours), 3)
+    return out
 
 
 def part_gpu_hit(w: World, args: argparse.Namespace) -> dict[str, Any]:
@@ -300,26 +361,33 @@ def part_decode(w: World, args: argparse.Namespace, batch: int) -> dict[str, Any
     warm = w.runner.generate([w.prompt(args.decode_prompt) for _ in range(batch)], 4)  # captures the graph
     prompts = [w.prompt(args.decode_prompt) for _ in range(batch)]
     ours = w.runner.generate(prompts, args.new_tokens)
-    eager = w.eager_runner.generate(prompts, min(args.new_tokens, 32))
-    hf = hf_decode(w, prompts, args.new_tokens, args.hf_budget_s)
-    hf_tokens = None
-    if batch == 1:
-        ids = torch.tensor(prompts, device=w.device)
-        with torch.no_grad():
-            hf_tokens = w.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
-                                      pad_token_id=0)[0, ids.shape[1]:].tolist()
-    agree = None
-    if hf_tokens is not None:
-        agree = next((i for i, (a, b) in enumerate(zip(ours.tokens[0], hf_tokens, strict=False)) if a != b),
-                     min(len(hf_tokens), len(ours.tokens[0])))
-    return {
+    out: dict[str, Any] = {
         "ours_tok_s": round(ours.decode_tokens_per_s, 2), "mode": ours.decode_mode.value,
-        "graph_error": warm.graph_error or ours.graph_error, "eager_tok_s": round(eager.decode_tokens_per_s, 2),
-        "hf_tok_s": hf["tok_s"], "hf_new_tokens": hf["new_tokens"], "new_tokens": args.new_tokens,
-        "speedup_vs_hf": round(ours.decode_tokens_per_s / hf["tok_s"], 2) if hf["tok_s"] else None,
-        "graph_vs_eager": round(ours.decode_tokens_per_s / eager.decode_tokens_per_s, 2),
-        "tokens_equal_hf_greedy_first_n": agree,
+        "graph_error": warm.graph_error or ours.graph_error, "new_tokens": args.new_tokens,
     }
+    errors: dict[str, str] = {}
+    eager = guarded("eager_error", lambda: w.eager_runner.generate(prompts, min(args.new_tokens, 32)), errors)
+    if eager is not None:
+        out["eager_tok_s"] = round(eager.decode_tokens_per_s, 2)
+        out["graph_vs_eager"] = round(ours.decode_tokens_per_s / eager.decode_tokens_per_s, 2)
+    hf = guarded("hf_error", lambda: hf_decode(w, prompts, args.new_tokens, args.hf_budget_s), errors)
+    if hf is not None:
+        out.update(hf_tok_s=hf["tok_s"], hf_new_tokens=hf["new_tokens"],
+                   speedup_vs_hf=round(ours.decode_tokens_per_s / hf["tok_s"], 2) if hf["tok_s"] else None)
+    if batch == 1:
+        hf_tokens = guarded("hf_tokens_error", lambda: hf_greedy(w, prompts[0], 16), errors)
+        if hf_tokens is not None:
+            pairs = list(zip(ours.tokens[0], hf_tokens, strict=False))
+            out["tokens_equal_hf_greedy_first_n"] = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
+    return {**out, **errors}
+
+
+def hf_greedy(w: World, prompt: list[int], new: int) -> list[int]:
+    ids = torch.tensor([prompt], device=w.device)
+    with torch.no_grad():
+        out = w.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                            pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -385,7 +453,7 @@ def main() -> int:
     result = {"device": str(world.device) if world else None, "dtype": str(world.model.dtype) if world else None,
               "model_shape": shape, "block_size": args.block_size, "prompt_tokens": args.prompt_tokens,
               "decode_prompt": args.decode_prompt, "quick": args.quick, "seed": args.seed,
-              "ratios": ratios, "goals": goals(r), **report.payload(),
+              "ratios": ratios, "goals": goals(r), "stubbed_modules": STUBBED, **report.payload(),
               "total_s": round(time.monotonic() - start, 1)}
     emit(NAME + ("_quick" if args.quick else ""), result, save=not args.no_save)
     return 1 if report.errors else 0
