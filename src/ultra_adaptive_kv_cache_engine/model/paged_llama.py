@@ -209,13 +209,11 @@ class PagedLlama:
         s, w = self.shape, self.layers[i]
         t = h.shape[0]
         x = _rms_norm(h, w.input_norm, s.rms_norm_eps)
-        q, k, v = F.linear(x, w.qkv, w.qkv_bias).split(
-            [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim], dim=-1
-        )
-        cos, sin = rope
-        q = _rotate(q.view(t, s.num_heads, s.head_dim), cos, sin)
-        k = _rotate(k.view(t, s.num_kv_heads, s.head_dim), cos, sin)
-        v = v.view(t, s.num_kv_heads, s.head_dim)
+        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        rotated = s.num_heads + s.num_kv_heads  # q and k heads are adjacent: one RoPE for both
+        qk = _rotate(qkv[:, : rotated * s.head_dim].view(t, rotated, s.head_dim), *rope)
+        q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
+        v = qkv[:, rotated * s.head_dim :].view(t, s.num_kv_heads, s.head_dim)
         self.backend.write_kv(k, v, pool[:, i, 0], pool[:, i, 1], slots)
         o = attend(i, q, k, v)
         h = h + F.linear(o.reshape(t, s.num_heads * s.head_dim), w.o, w.o_bias)
