@@ -177,12 +177,14 @@ def test_get_into_fills_the_callers_tensors(factory: Factory) -> None:
         tier.get_into(recs[0].block_hash, torch.zeros(4, 8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="out is torch.float32"):
         tier.get_into(recs[0].block_hash, torch.zeros(2, 4, 8))
+    with pytest.raises(ValueError, match="out is torch.complex64"):
+        tier.get_into(recs[0].block_hash, torch.zeros(2, 4, 8, dtype=torch.complex64))
     with pytest.raises(TypeError, match="torch.Tensor"):
         tier.get_into(recs[0].block_hash, bytearray(64))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2 keys for 1 output tensors"):
         tier.get_many_into(keys[:2], outs[:1])
     if not isinstance(tier, TieredStore):  # a block found but not of out's shape still counts as found
-        assert (tier.usage().counters["hits"], tier.usage().counters["misses"]) == (6, 1)
+        assert (tier.usage().counters["hits"], tier.usage().counters["misses"]) == (7, 1)
 
 
 def test_a_borrowed_block_is_stored_as_it_was_at_put(factory: Factory) -> None:

@@ -140,10 +140,11 @@ class DiskTier(Tier):
         if size is None:
             self.counters.add("misses")
             return False
-        if view is not None:
-            head = record_head(key, self.namespace, self._raw_header(out), view.nbytes)
+        header = self._raw_header(out) if view is not None else None
+        if view is not None and header is not None:
             try:
-                read = files.read_record_into(self._path(key), head, view)
+                read = files.read_record_into(self._path(key), record_head(key, self.namespace, header, view.nbytes),
+                                              view)
             except OSError:
                 read = False
             if read:
@@ -236,15 +237,19 @@ class DiskTier(Tier):
     def _path(self, key: bytes) -> str:
         return files.block_path(self._root, key)
 
-    def _raw_header(self, out: torch.Tensor) -> bytes:
-        """`raw_header(out)`, remembered per dtype and shape (a tier sees few; the memo is cleared when large).
-        TypeError for a dtype no record stores."""
+    def _raw_header(self, out: torch.Tensor) -> bytes | None:
+        """`raw_header(out)`, remembered per dtype and shape (a tier sees few; the memo is cleared when large);
+        None for a dtype no record stores."""
         spec = (out.dtype, tuple(out.shape))
         header = self._headers.get(spec)
         if header is None:
+            try:
+                header = raw_header(out)
+            except TypeError:
+                return None
             if len(self._headers) >= HEADER_MEMO:
                 self._headers.clear()
-            header = self._headers[spec] = raw_header(out)
+            self._headers[spec] = header
         return header
 
     def _served(self, key: bytes, size: int) -> None:

@@ -108,25 +108,8 @@ def atomic_write(final: str, chunks: Sequence[bytes | memoryview], fsync: bool) 
         fsync_dir(os.path.dirname(final))
 
 
-def readv_full(fd: int, buffers: Sequence[memoryview]) -> int:
-    """Fill `buffers` in order from `fd`'s position; the bytes read (less than their sum only at end of file)."""
-    views = [b for b in buffers if b.nbytes]
-    total = 0
-    while views:
-        n = os.readv(fd, views)
-        if n <= 0:
-            break
-        total += n
-        while views and n >= views[0].nbytes:
-            n -= views[0].nbytes
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-    return total
-
-
 def read_record_into(path: str, head: bytes, out: memoryview) -> bool:
-    """Read the record at `path` in ONE `readv`: its first bytes into a small buffer, its payload straight into
+    """Read the record at `path` with ONE `readv`: its first bytes into a small buffer, its payload straight into
     `out`. True if the file is exactly `head` (the expected prefix and JSON header, which name the block and its
     namespace), then `out.nbytes` of payload, then the checksum of both (verified over `out` in place).
 
@@ -135,10 +118,10 @@ def read_record_into(path: str, head: bytes, out: memoryview) -> bool:
     `out` may have been overwritten.
     """
     got_head = bytearray(len(head))
-    tail = bytearray(CHECKSUM_BYTES + 1)  # one spare byte: a file longer than its record is noticed
+    tail = bytearray(CHECKSUM_BYTES + 1)  # one spare byte: a file longer than its record fills it
     fd = os.open(path, os.O_RDONLY)
-    try:
-        got = readv_full(fd, (memoryview(got_head), out, memoryview(tail)))
+    try:  # a regular file reads short only at its end (or on a signal: then the ordinary way reads it)
+        got = os.readv(fd, (got_head, out, tail))
     finally:
         os.close(fd)
     return (
