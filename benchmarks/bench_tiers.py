@@ -6,11 +6,11 @@ every read ends where the raw read ends: the bytes in the same preallocated tens
 - CPU: tier write = encode (identity codec: one copy) + seal + `put`; raw = one copy of each block. Tier read =
   `get_into(key, out)`; raw = a copy into `out`. Raw copies are byte copies (memcpy speed; a bf16-typed torch
   copy runs at less than half that speed, so it would flatter the tier).
-- disk (one file per block, no fsync on either side, page cache included): tier write = `borrow_block` (no copy)
-  + `put` (header + payload + checksum, temporary name, rename); raw = one plain file per block (the tier's
-  number of files). Tier read = `get_into` (the file read straight into `out`, checksum verified there);
-  raw = `readinto(out)` of each plain file. Second reference: ONE plain file with every block, written and read
-  sequentially (`*_ratio_single_file`): what one file per block costs over a stream.
+- disk: the tier writes ONE FILE PER BLOCK (no fsync on either side, page cache included). Tier write =
+  `borrow_block` (no copy) + `put` (header + payload + checksum, temporary name, rename); tier read = `get_into`
+  (the file read straight into `out`, checksum verified there). Two raw references: one plain file per block
+  (the tier's number of files: `write_ratio`, `read_ratio`), and ONE plain file holding every block, written and
+  read sequentially (`*_ratio_single_file`), which also shows what a file per block costs over a stream.
 - Redis: tier write = `borrow_block` + `put`; raw = SET of the same record bytes. Tier read = `get_into`;
   raw = GET (the bytes in hand, no tensor).
 - for information: the copying write path (`write_copy`: encode + seal + put), the record read path
@@ -349,11 +349,12 @@ def main() -> None:
         run_redis(result, blocks, keys, repeats, args.redis_url, Path(tmp))
     log("codecs ...")
     result["codecs"] = bench_codecs(blocks[0], repeats)
-    ratios = {t: min(result[t]["write_ratio"], result[t]["read_ratio"]) for t in ("cpu", "disk")}
-    result["meets_goal"] = {t: r >= GOAL for t, r in ratios.items()}
-    disk = result["disk"]
-    result["meets_goal"]["disk_vs_single_file"] = min(disk["write_ratio_single_file"],
-                                                      disk["read_ratio_single_file"]) >= GOAL
+    cpu, disk = result["cpu"], result["disk"]
+    result["meets_goal"] = {
+        "cpu": min(cpu["write_ratio"], cpu["read_ratio"]) >= GOAL,
+        "disk_vs_file_per_block": min(disk["write_ratio"], disk["read_ratio"]) >= GOAL,
+        "disk_vs_single_file": min(disk["write_ratio_single_file"], disk["read_ratio_single_file"]) >= GOAL,
+    }
     emit("tiers", result, save=not args.no_save)
 
 
