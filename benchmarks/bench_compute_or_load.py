@@ -161,16 +161,16 @@ def timed_load(world: World, ids: list[int], hashes: Sequence[bytes]) -> tuple[f
 
 
 def probe(world: World, optimizer: PerformanceOptimizer, seed: int, sizes: Sequence[int]) -> None:
-    """The optimizer's priors: prefill of short prompts, then a load of the last one's blocks (bandwidth, and
-    the prefill of its last tokens after a cached prefix)."""
+    """The optimizer's priors: per size, a prefill from scratch, then a load of its blocks (bandwidth, and the
+    prefill of its last tokens after a cached prefix): two points per size for the prefill fit."""
     for i, n in enumerate(sizes):
         ids = prompt(world, n, seed + 1000 + i)
         paged = world.paged(n)
         optimizer.observe_prefill(0, n, world.generate(paged, ids))
         hashes = world.store_blocks(paged, ids)[: (n - 1) // world.block_size]
-    ttft, nbytes, seconds = timed_load(world, ids, hashes)
-    optimizer.bandwidth.set_prior(TIER, nbytes / seconds)
-    optimizer.observe_prefill(len(hashes) * world.block_size, len(ids), ttft - seconds)
+        ttft, nbytes, seconds = timed_load(world, ids, hashes)
+        optimizer.observe_transfer(TIER, nbytes, seconds)
+        optimizer.observe_prefill(len(hashes) * world.block_size, n, ttft - seconds)
 
 
 def run_length(world: World, optimizer: PerformanceOptimizer, n: int, seed: int, repeats: int) -> dict[str, object]:
