@@ -104,6 +104,28 @@ def test_resizable_tier_shrinks_oldest_first_and_spills_to_the_next_tier():
         control.resize(0)
 
 
+class SelfResizingTier(CPUTier):
+    """A CPU tier with its own `resize` (as tiers may grow one): the adapter must defer to it."""
+
+    def resize(self, capacity_bytes: int) -> tuple[BlockRecord, ...]:
+        self.capacity_bytes = capacity_bytes
+        evicted = []
+        while self.usage().used_bytes > capacity_bytes:
+            victim = next(iter(self))
+            evicted.append(self.get(victim))
+            self.remove(victim)
+        return tuple(evicted)
+
+
+def test_resizable_tier_defers_to_the_tiers_own_resize():
+    tier = SelfResizingTier(NS, 4 * RECORD_BYTES, pin_memory=False, name="fast")
+    spill = CPUTier(NS, 10 * RECORD_BYTES, pin_memory=False, name="slow")
+    for name in ("a", "b", "c"):
+        tier.put(key(name), record(name))
+    assert ResizableTier(tier, spill).resize(RECORD_BYTES) == 2
+    assert len(tier) == 1 and len(spill) == 0  # the tier's own resize ran: it does not spill
+
+
 def test_system_memory_pressure_reads_mem_available(tmp_path: Path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       1000 kB\nMemAvailable:    300 kB\n")
