@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..tiers import AsyncTransfer, Tier, TieredStore, TierUsage
+from ..tiers import AsyncTransfer, BlockRecord, Tier, TieredStore, TierUsage
 from ..tiers.record import check_key
 
 
@@ -66,9 +66,9 @@ class ResizableTier:
     """`TierControl` over a real tier with a `capacity_bytes` attribute (CPUTier, DiskTier).
 
     Growing sets the capacity. Shrinking sets it, then removes blocks until `used_bytes <= capacity_bytes`
-    (the tier's own `resize` is used instead when it has one). The fallback removes blocks in the tier's
-    listing order (oldest inserted first); each removed record is put into `spill` (the next tier) when
-    given, so nothing cached is lost by a shrink that a slower tier can hold.
+    (the tier's own `resize` is used instead when it has one, returning the evicted records or their count).
+    The fallback removes blocks in the tier's listing order (oldest inserted first). Each evicted record is
+    put into `spill` (the next tier) when given, so nothing cached is lost by a shrink a slower tier can hold.
     Invariant after `resize(c)`: the tier's capacity is `c` and it holds at most `c` bytes.
     """
 
@@ -88,7 +88,11 @@ class ResizableTier:
         own = getattr(self.tier, "resize", None)
         if callable(own):
             evicted = own(capacity_bytes)
-            return evicted if isinstance(evicted, int) else len(evicted)
+            if isinstance(evicted, int):
+                return evicted
+            for record in evicted:  # the records it evicted, as `put` reports them: spill them too
+                self._spill(record)
+            return len(evicted)
         self.tier.capacity_bytes = capacity_bytes  # type: ignore[attr-defined]
         removed = 0
         for key in self.tier:
@@ -97,9 +101,13 @@ class ResizableTier:
             record = self.tier.get(key) if self.spill is not None else None
             if self.tier.remove(key):
                 removed += 1
-            if record is not None and self.spill is not None and not self.spill.contains(key):
-                self.spill.put(key, record)
+            if record is not None:
+                self._spill(record)
         return removed
+
+    def _spill(self, record: BlockRecord) -> None:
+        if self.spill is not None and not self.spill.contains(record.block_hash):
+            self.spill.put(record.block_hash, record)
 
 
 class StoreBlockSource:
