@@ -53,6 +53,20 @@ def test_keys_are_prefix_namespace_hash_and_values_are_records(server: RedisServ
     assert client.keys(b"*") == [name]
 
 
+def test_put_many_sends_runs_of_records_through_one_reused_buffer(server: RedisServer, monkeypatch) -> None:
+    from ultra_adaptive_kv_cache_engine.tiers import redis_tier
+
+    many = recs(7)
+    monkeypatch.setattr(redis_tier, "STAGING_BYTES", 2 * many[0].nbytes)  # runs of two records
+    tier = RedisTier(NS, server.url, ttl_s=100)
+    assert [r.stored for r in tier.put_many([(r.block_hash, r) for r in many])] == [True] * 7
+    client = raw(server)
+    assert [client.get(tier.redis_key(r.block_hash)) for r in many] == [r.to_bytes() for r in many]
+    assert all(0 < client.ttl(tier.redis_key(r.block_hash)) <= 100 for r in many)
+    assert len(tier._staging.buf) == 2 * many[0].nbytes  # never grown past one run
+    assert tier.usage().counters["bytes_in"] == 7 * many[0].nbytes
+
+
 @pytest.mark.parametrize("kind", ["garbage", "other_namespace", "other_block", "truncated"])
 def test_bad_values_are_never_served_counted_and_deleted(server: RedisServer, kind: str) -> None:
     tier = RedisTier(NS, server.url)

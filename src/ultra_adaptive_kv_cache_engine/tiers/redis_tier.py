@@ -1,7 +1,8 @@
 """`RedisTier`: blocks in a shared Redis or Valkey, single node or Redis Cluster, through one class.
 
 Keys are `<prefix><namespace hex>:<block hash hex>`; values are the serialised records, verified on every read
-(checksum, block hash, namespace). A value that fails is never served: it is counted and deleted.
+(checksum, block hash, namespace). A value that fails is never served: it is counted and deleted. Records are
+serialised into a reused per-thread buffer before they are sent (no fresh allocation per value).
 
 Cluster mode is chosen by `cluster=True` or by `?cluster=true` in the URL (removed before the URL reaches
 redis-py); the client is then `redis.cluster.RedisCluster`, which follows slots and MOVED redirections itself.
@@ -32,6 +33,8 @@ from .base import LOGGER, PutResult, Tier, TierUsage
 from .record import BlockRecord, NamespaceMismatchError, RecordError, check_key, parse_record
 
 T = TypeVar("T")
+STAGING_BYTES = 8 << 20
+"""`put_many` sends at most this many bytes of records per pipeline (one record at least)."""
 _TRUE = {"1", "true", "yes", "on"}
 REDIS_FAILURES = (redis.exceptions.RedisError, OSError)
 
@@ -43,6 +46,45 @@ def split_cluster_flag(url: str) -> tuple[str, bool]:
     flags = [v for k, v in query if k == "cluster"]
     rest = [(k, v) for k, v in query if k != "cluster"]
     return urlunsplit(parts._replace(query=urlencode(rest))), any(v.lower() in _TRUE for v in flags)
+
+
+class _Staging(threading.local):
+    """One reused buffer per thread that records are serialised into before they are sent: a fresh buffer per
+    value would be paged in (and its pages zeroed) every time, which costs as much as the copy itself. Holds up
+    to max(STAGING_BYTES, the largest record) per thread that puts."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def views(self, records: list[BlockRecord]) -> list[memoryview]:
+        """Views of `records` serialised one after another into the buffer (valid until the next call)."""
+        total = sum(r.nbytes for r in records)
+        if len(self.buf) < total:
+            self.buf = bytearray(total)
+        whole = memoryview(self.buf)
+        views, offset = [], 0
+        for record in records:
+            start = offset
+            for chunk in record.chunks():
+                part = memoryview(chunk).cast("B")
+                whole[offset : offset + part.nbytes] = part
+                offset += part.nbytes
+            views.append(whole[start:offset])
+        return views
+
+
+def _batches(items: list[tuple[bytes, BlockRecord]]) -> Iterator[list[tuple[bytes, BlockRecord]]]:
+    """`items` in runs of at most STAGING_BYTES (a bigger record is a run of its own)."""
+    batch: list[tuple[bytes, BlockRecord]] = []
+    size = 0
+    for item in items:
+        if batch and size + item[1].nbytes > STAGING_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item[1].nbytes
+    if batch:
+        yield batch
 
 
 class RedisTier(Tier):
@@ -80,6 +122,7 @@ class RedisTier(Tier):
         self._retry_at = 0.0
         self._last_error = ""
         self._lock = threading.Lock()
+        self._staging = _Staging()
 
     def redis_key(self, key: bytes) -> bytes:
         return self._prefix + check_key(key).hex().encode()
@@ -111,7 +154,7 @@ class RedisTier(Tier):
 
     def put(self, key: bytes, record: BlockRecord) -> PutResult:
         self._check_put(key, record)
-        name, value = self.redis_key(key), record.to_bytes()
+        name, value = self.redis_key(key), self._staging.views([record])[0]
         ok = self._call(lambda c: c.set(name, value, ex=self.ttl_s), None)
         if not ok:
             return PutResult(False, reason=f"redis unavailable: {self._last_error}")
@@ -120,24 +163,13 @@ class RedisTier(Tier):
         return PutResult(True)
 
     def put_many(self, items: Iterable[tuple[bytes, BlockRecord]]) -> list[PutResult]:
+        """`put` of each (key, record), in order: one pipeline per STAGING_BYTES of records."""
         items = list(items)
         for key, record in items:
             self._check_put(key, record)
-        values = [(self.redis_key(k), r.to_bytes()) for k, r in items]
-
-        def store(client: Any) -> list[Any]:
-            pipe = client.pipeline(transaction=False)
-            for name, value in values:
-                pipe.set(name, value, ex=self.ttl_s)
-            return pipe.execute()
-
-        replies = self._call(store, [None] * len(items))
-        results = []
-        for (_, value), reply in zip(values, replies, strict=True):
-            if reply:
-                self.counters.add("puts")
-                self.counters.add("bytes_in", len(value))
-            results.append(PutResult(True) if reply else PutResult(False, reason=f"redis: {self._last_error}"))
+        results: list[PutResult] = []
+        for batch in _batches(items):
+            results.extend(self._put_batch(batch))
         return results
 
     def remove(self, key: bytes) -> bool:
@@ -159,6 +191,25 @@ class RedisTier(Tier):
         return iter(bytes.fromhex(n[len(self._prefix) :].decode()) for n in names)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _put_batch(self, items: list[tuple[bytes, BlockRecord]]) -> list[PutResult]:
+        values = list(zip([self.redis_key(k) for k, _ in items], self._staging.views([r for _, r in items]),
+                          strict=True))
+
+        def store(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for name, value in values:
+                pipe.set(name, value, ex=self.ttl_s)
+            return pipe.execute()
+
+        replies = self._call(store, [None] * len(items))
+        results = []
+        for (_, value), reply in zip(values, replies, strict=True):
+            if reply:
+                self.counters.add("puts")
+                self.counters.add("bytes_in", len(value))
+            results.append(PutResult(True) if reply else PutResult(False, reason=f"redis: {self._last_error}"))
+        return results
 
     def _verified(self, key: bytes, value: Any) -> BlockRecord | None:
         if value is None:
