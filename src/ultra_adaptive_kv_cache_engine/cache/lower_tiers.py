@@ -4,7 +4,7 @@
   written in the background to the tiered store (CPU memory, then disk when persistence is on, then
   Redis/Valkey when configured), so other processes sharing the store see it and a restart finds it.
 - Promotion: a prefix lookup that runs out of pool blocks continues the hash chain in the store; the leading
-  run found there is decoded into fresh pool blocks and indexed, as if it had been computed here.
+  run found there is loaded into fresh pool blocks and indexed, as if it had been computed here.
 - Persistence: `flush()` waits for queued writes and makes them durable (the store's flush).
 
 Invariant: only blocks whose hash chain is complete from the root are ever written, so a block found in a
@@ -23,6 +23,7 @@ import torch
 from ..compression import Codec, make_codec
 from ..config import KVCacheConfig
 from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records, make_tier
+from ..tiers.block_io import LoadResult
 from ..types import TierKind
 
 
@@ -83,8 +84,10 @@ class LowerTiers:
         return found
 
     @staticmethod
-    def load(pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> None:
-        load_records(pool_kv, block_ids, records)
+    def load(pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> LoadResult:
+        """`records` into pool_kv[block_ids] (`tiers.load_records`: a pinning CPU tier's identity-coded blocks
+        are DMA'd straight from their page-locked payloads, the rest decoded first); says how many went which way."""
+        return load_records(pool_kv, block_ids, records)
 
     def flush(self) -> FlushResult:
         """Wait for queued writes, then make everything durable that the store's tiers can make durable."""

@@ -3,7 +3,10 @@
 Moving blocks between an accelerator pool and host memory is `kernels.BlockTransfer`'s job (one gather plus one
 copy through pinned staging). This module is the tier side of that seam: `records_to_host` decodes n records
 into ONE (n, *block_shape) host tensor (page-locked when the pool is on CUDA) ready for a single host-to-device
-copy, and `load_records` does the whole load for a pool (on CPU it decodes straight into the pool's slots).
+copy, and `load_records` does the whole load for a pool: on CPU it decodes straight into the pool's slots; on
+CUDA a record whose payload is already a block's raw bytes in page-locked memory (an identity-coded record of a
+pinning CPU tier: `pinned_payload`) is DMA'd straight from there into its slot (`kernels.copy_host_blocks`),
+and only the others are decoded into a pinned buffer first.
 `load_blocks` goes one step further: it asks a tier to land each block where it belongs (`Tier.get_many_into`),
 so a disk tier reads block files straight into the pool's slots (CPU) or into one page-locked staging buffer
 (CUDA), with no per-block buffer in between.
@@ -12,9 +15,12 @@ so a disk tier reads block files straight into the pool's slots (CPU) or into on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from ..kernels.transfer import copy_host_blocks
+from ..types import CodecKind
 from .base import Tier
 from .record import BlockRecord
 
@@ -28,14 +34,18 @@ def _check(records: Sequence[BlockRecord], block_shape: tuple[int, ...], dtype: 
             )
 
 
-def _index(block_ids: Sequence[int], pool: torch.Tensor) -> torch.Tensor:
+def _ids(block_ids: Sequence[int], pool: torch.Tensor) -> list[int]:
     ids = [int(b) for b in block_ids]
     bad = [b for b in ids if not 0 <= b < pool.shape[0]]
     if bad:
         raise ValueError(f"block ids {bad[:8]} are out of range for a pool of {pool.shape[0]} blocks")
     if len(set(ids)) != len(ids):
         raise ValueError(f"block ids {ids[:16]} repeat a slot; each block needs its own")
-    return torch.tensor(ids, dtype=torch.long, device=pool.device)
+    return ids
+
+
+def _index(block_ids: Sequence[int], pool: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(_ids(block_ids, pool), dtype=torch.long, device=pool.device)
 
 
 def records_to_host(
@@ -53,23 +63,53 @@ def records_to_host(
     return host
 
 
-def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> None:
-    """Decode `records` into pool[block_ids] (block-major pool: pool[i] is one block).
+@dataclass(frozen=True)
+class LoadResult:
+    """How `load_records` moved its blocks: `direct` copied from their page-locked payloads straight into their
+    slots, `decoded` decoded on the host first (into the slots on CPU, into a pinned buffer on CUDA)."""
 
-    On CPU each record is decoded straight into its slot; on CUDA all are decoded into one pinned buffer,
-    then one host-to-device copy and one index_copy_. Everything is validated before the pool is touched.
+    direct: int = 0
+    decoded: int = 0
+
+
+def pinned_payload(record: BlockRecord) -> torch.Tensor | None:
+    """`record`'s payload as a uint8 tensor aliasing it, if it is identity-coded and page-locked (what a CUDA
+    copy can DMA as it is); None otherwise (always None without CUDA: nothing is page-locked there)."""
+    if record.meta.codec is not CodecKind.IDENTITY:
+        return None
+    payload = record.payload_tensor()
+    return payload if payload.is_pinned() else None
+
+
+def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> LoadResult:
+    """Put `records` into pool[block_ids] (block-major pool: pool[i] is one block); says how (`LoadResult`).
+
+    On CPU each record is decoded straight into its slot. On CUDA (contiguous pool) each identity-coded record
+    with a page-locked payload is copied straight from it into its slot, one asynchronous copy per block on a
+    side stream (`kernels.copy_host_blocks`), complete when this returns; the others are decoded into one
+    pinned buffer, then one host-to-device copy and one index_copy_ queued on the current stream. Either way
+    the records may be dropped as soon as it returns, and later work on the current stream sees every block.
+    Everything is validated before the pool is touched.
     """
     if len(records) != len(block_ids):
         raise ValueError(f"{len(records)} records for {len(block_ids)} block ids")
     block_shape = tuple(pool.shape[1:])
     _check(records, block_shape, pool.dtype)
-    index = _index(block_ids, pool)
+    ids = _ids(block_ids, pool)
     if pool.device.type == "cpu":
-        for block_id, record in zip(block_ids, records, strict=True):
-            record.tensor(out=pool[int(block_id)])
-        return
-    host = records_to_host(records, block_shape, pool.dtype, pin_memory=True)
-    pool.index_copy_(0, index, host.to(pool.device, non_blocking=True))
+        for block_id, record in zip(ids, records, strict=True):
+            record.tensor(out=pool[block_id])
+        return LoadResult(decoded=len(records))
+    sources = [pinned_payload(r) if pool.is_contiguous() else None for r in records]
+    rest = [i for i, src in enumerate(sources) if src is None]
+    if rest:
+        host = records_to_host([records[i] for i in rest], block_shape, pool.dtype, pin_memory=True)
+        index = torch.tensor([ids[i] for i in rest], dtype=torch.long, device=pool.device)
+        pool.index_copy_(0, index, host.to(pool.device, non_blocking=True))
+    direct = [(ids[i], src) for i, src in enumerate(sources) if src is not None]
+    if direct:  # on a side stream ordered after the index_copy_ above; returns when they are complete
+        copy_host_blocks(pool, [src for _, src in direct], [block_id for block_id, _ in direct])
+    return LoadResult(direct=len(direct), decoded=len(rest))
 
 
 def load_blocks(tier: Tier, keys: Sequence[bytes], pool: torch.Tensor, block_ids: Sequence[int]) -> list[bool]:

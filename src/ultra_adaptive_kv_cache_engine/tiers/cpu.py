@@ -2,8 +2,10 @@
 
 Records never leave the process here, so they are kept as they are (no copy, no re-verification; a borrowed
 record, whose payload is a caller's tensor, is copied once: `BlockRecord.owned`). With
-`pin_memory` (default: when CUDA is present) each payload is copied once into page-locked memory, so a later
-host-to-device copy of it is a fast asynchronous DMA.
+`pin_memory` (default: when CUDA is present) each identity-coded payload (a block's raw bytes) is copied once,
+at `put`, into a page-locked buffer of its own, so promoting it is one asynchronous DMA straight into its pool
+block (`tiers.load_records`); other codecs' payloads are decoded on the host before they move, so they are kept
+in ordinary memory (page-locking them would only spend pinned memory).
 
 Invariants: `used_bytes` == sum of `record.nbytes` held <= `capacity_bytes`; the policy tracks exactly the
 held keys; a record larger than the whole capacity is refused, never stored half.
@@ -17,10 +19,9 @@ from collections.abc import Iterator
 
 import torch
 
-from ..compression.codec import uint8_view
 from ..policies import make_policy
 from ..policies.base import Clock
-from ..types import TierKind
+from ..types import CodecKind, TierKind
 from .base import PutResult, Tier, TierUsage
 from .record import BlockRecord, check_key
 
@@ -136,8 +137,13 @@ class CPUTier(Tier):
 
     @staticmethod
     def _pinned(record: BlockRecord) -> BlockRecord:
-        """The record with its payload copied into page-locked host memory."""
-        src = uint8_view(record.payload)
+        """What a pinning tier keeps: an identity-coded record with its payload in page-locked host memory (one
+        allocation and one copy, unless it already is page-locked and owned); any other record `owned()`."""
+        if record.meta.codec is not CodecKind.IDENTITY:
+            return record.owned()
+        src = record.payload_tensor()
+        if not record.borrowed and src.is_pinned():
+            return record
         buf = torch.empty(src.numel(), dtype=torch.uint8, pin_memory=True)
         buf.copy_(src)
         return dataclasses.replace(record, payload=memoryview(buf.numpy()), borrowed=False)

@@ -35,7 +35,7 @@ import torch
 import xxhash
 
 from ..compression import Codec, CodecError, EncodedTensor, TensorMeta, decode_payload, make_codec
-from ..compression.codec import dtype_name, writable_bytes
+from ..compression.codec import dtype_name, uint8_view, writable_bytes
 from ..types import CodecKind
 
 MAGIC = b"UAKVBLK\0"
@@ -126,6 +126,12 @@ class BlockRecord:
         if not self.borrowed:
             return self
         return dataclasses.replace(self, payload=bytes(self.payload), borrowed=False)
+
+    def payload_tensor(self) -> torch.Tensor:
+        """The payload as a 1-D uint8 CPU tensor ALIASING it (no copy): page-locked exactly when the payload's
+        memory is (a pinning CPU tier's records), so it can be the source of an asynchronous host-to-device
+        copy. Read it, never write into it (a parsed or borrowed payload belongs to someone else)."""
+        return uint8_view(self.payload)
 
     def chunks(self) -> tuple[bytes | memoryview, ...]:
         """The serialised record in pieces (write them in order; no concatenation copy)."""
