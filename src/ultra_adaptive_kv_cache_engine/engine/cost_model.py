@@ -6,13 +6,16 @@
   cached. Token p costs a + b*p (projections and MLP, plus attention over p earlier tokens), and each cached
   token costs d (placing its KV where attention reads it), so
       t(start, end) = c0 + a*(end - start) + b*(end**2 - start**2) / 2 + d*start
-  with c0 the fixed cost of one forward. (c0, a, b, d) are fitted by least squares on the observations
-  (window `max_observations`), constrained to be >= 0, with no more unknowns than distinct (start, end)
-  points: one point fits `a`; two fit `a`, `b`; three add `c0`; `d` needs a fourth point with start > 0.
+  with c0 the fixed cost of one forward. (c0, a, b, d) are fitted by least squares of relative errors on the
+  observations (window `max_observations`), constrained to be >= 0, with no more unknowns than distinct
+  (start, end) points: one point fits `a`; two fit `a`, `b`; three add `c0`; `d` needs a fourth point with
+  start > 0. Repeated observations of one point count once, by their median, and errors are relative: one
+  slow long run (a busy machine) neither bends the curve nor outweighs the many short prefills.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -119,15 +122,19 @@ class PrefillCostModel:
     def _solve(self) -> PrefillFit:
         if not self._observations:
             raise ValueError("the prefill cost model has no observation yet; observe or probe a prefill first")
-        rows = [_features(s, e) for s, e, _ in self._observations]
-        times = [t for _, _, t in self._observations]
-        points = {(s, e) for s, e, _ in self._observations}
+        groups: dict[tuple[int, int], list[float]] = {}
+        for start, end, seconds in self._observations:
+            groups.setdefault((start, end), []).append(seconds)
+        points = {point: statistics.median(values) for point, values in groups.items()}
+        rows = [_features(s, e) for s, e in points]
+        times = list(points.values())
         active = [[1], [1, 2], [0, 1, 2], [0, 1, 2, 3]][min(len(points), 4) - 1]
         if 3 in active and not any(s > 0 for s, _ in points):
             active.remove(3)  # nothing cached was ever observed: the cached-token cost is unknown
+        weights = np.array([1.0 / t for t in times])  # relative errors: a noisy long run does not bend the curve
         while True:  # non-negative least squares: drop the most negative coefficient and refit
-            a = np.array([[r[j] for j in active] for r in rows])
-            coef, *_ = np.linalg.lstsq(a, np.array(times), rcond=None)
+            a = np.array([[r[j] for j in active] for r in rows]) * weights[:, None]
+            coef, *_ = np.linalg.lstsq(a, np.array(times) * weights, rcond=None)
             if (coef >= 0).all() or len(active) == 1:
                 break
             del active[int(np.argmin(coef))]
@@ -135,6 +142,5 @@ class PrefillCostModel:
         for j, c in zip(active, coef, strict=True):
             full[j] = max(0.0, float(c))
         if full == [0.0, 0.0, 0.0, 0.0]:  # degenerate data: charge the mean time per token
-            tokens = sum(e - s for s, e, _ in self._observations)
-            full[1] = sum(times) / tokens
+            full[1] = sum(times) / sum(e - s for s, e in points)
         return PrefillFit(*full)
