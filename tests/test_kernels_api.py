@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,30 @@ def test_decode_plan_fills_the_gpu_for_small_batches_and_not_for_large():
     assert (pinned.block_n, pinned.partition_size, pinned.num_stages) == (64, 8192, 2)
 
 
+def test_small_blocks_take_128_key_tiles_from_shorter_partitions():
+    shape = DecodeShape(16, 8, 4, 128, 32768)  # 16 splits of 2048 keys
+    unknown, large = plan_decode(shape, num_sms=132), plan_decode(replace(shape, block_size=64), num_sms=132)
+    small = plan_decode(replace(shape, block_size=16), num_sms=132)
+    assert (unknown.num_splits, unknown.block_n, unknown.num_stages) == (16, 64, 2)
+    assert large == unknown
+    assert (small.num_splits, small.partition_size, small.block_n, small.num_stages) == (16, 2048, 128, 3)
+    short = plan_decode(DecodeShape(64, 8, 4, 128, 1024, block_size=16), num_sms=132)  # 1k keys: still 64
+    assert (short.num_splits, short.block_n, short.num_stages) == (1, 64, 2)
+    f32 = plan_decode(DecodeShape(16, 8, 4, 128, 32768, itemsize=4, block_size=16), num_sms=132)
+    assert f32.block_n == 32  # float32 never takes 128-key tiles
+    assert plan_decode(replace(shape, block_size=16), num_sms=132, block_n=64).block_n == 64  # override kept
+    assert small.heads_first and unknown.heads_first
+
+
+def test_decode_shape_of_a_paged_kv_names_its_block_size():
+    pool = _pool(blocks=6, bs=4)
+    tables = torch.zeros((3, 5), dtype=torch.int32)
+    kv = PagedKV.from_pool(pool, 1, tables, torch.zeros(3, dtype=torch.int32), max_seq_len=17)
+    query = torch.zeros((3, 6, 8), dtype=torch.bfloat16)
+    assert kv.decode_shape(query) == DecodeShape(3, 2, 3, 8, 17, itemsize=2, block_size=4)
+    assert PagedKV.from_pool(pool, 0, tables, torch.zeros(3, dtype=torch.int32)).decode_shape(query).max_len_bound == 20
+
+
 def test_split_choice_aims_at_several_waves_with_a_good_last_wave():
     assert choose_num_splits(base=100, slots=400, max_splits=64) == 16  # exactly four full waves
     assert choose_num_splits(base=100, slots=400, max_splits=64, target=400) == 4  # one wave asked
@@ -142,6 +167,8 @@ def test_decode_plan_invariants(batch: int, group: int, dim: int, bound: int):
 def test_plans_reject_bad_shapes():
     with pytest.raises(ValueError, match="batch=0 must be a positive int"):
         plan_decode(DecodeShape(0, 8, 4, 128, 10), num_sms=132)
+    with pytest.raises(ValueError, match="block_size=0 must be a positive int"):
+        plan_decode(DecodeShape(1, 8, 4, 128, 10, block_size=0), num_sms=132)
     with pytest.raises(ValueError, match="block_n=48 must be a power of two"):
         plan_decode(DecodeShape(1, 8, 4, 128, 10), num_sms=132, block_n=48)
     with pytest.raises(ValueError, match="group=0"):

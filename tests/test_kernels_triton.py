@@ -108,6 +108,24 @@ def test_decode_split_counts_agree(splits: int):
     assert_close_rel(out, oracle(batch), tolerance(world.dtype))
 
 
+@cases("order", [(bs, bn, splits, first) for bs, bn, splits in ((16, 64, 1), (16, 32, 3), (5, 16, 2))
+                  for first in (True, False)])
+def test_decode_grid_orders_and_tiles_over_several_blocks_agree(order: tuple[int, int, int, bool]):
+    """Tiles of 2 or 4 blocks of 16 tokens (and 16-key tiles over 5-token blocks, straddling them), both grid
+    orders: the same attention, within the dtype's tolerance of the oracle."""
+    block_size, block_n, splits, heads_first = order
+    from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
+
+    world = World(seq_lens=(150, 1, 64, 97), q_lens=(1,) * 4, q_heads=8, kv_heads=2, head_dim=32,
+                  block_size=block_size, dtype=torch.bfloat16)
+    batch = build(world, seed=34, device=DEVICE)
+    kv = batch.kv()
+    plan = plan_decode(kv.decode_shape(batch.query), num_sms=132, num_splits=splits, block_n=block_n)
+    plan = dataclasses.replace(plan, heads_first=heads_first)
+    out = triton_decode_attention(batch.query, kv, launch=plan)
+    assert_close_rel(out, oracle(batch), tolerance(world.dtype))
+
+
 @cases("splits", [1, 2])
 def test_decode_with_tight_length_hint_and_empty_sequence(splits: int):
     from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention

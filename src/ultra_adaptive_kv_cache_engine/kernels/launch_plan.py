@@ -13,10 +13,19 @@ more than `MAX_SPLITS` partitions; among the counts up to that target, the large
 
 Key tiles and pipelining: 64 keys per tile with 2 pipeline stages; 128 keys with 3 stages once a program
 walks at least `LONG_PARTITION` keys (2-byte elements, head_dim <= 128); 32-key tiles for 4-byte elements
-(IEEE float32 dot products need more registers). Measured on an H200 (bf16, 32 query / 8 KV heads, head_dim
-128, block size 16, ratios to the best SDPA on contiguous KV): batch 64 x 8k keys, one partition: 64-key
-tiles 0.865 with 3 stages, 0.985 with 2; 128-key tiles 0.987. Batch 16 x 32k keys: 4 splits 0.798, 16 splits
-(2k-key partitions) 0.952, 4 splits with 2 stages 0.937; 8 warps were always slower (0.72-0.75).
+(IEEE float32 dot products need more registers). Small blocks (at most `SMALL_BLOCK` tokens) switch to
+128-key tiles from `LONG_PARTITION_SMALL_BLOCKS` keys: a tile then gathers 8 blocks, and in the engine's
+block-major pool (all layers of a block together) each block's slab of one layer lies in its own 2 MiB
+page, so a tile waits on more address translations and wants more bytes in flight. Measured on an H200
+(bf16, 32 query / 8 KV heads, head_dim 128, block size 16, ratios to the best SDPA on contiguous KV; single
+launches timed one at a time, so noisy by +-10%): batch 64 x 8k keys, one partition: 128-key tiles with
+3 stages 0.987 and 0.92 (two runs), 64-key tiles 0.985 with 2 stages and 0.865 with 3. Batch 16 x 32k keys,
+16 splits (2k-key partitions): 64-key tiles 0.952 (3 stages) and 0.80 (2 stages), 128-key tiles 0.886;
+8 warps 0.72-0.75 in one run, 0.86-0.92 in the other.
+
+Grid order: the programs of one sequence's KV heads are adjacent in launch order (`DecodeLaunch.heads_first`),
+so they run side by side and read the same blocks (each token's keys of all heads are one 2 KiB row) at
+about the same time, sharing page translations and DRAM rows; the batch-major order is kept for comparison.
 
 The partition size is derived from a host-side bound on the longest sequence (block table width times block
 size, or a tighter `max_seq_len` hint), so planning never reads device memory; partitions past a sequence's
@@ -41,6 +50,10 @@ SPLIT_PROGRAMS_PER_SM = 16
 MIN_TILES_PER_SPLIT = 4
 #: Keys per program from which 128-key tiles (3 stages) replace 64-key tiles (2 stages).
 LONG_PARTITION = 4096
+#: Blocks of at most this many tokens are small: see `LONG_PARTITION_SMALL_BLOCKS`.
+SMALL_BLOCK = 16
+#: Keys per program from which 128-key tiles (3 stages) replace 64-key tiles when blocks are small.
+LONG_PARTITION_SMALL_BLOCKS = 2048
 #: Upper bound on the number of partitions of one sequence.
 MAX_SPLITS = 128
 #: SM count assumed when the device does not say (an H100/H200 has 132).
@@ -77,6 +90,7 @@ class DecodeShape:
     head_dim: int
     max_len_bound: int  # an upper bound on every sequence length
     itemsize: int = 2  # bytes per KV element
+    block_size: int | None = None  # tokens per KV block; None: not known, planned as for large blocks
 
 
 @dataclass(frozen=True)
@@ -90,6 +104,7 @@ class DecodeLaunch:
     partition_size: int  # keys per partition, a multiple of block_n
     num_warps: int
     num_stages: int
+    heads_first: bool = True  # grid (kv_heads, batch, splits): one sequence's heads launch side by side
 
 
 @dataclass(frozen=True)
@@ -128,11 +143,14 @@ def plan_decode(
     shape: DecodeShape, num_sms: int, num_splits: int | None = None, block_n: int | None = None
 ) -> DecodeLaunch:
     """The decode launch for `shape`; `num_splits` (clamped to the key tiles) and `block_n` (a power of two
-    >= 16) override the heuristics, for tuning and tests."""
+    >= 16) override the heuristics, for tuning and tests. The split count is chosen for 64-key tiles (32 for
+    4-byte elements) and kept when long partitions switch to 128-key tiles (unless that leaves fewer tiles)."""
     batch, kv_heads, group, head_dim = shape.batch, shape.num_kv_heads, shape.group, shape.head_dim
     _require_positive(batch=batch, num_kv_heads=kv_heads, group=group, head_dim=head_dim, num_sms=num_sms)
     if num_splits is not None:
         _require_positive(num_splits=num_splits)
+    if shape.block_size is not None:
+        _require_positive(block_size=shape.block_size)
     if block_n is not None and (not isinstance(block_n, int) or block_n < 16 or next_power_of_two(block_n) != block_n):
         raise ValueError(f"block_n={block_n!r} must be a power of two >= 16")
     block_d = max(16, next_power_of_two(head_dim))
@@ -145,7 +163,9 @@ def plan_decode(
         slots = num_sms * PROGRAMS_PER_SM
         num_splits = choose_num_splits(batch * kv_heads, slots, max_splits, num_sms * SPLIT_PROGRAMS_PER_SM)
     splits = min(num_splits, tiles)
-    if block_n is None and narrow and _cdiv(tiles, splits) * tile >= LONG_PARTITION:
+    small_blocks = shape.block_size is not None and shape.block_size <= SMALL_BLOCK
+    long_partition = LONG_PARTITION_SMALL_BLOCKS if small_blocks else LONG_PARTITION
+    if block_n is None and narrow and _cdiv(tiles, splits) * tile >= long_partition:
         tile, tiles = 128, max(1, _cdiv(shape.max_len_bound, 128))  # long partitions stream 128-key tiles
         splits = min(splits, tiles)
     tiles_per_split = _cdiv(tiles, splits)

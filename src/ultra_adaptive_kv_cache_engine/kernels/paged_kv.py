@@ -30,6 +30,7 @@ from .checks import (
     require_tensor,
     require_unit_last_stride,
 )
+from .launch_plan import DecodeShape
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,14 @@ class PagedKV:
         if self.max_seq_len is not None:
             return self.max_seq_len
         return int(self.block_tables.shape[1]) * self.block_size
+
+    def decode_shape(self, query: Tensor) -> DecodeShape:
+        """What the decode launch planner sees of a decode of `query` (batch, num_q_heads, head_dim) over this
+        cache: sizes only (`check_query` validates the query)."""
+        return DecodeShape(
+            int(query.shape[0]), self.num_kv_heads, int(query.shape[-2]) // self.num_kv_heads, self.head_dim,
+            self.max_len_bound, query.element_size(), self.block_size,
+        )
 
     def check_query(self, query: Tensor, name: str = "query") -> int:
         """Check `query` (..., num_q_heads, head_dim) against this cache; returns the GQA group size."""

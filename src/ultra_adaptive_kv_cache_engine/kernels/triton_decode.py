@@ -1,11 +1,14 @@
 """Triton paged decode attention (split-K / flash-decoding), the fast twin of `reference_decode_attention`.
 
-Kernel 1 (`_decode_partition_kernel`), grid (batch, num_kv_heads, num_splits): one program loads the
-query rows of one GQA group (padded to block_m rows), walks its partition of the context in tiles of
-block_n keys, translating each key position through the block table (so any block size works and a tile may
-span several blocks), and keeps an online softmax in base 2 with float32 accumulators. With one split it
-writes the normalised output directly; otherwise it writes its normalised partial output and log2-sum-exp.
-Kernel 2 (`_decode_merge_kernel`), grid (batch, num_q_heads): merges the partitions that hold keys.
+Kernel 1 (`_decode_partition_kernel`), grid (num_kv_heads, batch, num_splits) (or (batch, num_kv_heads,
+num_splits) when the launch is not `heads_first`): one program loads the query rows of one GQA group
+(padded to block_m rows), walks its partition of the context in tiles of block_n keys and keeps an online
+softmax in base 2 with float32 accumulators. Each tile translates its keys through the block table with one
+vector load (the block id of every key: a tile of block_n keys over blocks of PAGE tokens reads
+block_n / PAGE distinct ids, adjacent in memory, so one or two sectors), then gathers its keys and values
+with one load each; any block size works and a tile may span several blocks. With one split it writes the
+normalised output directly; otherwise it writes its normalised partial output and log2-sum-exp.
+Kernel 2 (`_decode_merge_kernel`), grid (num_q_heads, batch): merges the partitions that hold keys.
 
 Numerics: scores and accumulators are float32; probabilities are rounded to the KV dtype before the P@V
 product (as FlashAttention does); float32 inputs use IEEE (not TF32) dot products. No value of seq_lens or
@@ -17,6 +20,7 @@ This module imports triton at import time; import it only through `kernels.regis
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -31,7 +35,7 @@ except ImportError:  # an older or newer layout of triton: nothing to catch by n
         """Stands in for triton's shared-memory error when triton does not export it."""
 
 from .checks import require_out, require_positive_scale, require_tensor
-from .launch_plan import DecodeLaunch, DecodeShape, plan_decode
+from .launch_plan import DecodeLaunch, plan_decode
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms, softmax_update
 
@@ -47,10 +51,14 @@ def _decode_partition_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:  # one sequence's KV heads are adjacent programs: they read the same blocks together
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
     start = split * partition_size
@@ -72,7 +80,7 @@ def _decode_partition_kernel(
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_ok = t < end
-        page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)
+        page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)  # all the tile's block ids at once
         slot = t % PAGE
         k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
         v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
@@ -102,8 +110,8 @@ def _decode_merge_kernel(
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(0)  # adjacent programs merge adjacent rows of one sequence
+    b = tl.program_id(1)
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
     lse_row = lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh
     part_row = part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph
@@ -152,7 +160,8 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
         parts = torch.empty((batch, heads, plan.num_splits, plan.block_d), dtype=torch.float32, device=query.device)
         lse = torch.empty((batch, heads, plan.num_splits), dtype=torch.float32, device=query.device)
     k, v = kv.key_cache, kv.value_cache
-    _decode_partition_kernel[(batch, kv.num_kv_heads, plan.num_splits)](
+    grid = (kv.num_kv_heads, batch) if plan.heads_first else (batch, kv.num_kv_heads)
+    _decode_partition_kernel[(*grid, plan.num_splits)](
         query, k, v, kv.block_tables, kv.seq_lens, out, parts, lse,
         scale * math.log2(math.e), plan.partition_size,
         query.stride(0), query.stride(1),
@@ -162,11 +171,11 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=dim, PAGE=kv.block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-        SPLIT=split, IEEE_DOT=ieee_dot(query.dtype),
+        SPLIT=split, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=plan.heads_first,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if split:
-        _decode_merge_kernel[(batch, heads)](
+        _decode_merge_kernel[(heads, batch)](
             parts, lse, kv.seq_lens, out, plan.num_splits, plan.partition_size,
             parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
@@ -191,7 +200,7 @@ def triton_decode_attention(
         out = torch.empty_like(query)
     if batch == 0:
         return out
-    shape = DecodeShape(batch, kv.num_kv_heads, group, dim, kv.max_len_bound, query.element_size())
+    shape = kv.decode_shape(query)
     plan = launch if launch is not None else plan_decode(shape, num_sms(query.device))
     if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
         raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
@@ -201,5 +210,6 @@ def triton_decode_attention(
         if launch is not None or plan.block_n <= 64:
             raise
         small = plan_decode(shape, num_sms(query.device), num_splits=plan.num_splits, block_n=64)
+        small = dataclasses.replace(small, heads_first=plan.heads_first)
         _launch_partitions(query, kv, out, small, group, scale)
     return out
