@@ -32,7 +32,11 @@ import struct
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
+
+try:
+    import xxhash
+except ImportError as exc:  # a declared dependency; say which package is missing rather than fail obscurely
+    raise ImportError("stored blocks are checksummed with XXH3: install the 'xxhash' package") from exc
 
 from ..compression import Codec, CodecError, EncodedTensor, TensorMeta, decode_payload, make_codec
 from ..compression.codec import dtype_name, uint8_view, writable_bytes
