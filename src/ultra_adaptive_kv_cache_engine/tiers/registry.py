@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any
 
 from ..types import TierKind, parse_enum
@@ -9,6 +10,20 @@ from .base import Tier
 from .cpu import CPUTier
 from .disk import DiskTier
 from .redis_tier import RedisTier
+from .segment_disk import SegmentDiskTier
+
+
+class DiskLayout(Enum):
+    """How a disk tier lays blocks out: one file per block, or an append-only log of segment files."""
+
+    FILES = "files"
+    SEGMENTS = "segments"
+
+
+DISK_LAYOUTS: dict[DiskLayout, type[Tier]] = {
+    DiskLayout.FILES: DiskTier,
+    DiskLayout.SEGMENTS: SegmentDiskTier,
+}
 
 TIERS: dict[TierKind, type[Tier]] = {
     TierKind.CPU: CPUTier,
@@ -26,7 +41,10 @@ def register_tier(kind: TierKind | str, cls: type[Tier]) -> None:
 
 
 def make_tier(kind: TierKind | str, namespace: bytes, **options: Any) -> Tier:
-    """A tier of `kind` for `namespace`; `options` go to its constructor (capacity_bytes, root, url, ...)."""
+    """A tier of `kind` for `namespace`; `options` go to its constructor (capacity_bytes, root, url, ...).
+
+    For the disk kind, `layout` (a `DiskLayout` or its value) picks the class from `DISK_LAYOUTS`; without it
+    the class registered for the kind is built."""
     try:
         member = parse_enum(TierKind, "tier", kind)
     except ValueError:
@@ -34,4 +52,9 @@ def make_tier(kind: TierKind | str, namespace: bytes, **options: Any) -> Tier:
     cls = TIERS.get(member) if member is not None else None
     if cls is None:
         raise ValueError(f"unknown tier {kind!r}; expected one of: {', '.join(k.value for k in TIERS)}")
+    layout = options.pop("layout", None)
+    if layout is not None:
+        if member is not TierKind.DISK:
+            raise ValueError(f"layout={layout!r} applies to the disk tier only, not to tier {kind!r}")
+        cls = DISK_LAYOUTS[parse_enum(DiskLayout, "disk layout", layout)]
     return cls(namespace, **options)
