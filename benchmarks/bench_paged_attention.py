@@ -2,24 +2,36 @@
 
 Question: does decoding straight from the block-major paged pool cost bandwidth next to attention over
 contiguous KV? One decode step of one layer, Llama-3-8B shape (32 query heads, 8 KV heads, head dim 128,
-bf16), for batch x context x block size; all sequences have the full context; blocks are scattered at
-random through a pool that holds `--pool-layers` layers (the kernel reads one layer's strided view).
-In the same run, on the same KV bytes:
-- `paged`: the selected kernel backend (Triton on CUDA, the reference on CPU);
-- `sdpa`: torch SDPA with enable_gqa on contiguous (batch, kv_heads, context, head_dim) copies, the fastest
-  of the default dispatch and, on CUDA, each of the flash, cuDNN and efficient backends that takes the shape;
-- `naive`: gather the pages with indexing, then the default SDPA.
-Figures are logical KV bytes (keys + values of one layer) per second (GB/s = 1e9 B/s), median of
-`--repeats` timed runs after `--warmup`; ratios are against `sdpa`. Combinations whose buffers exceed
-`--mem-cap-gib` are skipped and listed. On CUDA a short sweep of decode launch shapes at the two goal points
-shows how far the heuristic is from the best one.
-Goals (H200): paged >= 0.9 x sdpa at batch 64 / 8k, >= 0.85 x sdpa at batch 16 / 32k.
+bf16), for batch x context x block size; every sequence has the full context. The pool has the engine's
+layout (`KVSpec`: all `--pool-layers` layers of a block together, so one layer's slab of a block is
+block_size x 2 KiB per K or V, at a stride of pool_layers times that), its blocks handed out in random order
+(a pool after churn); the kernel reads one layer's strided view.
+
+Contenders, all timed in the same rounds on the same KV bytes (`interleaved_timing`: order rotated per
+round, CUDA graphs of back-to-back calls, medians; ratios are medians of per-round ratios):
+- `paged`: the backend's decode_attention as the engine calls it (Triton on CUDA, planning its own launch;
+  the reference on CPU);
+- `sdpa_<name>`: torch SDPA with enable_gqa on contiguous (batch, kv_heads, context, head_dim) copies, the
+  default dispatch and, on CUDA, each of the flash, cuDNN and efficient backends that takes the shape; the
+  fastest median is the baseline `sdpa` of every ratio;
+- `naive`: gather the pages with indexing, then the default SDPA (eager launches).
+Each call reads the next of `copies` layers (and contiguous copies), enough that 4x the L2 cache lies between
+two reads of the same bytes, as in a model where the other layers run in between.
+
+Goal combinations run first, for every block size, and on CUDA with Triton the same rounds also time launch
+variants of the heuristic's plan (tiles, splits, stages, warps, grid order) and two layout diagnostics (the
+same pool with its blocks in table order; a dense pool of only the layers read, so no page holds a single
+block's slab): the sweep's figure for the heuristic is the main table's, by construction. Figures are logical
+KV bytes (keys + values of one layer) per second (GB/s = 1e9 B/s). Combinations whose buffers exceed
+`--mem-cap-gib` are skipped and listed; the rest of the grid runs while `--time-budget-s` lasts.
+Goals (H200): paged >= 0.9 x sdpa at batch 64 / 8k, >= 0.85 x sdpa at batch 16 / 32k, for every block size.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -29,44 +41,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from bench_common import emit
+from interleaved_timing import Contender, Timings, rotating, time_interleaved
+from torch import Tensor
 
-from ultra_adaptive_kv_cache_engine.kernels import DecodeShape, PagedKV, plan_decode, select_backend
+from ultra_adaptive_kv_cache_engine.kernels import (
+    DecodeLaunch,
+    DecodeShape,
+    PagedKV,
+    plan_decode,
+    select_backend,
+)
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 GOALS = {(64, 8192): 0.9, (16, 32768): 0.85}
+#: Share of the time budget that one goal combination's launch sweep may use.
+SWEEP_SHARE = 0.15
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def median_seconds(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds per call; on CUDA each sample times enough back-to-back calls to last about 1 ms."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples)
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    inner = max(1, min(50, int(1.0 / max(start.elapsed_time(end), 1e-3))))
-    samples = []
-    for _ in range(repeats):
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1000.0 / inner)
-    return statistics.median(samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,36 +68,79 @@ class Combo:
     context: int
     block_size: int
 
-    def kv_bytes(self, itemsize: int) -> int:
+    @property
+    def is_goal(self) -> bool:
+        return (self.batch, self.context) in GOALS
+
+    def kv_bytes(self, itemsize: int = 2) -> int:
         """Keys + values of one layer for the whole batch."""
         return 2 * self.batch * self.context * KV_HEADS * HEAD_DIM * itemsize
 
-    def needed_bytes(self, itemsize: int, pool_layers: int) -> int:
-        """Pool + contiguous copies + the naive path's gathered temporaries (a generous upper bound)."""
-        return self.kv_bytes(itemsize) * (pool_layers + 1 + 2)
+    def needed_bytes(self, pool_layers: int, copies: int, tuned: bool) -> int:
+        """Pool + contiguous copies + the naive path's gathered temporaries (+ the dense diagnostic pool)."""
+        return self.kv_bytes() * (pool_layers + copies + 2 + (copies if tuned else 0))
 
 
-def build(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
-    """Pool (only the measured layer filled), scattered block tables, query, contiguous K/V copies."""
-    blocks = combo.batch * (combo.context // combo.block_size)
-    shape = (blocks, args.pool_layers, 2, combo.block_size, KV_HEADS, HEAD_DIM)
-    pool = torch.empty(shape, dtype=args.dtype, device=device)
-    layer = args.pool_layers // 2
-    pool[:, layer].normal_(generator=gen)
-    order = torch.randperm(blocks, generator=gen, device=device)
-    tables = order.view(combo.batch, -1).int()
-    lens = torch.full((combo.batch,), combo.context, dtype=torch.int32, device=device)
-    kv = PagedKV.from_pool(pool, layer, tables, lens, max_seq_len=combo.context)
-    query = torch.randn((combo.batch, Q_HEADS, HEAD_DIM), generator=gen, device=device).to(args.dtype)
-    keys = kv.key_cache[tables.long()].reshape(combo.batch, combo.context, KV_HEADS, HEAD_DIM)
-    values = kv.value_cache[tables.long()].reshape(combo.batch, combo.context, KV_HEADS, HEAD_DIM)
-    return {
-        "kv": kv, "query": query, "q4": query.unsqueeze(2),
-        "k": keys.transpose(1, 2).contiguous(), "v": values.transpose(1, 2).contiguous(),
-    }
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One combination's tensors: `copies` layers of the pool read through scattered block tables, their
+    contiguous K/V copies, the query; when tuned, the same bytes again in table order (other layers of the
+    same pool, block ids ascending: empty when the pool has too few layers) and in a dense pool of only the
+    layers read (same block ids)."""
+
+    views: list[PagedKV]
+    ordered: list[PagedKV]
+    dense: list[PagedKV]
+    query: Tensor
+    keys: list[Tensor]
+    values: list[Tensor]
+
+    @property
+    def q4(self) -> Tensor:
+        return self.query.unsqueeze(2)
 
 
-def sdpa(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any = None) -> torch.Tensor:
+def copies_for(combo: Combo, device: torch.device, pool_layers: int) -> int:
+    """Layers read in turn: enough that 4x the L2 cache separates two reads of one layer (1 on CPU)."""
+    if device.type != "cuda":
+        return 1
+    l2 = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20)
+    return max(1, min(pool_layers, math.ceil(4 * l2 / combo.kv_bytes())))
+
+
+def build(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torch.Generator, copies: int,
+          tuned: bool) -> Setup:
+    batch, context, bs = combo.batch, combo.context, combo.block_size
+    blocks = batch * (context // bs)
+    pool = torch.empty((blocks, args.pool_layers, 2, bs, KV_HEADS, HEAD_DIM), dtype=args.dtype, device=device)
+    for layer in range(copies):  # only the layers read hold values
+        pool[:, layer].normal_(generator=gen)
+    tables = torch.randperm(blocks, generator=gen, device=device).view(batch, -1).int()
+    in_order = torch.arange(blocks, dtype=torch.int32, device=device).view(batch, -1)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+
+    def views(p: Tensor, t: Tensor) -> list[PagedKV]:
+        return [PagedKV.from_pool(p, i, t, lens, max_seq_len=context) for i in range(copies)]
+
+    def contiguous(cache: Tensor) -> Tensor:
+        return cache[tables.long()].reshape(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2).contiguous()
+
+    scattered = views(pool, tables)
+    ordered: list[PagedKV] = []
+    dense: list[PagedKV] = []
+    if tuned and 2 * copies <= args.pool_layers:  # the same bytes in table order, in layers nothing else reads
+        flat = tables.flatten().long()
+        for layer in range(copies):
+            pool[:, copies + layer] = pool[flat, layer]
+        ordered = [PagedKV.from_pool(pool, copies + i, in_order, lens, max_seq_len=context) for i in range(copies)]
+    if tuned:
+        dense = views(pool[:, :copies].clone(), tables)
+    query = torch.randn((batch, Q_HEADS, HEAD_DIM), generator=gen, device=device).to(args.dtype)
+    return Setup(scattered, ordered, dense, query,
+                 [contiguous(kv.key_cache) for kv in scattered], [contiguous(kv.value_cache) for kv in scattered])
+
+
+def sdpa(q4: Tensor, k: Tensor, v: Tensor, backend: Any = None) -> Tensor:
     """SDPA with grouped KV heads; `backend` (an SDPBackend) forces one implementation, None lets torch pick."""
     if backend is None:
         return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
@@ -114,25 +150,7 @@ def sdpa(q4: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any = None
         return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
 
 
-def time_sdpa(t: dict[str, Any], device: torch.device, args: argparse.Namespace) -> dict[str, float]:
-    """Seconds per call of SDPA's default dispatch and, on CUDA, of each backend that accepts the shape."""
-    backends: dict[str, Any] = {"default": None}
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend
-
-        backends.update(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
-                        efficient=SDPBackend.EFFICIENT_ATTENTION)
-    timed = {}
-    for name, backend in backends.items():
-        try:
-            fn = lambda b=backend: sdpa(t["q4"], t["k"], t["v"], b)  # noqa: E731
-            timed[name] = median_seconds(fn, device, args.warmup, args.repeats)
-        except Exception as exc:  # a backend that does not take this shape (RuntimeError, mostly)
-            log(f"sdpa backend {name}: {str(exc)[:120]}")
-    return timed
-
-
-def naive(q4: torch.Tensor, kv: PagedKV) -> torch.Tensor:
+def naive(q4: Tensor, kv: PagedKV) -> Tensor:
     batch, width = kv.block_tables.shape
     idx = kv.block_tables.long()
     k = kv.key_cache[idx].view(batch, width * kv.block_size, KV_HEADS, HEAD_DIM).transpose(1, 2)
@@ -140,67 +158,128 @@ def naive(q4: torch.Tensor, kv: PagedKV) -> torch.Tensor:
     return F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
 
 
-def measure(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
-    backend = select_backend(device)
-    t = build(combo, args, device, gen)
-    out = torch.empty_like(t["query"])
-    paged_fn = lambda: backend.decode_attention(t["query"], t["kv"], out=out)  # noqa: E731
-    sdpa_timed = time_sdpa(t, device, args)
-    best = min(sdpa_timed, key=sdpa_timed.__getitem__)
-    timed = {
-        "paged": median_seconds(paged_fn, device, args.warmup, args.repeats),
-        "sdpa": sdpa_timed[best],
-        "naive": median_seconds(lambda: naive(t["q4"], t["kv"]), device, args.warmup, max(3, args.repeats // 3)),
-    }
-    reference = sdpa(t["q4"], t["k"], t["v"]).squeeze(2).float()
-    err = float((out.float() - reference).norm() / reference.norm())
-    nbytes = combo.kv_bytes(t["query"].element_size())
-    row: dict[str, Any] = {**dataclasses.asdict(combo), "kv_mib": round(nbytes / 2**20, 1)}
-    for name, seconds in timed.items():
-        row[f"{name}_ms"] = round(seconds * 1e3, 4)
-        row[f"{name}_gbps"] = round(nbytes / seconds / 1e9, 3)
-    row["sdpa_backend"] = best
-    row["sdpa_backends_gbps"] = {name: round(nbytes / sec / 1e9, 3) for name, sec in sdpa_timed.items()}
-    row["paged_vs_sdpa"] = round(timed["sdpa"] / timed["paged"], 3)
-    row["naive_vs_sdpa"] = round(timed["sdpa"] / timed["naive"], 3)
-    row["rel_err_vs_sdpa"] = err
-    if backend.name == "triton":
-        shape = DecodeShape(combo.batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM, combo.context)
-        row["num_splits"] = plan_decode(shape, torch.cuda.get_device_properties(device).multi_processor_count).num_splits
-    return row
+def sdpa_contenders(s: Setup, device: torch.device) -> dict[str, Contender]:
+    """SDPA's default dispatch and, on CUDA, every forced backend that takes the shape."""
+    backends: dict[str, Any] = {"default": None}
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        backends.update(flash=SDPBackend.FLASH_ATTENTION, cudnn=SDPBackend.CUDNN_ATTENTION,
+                        efficient=SDPBackend.EFFICIENT_ATTENTION)
+    found = {}
+    for name, backend in backends.items():
+        calls = [lambda k=k, v=v, b=backend: sdpa(s.q4, k, v, b) for k, v in zip(s.keys, s.values, strict=True)]
+        try:
+            calls[0]()
+        except Exception as exc:  # a backend that does not take this shape (RuntimeError, mostly)
+            log(f"sdpa backend {name}: {str(exc)[:120]}")
+            continue
+        found[f"sdpa_{name}"] = Contender(rotating(calls), optional=backend is not None)
+    return found
 
 
-def tune(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict[str, Any]:
-    """Time decode launch shapes around the heuristic's (until args.deadline): split counts, key tiles, warps,
-    stages; report each as a ratio to the best SDPA, the heuristic's first."""
+def rel_err(fn: Callable[[], Tensor], out: Tensor, reference: Tensor) -> float:
+    out.fill_(float("nan"))
+    fn()
+    return float((out.float() - reference).norm() / reference.norm())
+
+
+def sweep_variants(s: Setup, plan: DecodeLaunch, shape: DecodeShape, sms: int) -> list[tuple[str, list, DecodeLaunch]]:
+    """Launch variants around the heuristic's `plan` and the layout diagnostics, most telling first."""
+    n, other = plan.num_splits, 64 if plan.block_n >= 128 else 128
+    found = [
+        ("blocks_in_order", s.ordered, plan), ("dense_pool", s.dense, plan),
+        ("batch_major_grid", s.views, dataclasses.replace(plan, heads_first=False)),
+        (f"block_n_{other}", s.views, plan_decode(shape, sms, num_splits=n, block_n=other)),
+        ("splits_x2", s.views, plan_decode(shape, sms, num_splits=2 * n, block_n=plan.block_n)),
+        ("splits_half", s.views, plan_decode(shape, sms, num_splits=max(1, n // 2), block_n=plan.block_n)),
+        ("stages_minus_1", s.views, dataclasses.replace(plan, num_stages=plan.num_stages - 1)),
+        ("stages_plus_1", s.views, dataclasses.replace(plan, num_stages=plan.num_stages + 1)),
+        ("warps_8", s.views, dataclasses.replace(plan, num_warps=8)),
+    ]
+    seen: set[DecodeLaunch] = {plan}
+    kept = []
+    for name, views, launch in found:
+        if views and (views is not s.views or (launch not in seen and launch.num_stages >= 1)):
+            seen.add(launch)
+            kept.append((name, views, launch))
+    return kept
+
+
+def add_sweep(s: Setup, plan: DecodeLaunch, sms: int, out: Tensor, reference: Tensor, deadline: float,
+              contenders: dict[str, Contender], launches: dict[str, dict]) -> dict[str, str]:
+    """Compile and check each variant while time lasts; add it to `contenders` and its launch to `launches`;
+    returns the variants left out and why."""
     from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
 
-    t = build(combo, args, device, gen)
-    out = torch.empty_like(t["query"])
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    shape = DecodeShape(combo.batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM, combo.context)
-    base = plan_decode(shape, sms)
-    variants = [base]
-    for splits in sorted({1, max(1, base.num_splits // 2), base.num_splits * 2, base.num_splits * 4}):
-        variants.append(plan_decode(shape, sms, num_splits=splits))
-    for block_n in (32, 128):
-        variants.append(plan_decode(shape, sms, num_splits=base.num_splits, block_n=block_n))
-    variants += [dataclasses.replace(base, num_warps=8), dataclasses.replace(base, num_stages=2),
-                 dataclasses.replace(base, num_stages=4)]
-    variants = list(dict.fromkeys(variants))  # the heuristic's first, no shape twice
-    sdpa_s = min(time_sdpa(t, device, args).values())
-    rows = []
-    for plan in variants:
-        if time.monotonic() > args.deadline:
-            break
+    left_out = {}
+    for name, views, launch in sweep_variants(s, plan, s.views[0].decode_shape(s.query), sms):
+        if time.monotonic() > deadline:
+            left_out[name] = "time budget spent"
+            continue
+        calls = [lambda kv=kv, p=launch: triton_decode_attention(s.query, kv, out=out, launch=p) for kv in views]
         try:
-            s = median_seconds(lambda p=plan: triton_decode_attention(t["query"], t["kv"], out=out, launch=p),
-                               device, args.warmup, args.repeats)
-            rows.append({**dataclasses.asdict(plan), "vs_sdpa": round(sdpa_s / s, 3)})
-        except Exception as exc:  # a shape the compiler rejects: report it, keep sweeping
-            rows.append({**dataclasses.asdict(plan), "error": repr(exc)[:200]})
-    best = max((r for r in rows if "vs_sdpa" in r), key=lambda r: r["vs_sdpa"], default=None)
-    return {**dataclasses.asdict(combo), "heuristic": rows[0] if rows else None, "best": best, "variants": rows}
+            err = rel_err(calls[0], out, reference)
+        except Exception as exc:  # a shape the compiler rejects (shared memory): report it, keep sweeping
+            left_out[name] = repr(exc)[:200]
+            continue
+        contenders[name] = Contender(rotating(calls), optional=True)
+        launches[name] = {**dataclasses.asdict(launch), "rel_err": err}
+    return left_out
+
+
+def summarise(t: Timings, name: str, baseline: str, nbytes: int) -> dict[str, Any]:
+    ratios = t.ratios(baseline, name)
+    return {"ms": round(t.median(name) * 1e3, 4), "gbps": round(nbytes / t.median(name) / 1e9, 3),
+            "vs_sdpa": round(statistics.median(ratios), 3), "vs_sdpa_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+
+
+def measure(combo: Combo, args: argparse.Namespace, device: torch.device, gen: torch.Generator,
+            tune: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One combination: the main-table row and, when `tune`, its launch sweep (same rounds, same baseline)."""
+    started, backend = time.monotonic(), select_backend(device)
+    copies = copies_for(combo, device, args.pool_layers)
+    s = build(combo, args, device, gen, copies, tune)
+    out = torch.empty_like(s.query)
+    reference = sdpa(s.q4, s.keys[0], s.values[0]).squeeze(2).float()
+    contenders = sdpa_contenders(s, device)
+    paged = [lambda kv=kv: backend.decode_attention(s.query, kv, out=out) for kv in s.views]
+    err = rel_err(paged[0], out, reference)
+    contenders["paged"] = Contender(rotating(paged))
+    contenders["naive"] = Contender(rotating([lambda kv=kv: naive(s.q4, kv) for kv in s.views]), graph=False)
+    row: dict[str, Any] = {**dataclasses.asdict(combo), "kv_mib": round(combo.kv_bytes() / 2**20, 1), "copies": copies}
+    launches: dict[str, dict] = {}
+    left_out: dict[str, str] = {}
+    if backend.name == "triton":
+        from ultra_adaptive_kv_cache_engine.kernels.triton_common import num_sms
+
+        sms = num_sms(device)
+        plan = plan_decode(s.views[0].decode_shape(s.query), sms)  # what decode_attention plans for itself
+        row["launch"] = dataclasses.asdict(plan)
+        launches["heuristic"] = {**row["launch"], "rel_err": err}
+        if tune:
+            deadline = min(args.deadline, started + SWEEP_SHARE * args.time_budget_s)
+            left_out = add_sweep(s, plan, sms, out, reference, deadline, contenders, launches)
+    t = time_interleaved(contenders, device, args.rounds, args.warmup, args.sample_ms / 1e3, multiple=copies)
+    sdpa_names = [n for n in t.samples if n.startswith("sdpa_")]
+    best = min(sdpa_names, key=t.median)
+    nbytes = combo.kv_bytes()
+    paged_fig, naive_fig = summarise(t, "paged", best, nbytes), summarise(t, "naive", best, nbytes)
+    row.update(
+        paged_ms=paged_fig["ms"], sdpa_ms=round(t.median(best) * 1e3, 4), naive_ms=naive_fig["ms"],
+        paged_gbps=paged_fig["gbps"], sdpa_gbps=round(nbytes / t.median(best) / 1e9, 3), naive_gbps=naive_fig["gbps"],
+        sdpa_backend=best.removeprefix("sdpa_"),
+        sdpa_backends_gbps={n.removeprefix("sdpa_"): round(nbytes / t.median(n) / 1e9, 3) for n in sdpa_names},
+        paged_vs_sdpa=paged_fig["vs_sdpa"], paged_vs_sdpa_range=paged_fig["vs_sdpa_range"],
+        naive_vs_sdpa=naive_fig["vs_sdpa"], rel_err_vs_sdpa=err,
+        timing={"method": t.method, "rounds": args.rounds, "calls_per_sample": t.calls, "note": t.note},
+    )
+    if not tune or backend.name != "triton":
+        return row, None
+    variants = [{"name": name, **launch, **summarise(t, "paged" if name == "heuristic" else name, best, nbytes)}
+                for name, launch in launches.items() if name == "heuristic" or name in t.samples]
+    top = max(variants, key=lambda v: v["vs_sdpa"])
+    return row, {**dataclasses.asdict(combo), "variants": variants, "best": top["name"], "left_out": left_out}
 
 
 def parse_args() -> argparse.Namespace:
@@ -210,19 +289,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 64])
-    p.add_argument("--pool-layers", type=int, default=32, help="layers held by the pool (one is read)")
+    p.add_argument("--pool-layers", type=int, default=32, help="layers held by the pool (Llama-3-8B: 32)")
     p.add_argument("--mem-cap-gib", type=float, default=None, help="default: 85%% of the device's memory")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls of each contender first")
+    p.add_argument("--rounds", type=int, default=9, help="timed samples of each contender, interleaved")
+    p.add_argument("--sample-ms", type=float, default=3.0, help="about this long per sample (many calls)")
     p.add_argument("--time-budget-s", type=float, default=150.0,
-                   help="skip what is left after this long (the grid gets 75%%, the sweep the rest)")
-    p.add_argument("--no-tune", action="store_true", help="skip the launch-shape sweep at the goal points")
+                   help="goal combinations always run (each sweep gets 15%%); the rest of the grid runs while this lasts")
+    p.add_argument("--no-tune", action="store_true", help="skip the launch sweep at the goal combinations")
     p.add_argument("--no-save", action="store_true", help="only print the JSON line")
     args = p.parse_args()
     args.dtype = torch.bfloat16
     if args.quick:
         args.batches, args.contexts, args.block_sizes = [1, 2], [64, 256], [16]
-        args.pool_layers, args.repeats, args.warmup = 2, 3, 1
+        args.pool_layers, args.rounds, args.warmup, args.sample_ms = 2, 3, 1, 5.0
     return args
 
 
@@ -235,29 +315,50 @@ def mem_cap(args: argparse.Namespace, device: torch.device) -> int:
 
 
 def run_grid(args: argparse.Namespace, device: torch.device, gen: torch.Generator) -> dict[str, list]:
-    cap, grid_deadline = mem_cap(args, device), time.monotonic() + 0.75 * args.time_budget_s
-    found: dict[str, list] = {"results": [], "skipped": [], "errors": []}
-    for bs in args.block_sizes:
-        for batch in args.batches:
-            for context in args.contexts:
-                combo = Combo(batch, context, bs)
-                need = combo.needed_bytes(2, args.pool_layers)
-                if need > cap:
-                    found["skipped"].append({**dataclasses.asdict(combo), "reason": f"needs {need / 2**30:.0f} GiB > cap {cap / 2**30:.0f} GiB"})
-                    continue
-                if time.monotonic() > grid_deadline:
-                    found["skipped"].append({**dataclasses.asdict(combo), "reason": "time budget spent"})
-                    continue
-                try:
-                    row = measure(combo, args, device, gen)
-                    found["results"].append(row)
-                    log(f"{combo}: paged {row['paged_gbps']} GB/s, sdpa {row['sdpa_gbps']}, naive {row['naive_gbps']}")
-                except Exception as exc:  # one combination failing (OOM, compiler) must not end the run
-                    found["errors"].append({**dataclasses.asdict(combo), "error": repr(exc)[:300]})
-                    log(f"{combo}: ERROR {exc!r}")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    """Goal combinations first (always measured, swept on CUDA), then the rest of the grid while time lasts."""
+    cap, tune = mem_cap(args, device), device.type == "cuda" and not args.no_tune
+    combos = [Combo(b, c, bs) for bs in args.block_sizes for b in args.batches for c in args.contexts]
+    combos.sort(key=lambda c: not c.is_goal)  # stable: goal combinations first, in grid order
+    found: dict[str, list] = {"results": [], "tuning": [], "skipped": [], "errors": []}
+    for combo in combos:
+        need = combo.needed_bytes(args.pool_layers, copies_for(combo, device, args.pool_layers), tune and combo.is_goal)
+        if need > cap:
+            found["skipped"].append({**dataclasses.asdict(combo), "reason": f"needs {need / 2**30:.0f} GiB > cap {cap / 2**30:.0f} GiB"})
+            continue
+        if not combo.is_goal and time.monotonic() > args.deadline:
+            found["skipped"].append({**dataclasses.asdict(combo), "reason": "time budget spent"})
+            continue
+        try:
+            row, tuning = measure(combo, args, device, gen, tune and combo.is_goal)
+            found["results"].append(row)
+            if tuning is not None:
+                found["tuning"].append(tuning)
+            log(f"{combo}: paged {row['paged_gbps']} GB/s, sdpa {row['sdpa_gbps']} ({row['sdpa_backend']}), "
+                f"ratio {row['paged_vs_sdpa']} {row['paged_vs_sdpa_range']}, naive {row['naive_gbps']}")
+        except Exception as exc:  # one combination failing (OOM, compiler) must not end the run
+            found["errors"].append({**dataclasses.asdict(combo), "error": repr(exc)[:300]})
+            log(f"{combo}: ERROR {exc!r}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return found
+
+
+def goals(found: dict[str, list], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One entry per goal in the grid and block size: the measured ratio, or why there is none."""
+    rows = {(r["batch"], r["context"], r["block_size"]): r for r in found["results"]}
+    entries = []
+    for (batch, context), target in GOALS.items():
+        if batch not in args.batches or context not in args.contexts:
+            continue
+        for bs in args.block_sizes:
+            row = rows.get((batch, context, bs))
+            entry = {"batch": batch, "context": context, "block_size": bs, "target": target}
+            if row is None:
+                entries.append({**entry, "met": None, "why": "not measured (see skipped/errors)"})
+            else:
+                entries.append({**entry, "paged_vs_sdpa": row["paged_vs_sdpa"], "range": row["paged_vs_sdpa_range"],
+                                "met": row["paged_vs_sdpa"] >= target})
+    return entries
 
 
 def main() -> None:
@@ -266,26 +367,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     found = run_grid(args, device, gen)
-    goals = []
-    for (batch, context), target in GOALS.items():
-        for row in (r for r in found["results"] if (r["batch"], r["context"]) == (batch, context)):
-            goals.append({"batch": batch, "context": context, "block_size": row["block_size"], "target": target,
-                          "paged_vs_sdpa": row["paged_vs_sdpa"], "met": row["paged_vs_sdpa"] >= target})
-    tuning = []
-    if device.type == "cuda" and not args.no_tune and select_backend(device).name == "triton":
-        for batch, context in GOALS:
-            if time.monotonic() > args.deadline:
-                tuning.append({"batch": batch, "context": context, "skipped": "time budget spent"})
-                continue
-            try:
-                tuning.append(tune(Combo(batch, context, 16), args, device, gen))
-            except Exception as exc:  # report and go on
-                tuning.append({"batch": batch, "context": context, "error": repr(exc)[:300]})
-            torch.cuda.empty_cache()
     result = {
         "backend": select_backend(device).name, "device": str(device), "dtype": "bfloat16",
         "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "pool_layers": args.pool_layers},
-        "quick": args.quick, "seed": args.seed, **found, "goals": goals, "tuning": tuning,
+        "quick": args.quick, "seed": args.seed, "goals": goals(found, args), **found,
     }
     emit("paged_attention" + ("_quick" if args.quick else ""), result, save=not args.no_save)
 

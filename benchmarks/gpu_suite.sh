@@ -115,7 +115,7 @@ fi
 # Without CUDA (a dry run of this script) the benchmarks take their --quick sizes.
 QUICK=""
 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || QUICK="--quick"
-part bench_paged_attention attention 45 "$PY" benchmarks/bench_paged_attention.py --time-budget-s 35 $QUICK
+part bench_paged_attention attention 45 "$PY" benchmarks/bench_paged_attention.py --time-budget-s 25 $QUICK
 part bench_transfers transfers 30 "$PY" benchmarks/bench_transfers.py $QUICK
 part end_to_end_gpu e2e 335 "$PY" benchmarks/bench_end_to_end_gpu.py --time-budget-s 290 $QUICK
 
