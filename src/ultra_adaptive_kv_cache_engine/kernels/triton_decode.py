@@ -1,14 +1,15 @@
 """Triton paged decode attention (split-K / flash-decoding), the fast twin of `reference_decode_attention`.
 
 Kernel 1 (`_decode_partition_kernel`), grid (num_kv_heads, batch, num_splits) (or (batch, num_kv_heads,
-num_splits) when the launch is not `heads_first`): one program loads the query rows of one GQA group
+num_splits) when the launch is not `heads_first` or the batch exceeds `MAX_GRID_Y`): one program loads the query rows of one GQA group
 (padded to block_m rows), walks its partition of the context in tiles of block_n keys and keeps an online
 softmax in base 2 with float32 accumulators. Each tile translates its keys through the block table with one
 vector load (the block id of every key: a tile of block_n keys over blocks of PAGE tokens reads
 block_n / PAGE distinct ids, adjacent in memory, so one or two sectors), then gathers its keys and values
 with one load each; any block size works and a tile may span several blocks. With one split it writes the
 normalised output directly; otherwise it writes its normalised partial output and log2-sum-exp.
-Kernel 2 (`_decode_merge_kernel`), grid (num_q_heads, batch): merges the partitions that hold keys.
+Kernel 2 (`_decode_merge_kernel`), grid (batch * num_q_heads,), heads fastest: merges the partitions that
+hold keys.
 
 Numerics: scores and accumulators are float32; probabilities are rounded to the KV dtype before the P@V
 product (as FlashAttention does); float32 inputs use IEEE (not TF32) dot products. No value of seq_lens or
@@ -38,6 +39,9 @@ from .checks import require_out, require_positive_scale, require_tensor
 from .launch_plan import DecodeLaunch, plan_decode
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms, softmax_update
+
+#: Largest grid extent along y (CUDA): a batch beyond it launches batch-major.
+MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -106,12 +110,13 @@ def _decode_partition_kernel(
 @triton.jit
 def _decode_merge_kernel(
     part_ptr, lse_ptr, lens_ptr, out_ptr,
-    num_splits, partition_size,
+    num_heads, num_splits, partition_size,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    h = tl.program_id(0)  # adjacent programs merge adjacent rows of one sequence
-    b = tl.program_id(1)
+    pid = tl.program_id(0)  # adjacent programs merge adjacent rows (heads) of one sequence
+    h = pid % num_heads
+    b = pid // num_heads
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
     lse_row = lse_ptr + b.to(tl.int64) * stride_lb + h * stride_lh
     part_row = part_ptr + b.to(tl.int64) * stride_pb + h * stride_ph
@@ -160,7 +165,8 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
         parts = torch.empty((batch, heads, plan.num_splits, plan.block_d), dtype=torch.float32, device=query.device)
         lse = torch.empty((batch, heads, plan.num_splits), dtype=torch.float32, device=query.device)
     k, v = kv.key_cache, kv.value_cache
-    grid = (kv.num_kv_heads, batch) if plan.heads_first else (batch, kv.num_kv_heads)
+    heads_first = plan.heads_first and batch <= MAX_GRID_Y
+    grid = (kv.num_kv_heads, batch) if heads_first else (batch, kv.num_kv_heads)
     _decode_partition_kernel[(*grid, plan.num_splits)](
         query, k, v, kv.block_tables, kv.seq_lens, out, parts, lse,
         scale * math.log2(math.e), plan.partition_size,
@@ -171,12 +177,12 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, HEAD_DIM=dim, PAGE=kv.block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-        SPLIT=split, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=plan.heads_first,
+        SPLIT=split, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=heads_first,
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if split:
-        _decode_merge_kernel[(heads, batch)](
-            parts, lse, kv.seq_lens, out, plan.num_splits, plan.partition_size,
+        _decode_merge_kernel[(batch * heads,)](
+            parts, lse, kv.seq_lens, out, heads, plan.num_splits, plan.partition_size,
             parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=dim, BLOCK_D=plan.block_d, BLOCK_S=max(16, triton.next_power_of_2(plan.num_splits)),
