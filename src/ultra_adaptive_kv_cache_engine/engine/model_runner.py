@@ -38,6 +38,7 @@ from ..cache.paged_cache import PagedKVCache
 from ..memory import OutOfBlocksError
 from ..metrics import LOGGER_NAME
 from ..model.decode_step import DecodeStep
+from ..model.gathered_prefill import PrefillPath
 from ..model.paged_llama import PagedLlama
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -54,11 +55,13 @@ class DecodeMode(str, enum.Enum):
 @dataclass(frozen=True)
 class RunnerConfig:
     """`max_context`: tokens per sequence (prompt + generated), which sizes the block tables and graphs;
-    `cuda_graphs`: capture decode steps on CUDA; `prefill_chunk`: most prompt tokens per forward (None: all)."""
+    `cuda_graphs`: capture decode steps on CUDA; `prefill_chunk`: most prompt tokens per forward (None: all);
+    `prefill_path`: how prefills over a cached prefix attend (None: the model's `GatherRule` chooses)."""
 
     max_context: int = 4096
     cuda_graphs: bool = True
     prefill_chunk: int | None = None
+    prefill_path: PrefillPath | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_context, bool) or not isinstance(self.max_context, int) or self.max_context < 2:
@@ -66,6 +69,8 @@ class RunnerConfig:
         chunk = self.prefill_chunk
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"prefill_chunk={chunk!r} must be a positive int or None")
+        if self.prefill_path is not None and not isinstance(self.prefill_path, PrefillPath):
+            raise ValueError(f"prefill_path={self.prefill_path!r} must be a PrefillPath or None")
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,9 @@ class ModelRunner:
         chunk = self.config.prefill_chunk or len(ids)
         logits = None
         for a in range(0, len(ids), chunk):
-            logits = self.model.prefill(self.cache.pool.kv, ids[a : a + chunk], row.cached + a, table)
+            logits = self.model.prefill(
+                self.cache.pool.kv, ids[a : a + chunk], row.cached + a, table, self.config.prefill_path
+            )
         assert logits is not None  # at least one uncached token: the cap of new_sequence
         return int(logits.argmax())
 

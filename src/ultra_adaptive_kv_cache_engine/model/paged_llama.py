@@ -11,7 +11,9 @@ KV lives in a pool of shape (num_blocks, num_layers, 2, block_size, num_kv_heads
 forward writes the new tokens' keys and values into their slots with the backend's `write_kv`, then attends:
 - `prefill`: the new tokens of ONE sequence, positions ``start .. start + T - 1``. Without a cached prefix
   (start == 0) attention is causal SDPA over the new tokens themselves (FlashAttention on CUDA); otherwise
-  the backend's paged prefill kernel attends over the cached prefix in the pool and the new tokens.
+  the backend's paged prefill kernel attends over the cached prefix in the pool and the new tokens, or, when
+  few new tokens attend to a long prefix (`GatherRule`, or the caller's `PrefillPath`), SDPA over the
+  sequence's blocks gathered per layer (`gathered_prefill`).
 - `decode`: one token per sequence for a batch, with the backend's paged decode kernel. It reads only the
   tensors of its `DecodeInputs` (slots and lengths are derived on the device), never synchronises with the
   host and allocates only through the caching allocator, so a CUDA graph can capture it (`DecodeStep`).
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import KernelBackend, PagedKV, select_backend
+from .gathered_prefill import GatherRule, PrefillPath, gathered_attention
 
 #: RoPE types whose inverse frequencies change with the sequence length (not supported: one fixed table).
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -155,7 +158,7 @@ class PagedLlama:
 
     def __init__(
         self, shape: LlamaShape, weights: dict[str, Tensor], inv_freq: Tensor, attention_scaling: float,
-        max_positions: int, backend: KernelBackend | None = None,
+        max_positions: int, backend: KernelBackend | None = None, gather_rule: GatherRule | None = None,
     ) -> None:
         if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
             raise ValueError(f"max_positions={max_positions!r} must be a positive int")
@@ -173,6 +176,7 @@ class PagedLlama:
         self._cos, self._sin = cos, sin
         self.backend = backend if backend is not None else select_backend(self.device)
         self.scale = shape.head_dim**-0.5
+        self.gather_rule = gather_rule if gather_rule is not None else GatherRule()
 
     @classmethod
     def from_hf(cls, model: Any, max_positions: int | None = None, backend: KernelBackend | None = None) -> PagedLlama:
@@ -239,33 +243,46 @@ class PagedLlama:
 
     # -- forwards -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, pool: Tensor, token_ids: Tensor, start: int, block_table: Tensor) -> Tensor:
+    def prefill(
+        self, pool: Tensor, token_ids: Tensor, start: int, block_table: Tensor, path: PrefillPath | None = None
+    ) -> Tensor:
         """Runs the T new tokens `token_ids` (T,) of one sequence at positions start .. start + T - 1, whose
-        block table (blocks,) covers them; returns the last token's logits (vocab,) in float32."""
+        block table (blocks,) covers them; returns the last token's logits (vocab,) in float32. With a cached
+        prefix (start > 0), `path` says how to attend (None: `gather_rule` chooses from the sizes)."""
         t = int(token_ids.shape[0])
         if t < 1 or start < 0 or start + t > self.max_positions:
             raise ValueError(f"{t} tokens from position {start}: expected >= 1 token below {self.max_positions}")
+        if path is not None and not isinstance(path, PrefillPath):
+            raise TypeError(f"path must be a PrefillPath or None, got {path!r}")
         bs = int(pool.shape[3])
         if block_table.shape[0] * bs < start + t:
             raise ValueError(f"block table of {block_table.shape[0]} blocks cannot hold {start + t} tokens")
         positions = torch.arange(start, start + t, device=self.device)
         table = block_table.to(self.device, torch.int32)
         slots = table[positions // bs].long() * bs + positions % bs
+        path = path if path is not None else self.gather_rule.choose(t, start)
         if start == 0:
             attend = self._causal_attend
+        elif path is PrefillPath.GATHERED:
+            attend = gathered_attention(pool, table, start, t, self.scale)
         else:
-            starts = torch.tensor([0, t], dtype=torch.int32, device=self.device)
-            lens = torch.tensor([start + t], dtype=torch.int32, device=self.device)
-
-            def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                kv = PagedKV.from_pool(pool, i, table[None], lens, max_seq_len=start + t)
-                return self.backend.prefill_attention(q, starts, kv, max_query_len=t, scale=self.scale)
-
+            attend = self._paged_attend(pool, table, start, t)
         h = F.embedding(token_ids.to(self.device), self.embed)
         rope = self._rope(positions)
         for i in range(self.shape.num_layers):
             h = self._layer(h, i, pool, slots, rope, attend)
         return self._logits(h[-1:])[0]
+
+    def _paged_attend(self, pool: Tensor, table: Tensor, start: int, t: int) -> Any:
+        """The backend's paged prefill kernel over the cached prefix and the t new tokens."""
+        starts = torch.tensor([0, t], dtype=torch.int32, device=self.device)
+        lens = torch.tensor([start + t], dtype=torch.int32, device=self.device)
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            kv = PagedKV.from_pool(pool, i, table[None], lens, max_seq_len=start + t)
+            return self.backend.prefill_attention(q, starts, kv, max_query_len=t, scale=self.scale)
+
+        return attend
 
     def _causal_attend(self, i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Causal SDPA over the new tokens alone (no cached prefix): (T, heads, dim) in and out."""
