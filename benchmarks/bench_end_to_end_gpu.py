@@ -3,7 +3,11 @@
 Questions, on one GPU, same weights, same run:
 (a) TTFT of a 16k-token prompt that is not cached: our runner's full prefill (SDPA over the new tokens,
     KV written into the paged pool), and transformers' forward of the same prompt for reference;
-(b) TTFT when the prompt's prefix is cached in the GPU pool (only the last block is computed);
+(b) TTFT when the prompt's prefix is cached in the GPU pool (only the last block is computed), with the
+    model's default prefill path (`GatherRule`: the gathered SDPA path for few new tokens over a long
+    prefix) and with the paged prefill kernel forced (`PrefillPath.KERNEL`, the former path); and, per path,
+    the hit's `PagedLlama.prefill` alone: the host's time to enqueue it (nothing syncs inside) and its time
+    to the result (enqueue close to result: the forward is bound by the host's launches, not the GPU);
 (c) TTFT when it is cached only in the CPU tier: the cache's lower tiers are a TieredStore of one pinned
     CPUTier, the blocks were written through at commit in (a), every block is evicted from the pool, and the
     runner's prefix lookup promotes them through the cache's own path (`LowerTiers.load` ->
@@ -89,6 +93,7 @@ from ultra_adaptive_kv_cache_engine.compression import make_codec  # noqa: E402
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig  # noqa: E402
 from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig  # noqa: E402
 from ultra_adaptive_kv_cache_engine.memory import KVSpec  # noqa: E402
+from ultra_adaptive_kv_cache_engine.model.gathered_prefill import PrefillPath  # noqa: E402
 from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama  # noqa: E402
 from ultra_adaptive_kv_cache_engine.tiers import CPUTier, TieredStore, records_to_host  # noqa: E402
 from ultra_adaptive_kv_cache_engine.tiers.block_io import LoadResult  # noqa: E402
@@ -175,6 +180,7 @@ class World:
     ttft_cache: PagedKVCache
     tiers: PromotionTiers
     ttft_runner: ModelRunner
+    kernel_runner: ModelRunner  # the same cache, prefills over a cached prefix forced onto the paged kernel
     decode_cache: PagedKVCache
     runner: ModelRunner
     eager_runner: ModelRunner
@@ -237,11 +243,13 @@ def build_world(args: argparse.Namespace) -> World:
     ttft_cache, tiers = make_cache(model, bs, 3 * p + 8 * bs, tier_tokens=2 * p + 8 * bs)
     assert tiers is not None
     ttft_runner = ModelRunner(model, ttft_cache, RunnerConfig(max_context=p + 2 * bs, cuda_graphs=False))
+    kernel_runner = ModelRunner(model, ttft_cache, RunnerConfig(max_context=p + 2 * bs, cuda_graphs=False,
+                                                                prefill_path=PrefillPath.KERNEL))
     per_row = args.decode_prompt + args.new_tokens + bs
     decode_cache, _ = make_cache(model, bs, 2 * max(args.batches) * per_row)
     runner = ModelRunner(model, decode_cache, RunnerConfig(max_context=per_row))
     eager = ModelRunner(model, decode_cache, RunnerConfig(max_context=per_row, cuda_graphs=False))
-    world = World(hf, model, ttft_cache, tiers, ttft_runner, decode_cache, runner, eager, device,
+    world = World(hf, model, ttft_cache, tiers, ttft_runner, kernel_runner, decode_cache, runner, eager, device,
                   torch.Generator().manual_seed(args.seed))
     warm = world.prompt(min(p, 4 * bs))
     for _ in range(2):  # compiles every kernel outside the timings: SDPA prefill, then paged prefill, decode
@@ -300,13 +308,43 @@ def part_uncached(w: World, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def part_gpu_hit(w: World, args: argparse.Namespace) -> dict[str, Any]:
+    """Three hits per path, the default path's first (it may pay a one-time cost), then the prefill alone."""
     prompt = w.last_prompt
-    runs = [timed_ttft(w.ttft_runner, prompt) for _ in range(3)]
     expected = (len(prompt) - 1) // args.block_size * args.block_size
-    if any(cached != expected for _, cached in runs):
-        raise RuntimeError(f"pool hit reused {[c for _, c in runs]} tokens; expected {expected}")
-    return {"ttft_ms": round(min(t for t, _ in runs) * 1e3, 2), "runs_ms": [round(t * 1e3, 2) for t, _ in runs],
-            "cached_tokens": expected, "computed_tokens": len(prompt) - expected}
+    out: dict[str, Any] = {"cached_tokens": expected, "computed_tokens": len(prompt) - expected,
+                           "default_path": w.model.gather_rule.choose(len(prompt) - expected, expected).value}
+    for label, runner in (("", w.ttft_runner), ("kernel_", w.kernel_runner)):
+        runs = [timed_ttft(runner, prompt) for _ in range(3)]
+        if any(cached != expected for _, cached in runs):
+            raise RuntimeError(f"pool hit reused {[c for _, c in runs]} tokens; expected {expected}")
+        out[f"{label}ttft_ms"] = round(min(t for t, _ in runs) * 1e3, 2)
+        out[f"{label}runs_ms"] = [round(t * 1e3, 2) for t, _ in runs]
+    out["kernel_vs_default"] = round(out["kernel_ttft_ms"] / out["ttft_ms"], 3)
+    for path in PrefillPath:
+        enqueue_s, total_s = prefill_alone_s(w, prompt, path)
+        out[f"prefill_{path.value}_enqueue_ms"] = round(enqueue_s * 1e3, 2)
+        out[f"prefill_{path.value}_ms"] = round(total_s * 1e3, 2)
+    return out
+
+
+def prefill_alone_s(w: World, prompt: list[int], path: PrefillPath) -> tuple[float, float]:
+    """The hit's `PagedLlama.prefill` alone over the opened sequence (the runner's own row setup), best of 3:
+    (seconds until it returns, with nothing synced inside; seconds until its logits are ready)."""
+    row = w.ttft_runner._open(prompt, 1)
+    try:
+        ids = torch.tensor(prompt[row.cached :], device=w.device)
+        table = torch.tensor(row.table, dtype=torch.int32, device=w.device)
+        best = (math.inf, math.inf)
+        for _ in range(3):
+            sync()
+            start = time.perf_counter()
+            w.model.prefill(w.ttft_cache.pool.kv, ids, row.cached, table, path)
+            enqueued = time.perf_counter() - start
+            sync()
+            best = min(best, (enqueued, time.perf_counter() - start), key=lambda x: x[1])
+        return best
+    finally:
+        w.ttft_runner._release(row)
 
 
 def evict_pool(cache: PagedKVCache) -> None:
@@ -514,6 +552,7 @@ def main() -> int:
     r = report.results
     a, b, c = r.get("a_uncached", {}), r.get("b_gpu_hit", {}), r.get("c_cpu_tier", {})
     ratios = {"gpu_hit_vs_uncached": round(b["ttft_ms"] / a["ttft_ms"], 4) if a and b else None,
+              "gpu_hit_kernel_path_vs_uncached": round(b["kernel_ttft_ms"] / a["ttft_ms"], 4) if a and b else None,
               "cpu_tier_vs_uncached": round(c["ttft_ms"] / a["ttft_ms"], 4) if a and c else None,
               "cpu_tier_staged_vs_uncached": round(c["staged_ttft_ms"] / a["ttft_ms"], 4) if a and c else None}
     shape = dict(world.model.shape.__dict__) if world is not None else None
