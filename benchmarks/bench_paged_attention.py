@@ -367,10 +367,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=device).manual_seed(args.seed)
     found = run_grid(args, device, gen)
+    reached = goals(found, args)
+    met = all(g["met"] for g in reached) if reached and all(g["met"] is not None for g in reached) else None
     result = {
         "backend": select_backend(device).name, "device": str(device), "dtype": "bfloat16",
         "shape": {"q_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "pool_layers": args.pool_layers},
-        "quick": args.quick, "seed": args.seed, "goals": goals(found, args), **found,
+        "quick": args.quick, "seed": args.seed, "goals_met": met, "goals": reached, **found,
     }
     emit("paged_attention" + ("_quick" if args.quick else ""), result, save=not args.no_save)
 
