@@ -86,9 +86,11 @@ def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence
 
     On CPU each record is decoded straight into its slot. On CUDA (contiguous pool) each identity-coded record
     with a page-locked payload is copied straight from it into its slot, one asynchronous copy per block on a
-    side stream (`kernels.copy_host_blocks`), complete when this returns; the others are decoded into one
-    pinned buffer, then one host-to-device copy and one index_copy_ queued on the current stream. Either way
-    the records may be dropped as soon as it returns, and later work on the current stream sees every block.
+    side stream (`kernels.copy_host_blocks`) that the current stream then waits for on the device (no host
+    sync: the host goes on queueing the prefill while the copies run; PyTorch's pinned-memory allocator keeps
+    the payloads' memory from reuse until the copies are done); the others are decoded into one pinned buffer,
+    then one host-to-device copy and one index_copy_ queued on the current stream. Either way the records may
+    be dropped as soon as it returns, and later work on the current stream sees every block.
     Everything is validated before the pool is touched.
     """
     if len(records) != len(block_ids):
@@ -107,8 +109,8 @@ def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence
         index = torch.tensor([ids[i] for i in rest], dtype=torch.long, device=pool.device)
         pool.index_copy_(0, index, host.to(pool.device, non_blocking=True))
     direct = [(ids[i], src) for i, src in enumerate(sources) if src is not None]
-    if direct:  # on a side stream ordered after the index_copy_ above; returns when they are complete
-        copy_host_blocks(pool, [src for _, src in direct], [block_id for block_id, _ in direct])
+    if direct:  # on a side stream ordered after the index_copy_ above; the current stream waits for them
+        copy_host_blocks(pool, [src for _, src in direct], [block_id for block_id, _ in direct], wait=False)
     return LoadResult(direct=len(direct), decoded=len(rest))
 
 
