@@ -269,7 +269,7 @@ class PagedKVCache(BaseKVCache):
         kv = self.pool.kv
         count = keys[0].shape[1]
         positions = torch.arange(start, start + count, device=kv.device)
-        table = torch.tensor(seq.block_ids, dtype=torch.long, device=kv.device)
+        table = torch.tensor(seq.block_ids, dtype=torch.long).to(kv.device, non_blocking=True)
         blocks, offsets = table[positions // self.block_size], positions % self.block_size
         src = torch.stack([torch.stack(list(keys)), torch.stack(list(values))], dim=1)  # (L, 2, H, T, D)
         kv[blocks, :, :, offsets] = src.permute(3, 0, 1, 2, 4).to(kv.device)  # (T, L, 2, H, D)

@@ -222,8 +222,9 @@ class ModelRunner:
     def _prefill(self, row: _Row) -> int:
         """Runs the uncached prompt tokens; returns the first new token."""
         device = self.model.device
-        ids = torch.tensor(row.prompt[row.cached :], dtype=torch.int64).to(device)
-        table = torch.tensor(row.table, dtype=torch.int32).to(device)
+        # non_blocking: no stream sync here, so the host queues the prefill while promoted blocks still copy
+        ids = torch.tensor(row.prompt[row.cached :], dtype=torch.int64).to(device, non_blocking=True)
+        table = torch.tensor(row.table, dtype=torch.int32).to(device, non_blocking=True)
         chunk = self.config.prefill_chunk or len(ids)
         logits = None
         for a in range(0, len(ids), chunk):

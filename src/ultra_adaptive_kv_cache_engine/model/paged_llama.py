@@ -275,8 +275,8 @@ class PagedLlama:
 
     def _paged_attend(self, pool: Tensor, table: Tensor, start: int, t: int) -> Any:
         """The backend's paged prefill kernel over the cached prefix and the t new tokens."""
-        starts = torch.tensor([0, t], dtype=torch.int32, device=self.device)
-        lens = torch.tensor([start + t], dtype=torch.int32, device=self.device)
+        starts = torch.tensor([0, t], dtype=torch.int32).to(self.device, non_blocking=True)
+        lens = torch.tensor([start + t], dtype=torch.int32).to(self.device, non_blocking=True)
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             kv = PagedKV.from_pool(pool, i, table[None], lens, max_seq_len=start + t)
