@@ -140,3 +140,39 @@ def test_redis_dying_mid_run_keeps_the_engine_serving(redis, tiny):
     import redis as redis_py
 
     assert redis_py.Redis.from_url(redis.url).dbsize() > 0  # blocks written after the reconnection
+
+
+def test_compute_or_load_follows_the_measured_costs(tmp_path, tiny):
+    config = KVCacheConfig(max_tokens=1024, block_size=4, enable_persistence=True, persistence_path=str(tmp_path))
+    with UltraAdaptiveKVCacheEngine(config, model=tiny) as writer:
+        first = run(writer, PROMPT)
+        writer.persist()
+    # A disk that moves one byte per second: recomputing is cheaper, so nothing is loaded.
+    slow = UltraAdaptiveKVCacheEngine(config, model=tiny)
+    slow.optimizer.bandwidth.set_prior("disk", 1.0)
+    slow.optimizer.observe_prefill(0, 64, 0.01)
+    recomputed = run(slow, PROMPT)
+    assert recomputed["cached_tokens"] == 0 and recomputed["text"] == first["text"]
+    assert tier_counters(slow, "disk")["hits"] == 0 and slow.get_stats()["model"]["tier_hit_tokens"] == 0
+    # A disk far faster than the prefill: every cached block is loaded.
+    fast = UltraAdaptiveKVCacheEngine(config, model=tiny)
+    fast.optimizer.bandwidth.set_prior("disk", 1e12)
+    fast.optimizer.observe_prefill(0, 64, 10.0)
+    loaded = run(fast, PROMPT)
+    assert loaded["cached_tokens"] == min((first["prompt_tokens"] // 4) * 4, first["prompt_tokens"] - 1)
+    assert loaded["text"] == first["text"] and tier_counters(fast, "disk")["hits"] >= 1
+    assert fast.optimizer.bandwidth.observations.get("disk", 0) == 1  # the load was measured
+    slow.close()
+    fast.close()
+
+
+def test_advanced_optimization_on_the_engine(tiny):
+    import torch
+
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(cache_strategy="lru"), model=tiny)
+    entries = [torch.randn(1, 8, 64) for _ in range(10)]
+    result = engine.advanced_optimization(entries, "memory")
+    assert result["optimized_count"] == 10 and result["improvement_percentage"] > 0
+    assert set(result) == {"optimized_count", "improvement_percentage", "metrics", "entries"}
+    with pytest.raises(ValueError, match="latency"):
+        engine.advanced_optimization(entries, "speed")

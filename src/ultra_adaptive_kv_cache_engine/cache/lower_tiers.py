@@ -14,7 +14,7 @@ tier can always be used once its parents are.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,12 +48,27 @@ def tier_specs(config: KVCacheConfig) -> list[TierSpec]:
     return [TierSpec(kind, options) for enabled, kind, options in wanted if enabled]
 
 
+LoadPlanner = Callable[[int, Sequence[str], int], int]
+"""(blocks already in the pool, tier of each next block found below it (a leading run), prompt tokens) ->
+how many of those next blocks to load; the rest of the prompt is recomputed."""
+
+LoadObserver = Callable[[Mapping[str, int], float], None]
+"""(bytes loaded per tier, seconds the fetch and load took) after every promotion."""
+
+
 class LowerTiers:
-    """Write-through, promotion and persistence between a block pool and a tiered store."""
+    """Write-through, promotion and persistence between a block pool and a tiered store.
+
+    `planner` (optional) decides compute-or-load per request (e.g. `PerformanceOptimizer.plan`); without one,
+    every block found is loaded. `observer` (optional) is told what each promotion moved and how long it took.
+    """
 
     def __init__(self, store: Tier, codec: Codec, max_pending: int = 1024) -> None:
         self.store = store
         self.codec = codec
+        self.planner: LoadPlanner | None = None
+        self.observer: LoadObserver | None = None
+        self._located: list[str] = []
         self.transfer = AsyncTransfer(store, max_pending=max_pending)
         # At interpreter exit, finish queued writes before the writer threads die mid-copy.
         self._finalizer = weakref.finalize(self, self.transfer.close)
@@ -82,6 +97,37 @@ class LowerTiers:
                 break
             found.append(record)
         return found
+
+    def locate(self, hashes: Sequence[bytes]) -> list[str]:
+        """The tier name holding each of the leading run of `hashes` that some tier holds (no data is read)."""
+        tiers = getattr(self.store, "tiers", (self.store,))
+        found: list[str] = []
+        for key in hashes:
+            tier = next((t for t in tiers if t.contains(key)), None)
+            if tier is None:
+                break
+            found.append(tier.name)
+        return found
+
+    def choose(self, hashes: Sequence[bytes], pool_blocks: int, prompt_tokens: int) -> list[bytes]:
+        """The leading part of `hashes` worth loading: the planner's choice, or every block a tier holds.
+        Remembers where the chosen blocks are for `report` (callers hold the cache's lock)."""
+        if self.planner is None and self.observer is None:
+            return list(hashes)
+        located = self.locate(hashes)
+        if self.planner is not None and located:
+            located = located[: max(0, min(len(located), self.planner(pool_blocks, located, prompt_tokens)))]
+        self._located = located
+        return list(hashes[: len(located)])
+
+    def report(self, records: Sequence[BlockRecord], seconds: float) -> None:
+        """Tells the observer what a promotion moved (bytes per tier that held each block) and how long it took."""
+        if self.observer is None or not records:
+            return
+        moved: dict[str, int] = {}
+        for tier, record in zip(self._located, records, strict=False):
+            moved[tier] = moved.get(tier, 0) + record.nbytes
+        self.observer(moved, seconds)
 
     @staticmethod
     def load(pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> LoadResult:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -192,8 +193,9 @@ class PagedKVCache(BaseKVCache):
         for i in range(len(match.block_ids), max_blocks):
             parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
             wanted.append(parent)
-        records = self.lower.fetch_chain(wanted)
-        records = records[: self.pool.num_free]
+        wanted = self.lower.choose(wanted, len(match.block_ids), len(tokens))
+        started = time.perf_counter()
+        records = self.lower.fetch_chain(wanted)[: self.pool.num_free]
         if not records:
             return match
         block_ids = self.pool.allocate_many(len(records))
@@ -208,6 +210,7 @@ class PagedKVCache(BaseKVCache):
             if self.index.insert(record.block_hash, block_id):
                 self.pool.set_block_hash(block_id, record.block_hash)
         self.counters.add("tier_hit_tokens", len(records) * bs)
+        self.lower.report(records, time.perf_counter() - started)
         return PrefixMatch(match.block_ids + tuple(block_ids), match.hashes + tuple(r.block_hash for r in records),
                            (len(match.block_ids) + len(records)) * bs)
 

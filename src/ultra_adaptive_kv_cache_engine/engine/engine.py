@@ -21,6 +21,7 @@ from ..cache.tensor_file import SnapshotError, load_snapshot, save_snapshot, sna
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
 from ..types import TierKind
+from .optimizer import PerformanceOptimizer
 from .requests import require_dict, require_tensor, require_text, resolve_action
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class UltraAdaptiveKVCacheEngine:
         }
         self._session: ModelSession | None = None
         self._model = model
+        self.optimizer = PerformanceOptimizer()
         self._session_lock = threading.Lock()
         self.logger.debug("engine ready: strategy=%s max_tokens=%d", config.cache_strategy, config.max_tokens)
 
@@ -97,8 +99,18 @@ class UltraAdaptiveKVCacheEngine:
             if self._session is None:
                 from .session import ModelSession  # deferred: importing transformers is slow
 
-                self._session = ModelSession(self.config, profiler=self.profiler, loaded=self._model)
+                self._session = ModelSession(self.config, profiler=self.profiler, loaded=self._model,
+                                             optimizer=self.optimizer)
             return self._session
+
+    def advanced_optimization(
+        self, cache_entries: list[torch.Tensor], optimization_goal: str = "latency"
+    ) -> dict[str, Any]:
+        """Optimizes `cache_entries` for "latency", "memory" or "throughput" and measures the improvement in the
+        same call: {"optimized_count", "improvement_percentage", "metrics", "entries"} (see
+        `PerformanceOptimizer.advanced_optimization`). ValueError for an unknown goal, naming the valid ones."""
+        with self.profiler.measure("advanced_optimization"):
+            return self.optimizer.advanced_optimization(cache_entries, optimization_goal)
 
     # ----------------------------------------------------------------- persistence
     def _require_persistence(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,8 +24,11 @@ from ..metrics import Counters, Profiler
 from ..model.generation import generate_with_prefix_cache
 from ..model.loaded import LoadedModel
 from ..model.loader import load_model
+from .optimizer import CachedBlock, PerformanceOptimizer
 from .requests import RequestError
 from .sampling import SamplingParams, parse_messages, parse_sampling
+
+POOL = "pool"  # the tier name of blocks already in the block pool
 
 
 class _StopOnText(StoppingCriteria):
@@ -42,15 +46,25 @@ class ModelSession:
     """One model and its paged prefix cache, serving `process` requests."""
 
     def __init__(
-        self, config: KVCacheConfig, profiler: Profiler | None = None, loaded: LoadedModel | None = None
+        self,
+        config: KVCacheConfig,
+        profiler: Profiler | None = None,
+        loaded: LoadedModel | None = None,
+        optimizer: PerformanceOptimizer | None = None,
     ) -> None:
         self.config = config
         self.profiler = profiler or Profiler(enabled=False)
         self.loaded = loaded if loaded is not None else load_model(config)
+        self.optimizer = optimizer or PerformanceOptimizer()
+        self.optimizer.bandwidth.set_prior(POOL, 1e18)  # blocks already in the pool cost nothing to "load"
         spec = self.loaded.kv_spec(config.block_size, dtype=config.dtype)
         namespace = self.loaded.namespace(spec, codec=config.codec.value, tenant_salt=config.tenant_salt)
-        self.paged = PagedKVCache(config, spec, namespace=namespace,
-                                  lower=LowerTiers.from_config(config, namespace.digest))
+        lower = LowerTiers.from_config(config, namespace.digest)
+        if lower is not None:  # compute or load, per request, from measured costs
+            lower.planner = self._plan_load
+            lower.observer = self._observe_load
+        self.paged = PagedKVCache(config, spec, namespace=namespace, lower=lower)
+        self._load_s = 0.0
         self.counters = Counters()
         self._lock = threading.Lock()
 
@@ -75,6 +89,24 @@ class ModelSession:
         params = parse_sampling(request, self.config.max_new_tokens)
         self._check_context(len(ids), params.max_new_tokens)
         return await asyncio.to_thread(self.generate, ids, params)
+
+    def _plan_load(self, pool_blocks: int, tiers: Sequence[str], prompt_tokens: int) -> int:
+        """How many of the next cached blocks (found in `tiers`) to load rather than recompute."""
+        nbytes = self.paged.spec.bytes_per_block
+        blocks = [CachedBlock(POOL, 0)] * pool_blocks + [CachedBlock(t, nbytes) for t in tiers]
+        try:
+            plan = self.optimizer.plan(prompt_tokens, self.paged.block_size, blocks)
+        except ValueError:  # a cost not measured yet: load, and so measure it
+            self.counters.add("load_plans_unmeasured")
+            return len(tiers)
+        self.counters.add("load_plans")
+        return plan.load_blocks - pool_blocks
+
+    def _observe_load(self, moved: Mapping[str, int], seconds: float) -> None:
+        total = sum(moved.values())
+        for tier, nbytes in moved.items():
+            self.optimizer.observe_transfer(tier, nbytes, max(seconds * nbytes / total, 1e-9))
+        self._load_s += seconds
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         context = self.loaded.max_context
@@ -101,8 +133,12 @@ class ModelSession:
             queued = time.perf_counter() - start
             if params.seed is not None:
                 torch.manual_seed(params.seed)
+            self._load_s = 0.0
             with torch.inference_mode():
                 result = generate_with_prefix_cache(self.loaded.model, self.paged, [prompt_ids], **kwargs)
+            if result.prompt_tokens > result.cached_tokens:  # what the prefill of the rest cost
+                self.optimizer.observe_prefill(result.cached_tokens, result.prompt_tokens,
+                                               max(result.ttft_s - self._load_s, 1e-6))
         new_ids = result.generated_ids[0].tolist()
         if codec.eos_token_id is not None and codec.eos_token_id in new_ids:
             new_ids = new_ids[: new_ids.index(codec.eos_token_id)]
