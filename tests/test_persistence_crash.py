@@ -17,16 +17,25 @@ import random
 import select
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from ultra_adaptive_kv_cache_engine.compression import EncodedTensor, TensorMeta
-from ultra_adaptive_kv_cache_engine.tiers import DiskTier, seal
+from ultra_adaptive_kv_cache_engine.tiers import DiskTier, SegmentDiskTier, Tier, seal
 from ultra_adaptive_kv_cache_engine.types import CodecKind, FsyncPolicy
 
 NS = hashlib.sha256(b"crash-tests").digest()
-ROUNDS = 50
+ROUNDS = int(os.environ.get("CRASH_ROUNDS", "50"))
 PAYLOAD = 4096
 META = TensorMeta(CodecKind.IDENTITY, "uint8", (PAYLOAD,), {})
+Opener = Callable[..., Tier]
+LAYOUTS: dict[str, Opener] = {
+    "files": DiskTier,
+    # small segments: the kills land on segment changes too, and the parent's removals compact
+    "segments": lambda ns, root, cap, **kw: SegmentDiskTier(ns, root, cap, segment_bytes=64 << 10, **kw),
+}
 
 
 def key_of(round_: int, i: int) -> bytes:
@@ -37,10 +46,10 @@ def payload_of(key: bytes) -> bytes:
     return (key * (PAYLOAD // len(key) + 1))[:PAYLOAD]
 
 
-def _child(root: Path, round_: int, fsync: FsyncPolicy, out_fd: int) -> None:
+def _child(open_tier: Opener, root: Path, round_: int, fsync: FsyncPolicy, out_fd: int) -> None:
     """Runs in the forked child: no torch, only the tier and hashlib; never returns."""
     try:
-        tier = DiskTier(NS, root, 1 << 40, fsync=fsync)
+        tier = open_tier(NS, root, 1 << 40, fsync=fsync)
         os.write(out_fd, b"ready\n")
         i = 0
         while True:
@@ -69,14 +78,14 @@ def _read_lines(fd: int, deadline: float, buffer: bytearray) -> bool:
         buffer.extend(chunk)
 
 
-def _one_round(root: Path, round_: int, rng: random.Random) -> tuple[list[int], int]:
+def _one_round(open_tier: Opener, root: Path, round_: int, rng: random.Random) -> tuple[list[int], int]:
     """Fork a writer, kill it at a random moment; return the acknowledged indices and the kill status."""
     fsync = [FsyncPolicy.ALWAYS, FsyncPolicy.BATCH, FsyncPolicy.NEVER][round_ % 3]
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _child(root, round_, fsync, write_fd)
+        _child(open_tier, root, round_, fsync, write_fd)
     os.close(write_fd)
     buffer = bytearray()
     try:
@@ -97,18 +106,21 @@ def _one_round(root: Path, round_: int, rng: random.Random) -> tuple[list[int], 
     return [int(x) for x in complete], status
 
 
-def test_kill_minus_nine_while_persisting_never_loses_or_tears_an_acknowledged_block(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_kill_minus_nine_while_persisting_never_loses_or_tears_an_acknowledged_block(tmp_path: Path,
+                                                                                     layout: str) -> None:
+    open_tier = LAYOUTS[layout]
     rng = random.Random(20240611)
     written: dict[bytes, bytes] = {}
     interrupted = 0
     for round_ in range(ROUNDS):
-        acked, status = _one_round(tmp_path, round_, rng)
+        acked, status = _one_round(open_tier, tmp_path, round_, rng)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         last = max(acked, default=-1)
         for i in range(last + 2):  # the child may have written one block past its last acknowledgement
             written[key_of(round_, i)] = payload_of(key_of(round_, i))
         interrupted += bool(acked)
-        tier = DiskTier(NS, tmp_path, 1 << 40)
+        tier = open_tier(NS, tmp_path, 1 << 40)
         for i in acked:
             record = tier.get(key_of(round_, i))
             assert record is not None, f"round {round_}: acknowledged block {i} is gone"
@@ -126,6 +138,6 @@ def test_kill_minus_nine_while_persisting_never_loses_or_tears_an_acknowledged_b
             tier.remove(key)
             del written[key]
     assert interrupted >= 1  # the kills did land while blocks were being acknowledged
-    final = DiskTier(NS, tmp_path, 1 << 40, verify_on_scan=True)
+    final = open_tier(NS, tmp_path, 1 << 40, verify_on_scan=True)
     assert final.usage().counters["corrupt_dropped"] == 0
     assert {k: bytes(final.get(k).payload) for k in final} == {k: written[k] for k in final}

@@ -21,6 +21,7 @@ from ultra_adaptive_kv_cache_engine.tiers import (
     CPUTier,
     DiskTier,
     RedisTier,
+    SegmentDiskTier,
     Tier,
     TieredStore,
     borrow_block,
@@ -57,7 +58,7 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Red
         server.stop()
 
 
-@pytest.fixture(params=["cpu", "disk", "redis", "redis_cluster", "store"])
+@pytest.fixture(params=["cpu", "disk", "disk_segments", "redis", "redis_cluster", "store"])
 def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
     prefix = f"t{uuid.uuid4().hex[:8]}:"
     kind = request.param
@@ -65,6 +66,8 @@ def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
         return lambda ns: CPUTier(ns, 1 << 20, pin_memory=False)
     if kind == "disk":
         return lambda ns: DiskTier(ns, tmp_path / "blocks", 1 << 20)
+    if kind == "disk_segments":
+        return lambda ns: SegmentDiskTier(ns, tmp_path / "blocks", 1 << 20, segment_bytes=1024)
     if kind == "redis":
         url = request.getfixturevalue("redis_single").url
         return lambda ns: RedisTier(ns, url, prefix=prefix)
@@ -201,6 +204,12 @@ def test_a_borrowed_block_is_stored_as_it_was_at_put(factory: Factory) -> None:
 def test_registry_builds_tiers_and_names_the_valid_ones(tmp_path: Path) -> None:
     assert isinstance(make_tier("cpu", NS_A, capacity_bytes=100, pin_memory=False), CPUTier)
     assert isinstance(make_tier("disk", NS_A, root=tmp_path, capacity_bytes=100), DiskTier)
+    assert isinstance(make_tier("disk", NS_A, root=tmp_path, capacity_bytes=100, layout="files"), DiskTier)
+    assert isinstance(make_tier("disk", NS_A, root=tmp_path, capacity_bytes=100, layout="segments"), SegmentDiskTier)
+    with pytest.raises(ValueError, match="expected one of: files, segments"):
+        make_tier("disk", NS_A, root=tmp_path, capacity_bytes=100, layout="tape")
+    with pytest.raises(ValueError, match="disk tier only"):
+        make_tier("cpu", NS_A, capacity_bytes=100, layout="segments")
     with pytest.raises(ValueError, match="cpu, disk, redis"):
         make_tier("tape", NS_A)
 

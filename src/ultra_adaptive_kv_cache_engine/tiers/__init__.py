@@ -16,12 +16,14 @@ from .record import (
     seal,
 )
 from .redis_tier import RedisTier
-from .registry import TIERS, make_tier, register_tier
+from .registry import DISK_LAYOUTS, TIERS, DiskLayout, make_tier, register_tier
+from .segment_disk import SegmentDiskTier
 from .store import TieredStore
 from .transfer import AsyncTransfer
 
 __all__ = [
-    "TIERS", "AsyncTransfer", "BlockRecord", "CPUTier", "CorruptBlockError", "DiskTier", "FlushResult",
+    "DISK_LAYOUTS", "TIERS", "AsyncTransfer", "BlockRecord", "CPUTier", "CorruptBlockError", "DiskLayout",
+    "DiskTier", "FlushResult", "SegmentDiskTier",
     "NamespaceMismatchError", "PutResult", "RecordError", "RedisTier", "Tier", "TierUsage", "TieredStore",
     "UnsupportedFormatError", "borrow_block", "encode_block", "load_blocks", "load_records", "make_tier", "parse_record",
     "records_to_host", "register_tier", "seal",

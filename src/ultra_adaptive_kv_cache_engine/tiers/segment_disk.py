@@ -10,7 +10,7 @@ append) is cut off (`tail_truncated`, not corruption: nothing acknowledged is lo
 
 Durability follows `FsyncPolicy`: ALWAYS fsyncs the segment before `put` returns; BATCH at `flush()`; NEVER
 leaves it to the OS. Removal and eviction append a tombstone and count the record's bytes as dead. When dead
-bytes pass `compact_dead_ratio` of all segment bytes, the sealed segment with most dead bytes is compacted: its
+bytes reach `compact_dead_ratio` of a sealed segment, that segment is compacted (most dead first): its
 live records (verified) and still-needed tombstones are copied to the active segment, the copies fsynced
 (unless NEVER), and only then the old segment deleted, so a crash in between leaves duplicates (the newest
 wins), never a loss. A full disk makes the tier read-only for `readonly_retry_s`, as `DiskTier`.
@@ -119,6 +119,7 @@ class SegmentDiskTier(Tier):
         self._policy = make_policy(policy, capacity=self.capacity_bytes, clock=clock)
         self._index: dict[bytes, Loc] = {}
         self._segments: dict[int, Segment] = {}
+        self._tomb_at: dict[bytes, int] = {}
         self._active: Segment
         self._used = 0
         self._unsynced: list[tuple[bytes, int]] = []
@@ -337,6 +338,15 @@ class SegmentDiskTier(Tier):
         self._segments[loc[0]].keys.add(key)
         self._used += loc[2]
         self._policy.on_insert(key, loc[2])
+        self.retire_tombstone(key)  # the new record supersedes it
+
+    def retire_tombstone(self, key: bytes) -> None:
+        """`key`'s tombstone is no longer needed: count it dead."""
+        seg_id = self._tomb_at.pop(key, None)
+        seg = self._segments.get(seg_id) if seg_id is not None else None
+        if seg is not None and key in seg.tombstones:
+            seg.tombstones.discard(key)
+            seg.dead += seg_io.TOMBSTONE_BYTES
 
     def _delete(self, key: bytes) -> None:
         """Unindex `key`, count its bytes dead and append its tombstone (a failed tombstone is an error: the
@@ -344,21 +354,23 @@ class SegmentDiskTier(Tier):
         seg_id, _, length = self._index.pop(key)
         seg = self._segments[seg_id]
         seg.keys.discard(key)
+        seg.dead_keys.add(key)
         seg.dead += padded(length)
         self._used -= length
         self._policy.on_remove(key)
         self._append_tombstone(key)
 
     def _append_tombstone(self, key: bytes) -> None:
-        data = seg_io.tombstone(key, self.namespace)
         try:
-            seg_id, _ = self._append([data], self.fsync is FsyncPolicy.ALWAYS)
+            self.write_tombstone(key, sync=self.fsync is FsyncPolicy.ALWAYS)
         except OSError as exc:
             self._error(f"tombstone of block {key.hex()[:16]} failed: {exc}")
-            return
-        seg = self._segments[seg_id]
-        seg.tombstones.add(key)
-        seg.dead += padded(len(data))
+
+    def write_tombstone(self, key: bytes, sync: bool) -> None:
+        """Append `key`'s tombstone (needed: not dead); OSError if the append fails (lock held)."""
+        seg_id, _ = self._append([seg_io.tombstone(key, self.namespace)], sync)
+        self._segments[seg_id].tombstones.add(key)
+        self._tomb_at[key] = seg_id
 
     def _make_room(self, size: int) -> tuple[BlockRecord, ...]:
         """Evict victims until `size` more bytes fit; read each for demotion unless `demote_evicted` is False."""
@@ -432,6 +444,10 @@ class SegmentDiskTier(Tier):
         with self._lock:
             if self._index.get(key) == loc:
                 self._delete(key)
+                try:  # wipe its magic: a bad name byte must not list the record under another key at start
+                    os.pwrite(self._segments[loc[0]].fd, bytes(8), loc[1])
+                except OSError:
+                    pass
 
     def _count_bad(self, exc: Exception) -> None:
         self.counters.add("namespace_dropped" if isinstance(exc, NamespaceMismatchError) else "corrupt_dropped")

@@ -34,6 +34,8 @@ ALIGN = 64
 SUFFIX = ".seg"
 _NAME = re.compile(r"^[0-9a-f]{16}\.seg$")
 TOMBSTONE_JSON = b'{"tombstone":true}'
+TOMBSTONE_BYTES = -(-(PREFIX_BYTES + len(TOMBSTONE_JSON) + CHECKSUM_BYTES) // 64) * 64
+"""Padded size of a tombstone in a segment."""
 _PAD = bytes(ALIGN)
 _WINDOW = 1 << 20
 
@@ -80,7 +82,9 @@ class SegmentWalk:
 @dataclass
 class Segment:
     """One open segment: its id, path and descriptor, its end (`size`), the bytes of its records that are no
-    longer served (`dead`), the served keys whose records it holds, the tombstones it holds, and readers in flight (closed only when none is left)."""
+    longer served (`dead`), the served keys whose records it holds, the NEEDED tombstones it holds (a tombstone
+is needed while an older segment holds a dead record of its key: those keys are `dead_keys`; needed tombstones
+do not count as dead), and readers in flight (closed only when none is left)."""
 
     id: int
     path: str
@@ -89,6 +93,7 @@ class Segment:
     dead: int = 0
     keys: set[bytes] = field(default_factory=set)
     tombstones: set[bytes] = field(default_factory=set)
+    dead_keys: set[bytes] = field(default_factory=set)
     readers: int = 0
     retired: bool = False
 

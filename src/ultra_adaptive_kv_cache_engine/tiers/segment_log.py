@@ -45,8 +45,12 @@ def open_log(tier: SegmentDiskTier, verify: bool) -> None:
         tier._segments[seg_id].keys.add(key)
         tier._used += length
         order.append((seg_id, offset, key))
+    for key, seg_id in list(tier._tomb_at.items()):
+        if not _needed(tier, key, seg_id):
+            tier._segments[seg_id].tombstones.discard(key)
+            del tier._tomb_at[key]
     for seg in tier._segments.values():
-        seg.dead = seg.size - sum(padded(tier._index[k][2]) for k in seg.keys)
+        recount(tier, seg)
     for _, _, key in sorted(order):  # oldest first, as if they had been put in that order
         tier._policy.on_insert(key, tier._index[key][2])
     dropped = tier._make_room(0)  # the capacity may have shrunk since the records were written
@@ -61,11 +65,18 @@ def _replay(tier: SegmentDiskTier, seg: Segment, verify: bool, last: bool) -> No
     for entry in found.entries:
         if entry.kind is EntryKind.FOREIGN:
             tier.counters.add("namespace_dropped")
-        elif entry.kind is EntryKind.TOMBSTONE:
-            tier._index.pop(entry.key, None)
+            continue
+        previous = tier._index.pop(entry.key, None)
+        if previous is not None:
+            tier._segments[previous[0]].dead_keys.add(entry.key)
+        older_tomb = tier._tomb_at.pop(entry.key, None)
+        if older_tomb is not None:
+            tier._segments[older_tomb].tombstones.discard(entry.key)
+        if entry.kind is EntryKind.TOMBSTONE:
             seg.tombstones.add(entry.key)
+            tier._tomb_at[entry.key] = seg.id
         else:
-            if tier._index.pop(entry.key, None) is not None:
+            if previous is not None:
                 tier.counters.add("duplicates_dropped")
             tier._index[entry.key] = (seg.id, entry.offset, entry.length)
     bad = found.bad_regions
@@ -80,18 +91,25 @@ def _replay(tier: SegmentDiskTier, seg: Segment, verify: bool, last: bool) -> No
         LOGGER.warning("%s tier: skipped %d bad region(s) in segment %s", tier.name, bad, seg.path)
 
 
+def _needed(tier: SegmentDiskTier, key: bytes, tomb_seg: int, skip: int | None = None) -> bool:
+    """True if a segment older than `tomb_seg` (other than `skip`) holds a dead record of `key`."""
+    return any(key in s.dead_keys for s in tier._segments.values() if s.id < tomb_seg and s.id != skip)
+
+
+def recount(tier: SegmentDiskTier, seg: Segment) -> None:
+    """`seg.dead` from scratch: everything but its indexed records and its needed tombstones."""
+    live = sum(padded(tier._index[k][2]) for k in seg.keys)
+    seg.dead = seg.size - live - seg_io.TOMBSTONE_BYTES * len(seg.tombstones)
+
+
 def maybe_compact(tier: SegmentDiskTier) -> None:
-    """While dead bytes exceed `compact_dead_ratio` of all segment bytes, compact the sealed segment with most
-    dead bytes (the active segment is never compacted); at most one pass over the segments per call."""
+    """Compact each sealed segment whose dead bytes are at least `compact_dead_ratio` of its size, most dead
+    first (the active segment never): reclaiming a segment copies at most (1 - ratio) of it, so the copying is
+    amortised over the removals that made it dead. At most one pass over the segments per call."""
     for _ in range(len(tier._segments)):
-        total = sum(s.size for s in tier._segments.values())
-        dead = sum(s.dead for s in tier._segments.values())
-        if not total or dead <= tier.compact_dead_ratio * total:
-            return
-        sealed = [s for s in tier._segments.values() if s is not tier._active and s.dead > 0]
-        if not sealed:
-            return
-        if not compact(tier, max(sealed, key=lambda s: (s.dead, -s.id))):
+        sealed = [s for s in tier._segments.values()
+                  if s is not tier._active and s.dead and s.dead >= tier.compact_dead_ratio * s.size]
+        if not sealed or not compact(tier, max(sealed, key=lambda s: (s.dead, -s.id))):
             return
 
 
@@ -99,7 +117,6 @@ def compact(tier: SegmentDiskTier, seg: Segment) -> bool:
     """Copy `seg`'s live records (verified; bad ones dropped and counted) and the tombstones still needed (an
     older segment may hold a record they remove) to the active segment, make the copies durable, then delete
     `seg`. False (and `seg` kept) if an append or fsync fails."""
-    older = any(other < seg.id for other in tier._segments)
     moved = 0
     try:
         for key in sorted(seg.keys, key=lambda k: tier._index[k][1]):
@@ -112,15 +129,16 @@ def compact(tier: SegmentDiskTier, seg: Segment) -> bool:
                 continue
             seg_id, new_offset = tier._append([data], sync=False)
             seg.keys.discard(key)
+            seg.dead_keys.add(key)
             tier._index[key] = (seg_id, new_offset, length)
             tier._segments[seg_id].keys.add(key)
             moved += length
         for key in sorted(seg.tombstones):
-            if older and key not in tier._index:
-                data = seg_io.tombstone(key, tier.namespace)
-                seg_id, _ = tier._append([data], sync=False)
-                tier._segments[seg_id].tombstones.add(key)
-                tier._segments[seg_id].dead += padded(len(data))
+            if _needed(tier, key, seg.id):
+                tier.write_tombstone(key, sync=False)
+            else:
+                tier._tomb_at.pop(key, None)
+        seg.tombstones.clear()
         if tier.fsync is not FsyncPolicy.NEVER:
             for seg_id in sorted(tier._unsynced_segments):
                 os.fsync(tier._segments[seg_id].fd)
@@ -130,9 +148,13 @@ def compact(tier: SegmentDiskTier, seg: Segment) -> bool:
             disk_files.fsync_dir(tier.folder)
     except OSError as exc:
         tier._error(f"compaction of segment {seg.path} failed: {exc}")
-        seg.dead = seg.size - sum(padded(tier._index[k][2]) for k in seg.keys)
+        recount(tier, seg)
         return False
     del tier._segments[seg.id]
+    for key in seg.dead_keys:  # tombstones that only shadowed records of `seg` are garbage now
+        tomb_seg = tier._tomb_at.get(key)
+        if tomb_seg is not None and not _needed(tier, key, tomb_seg):
+            tier.retire_tombstone(key)
     tier._unsynced_segments.discard(seg.id)
     seg.retired = True
     seg.close_if_done()
