@@ -11,6 +11,8 @@ every read ends where the raw read ends: the bytes in the same preallocated tens
   (the file read straight into `out`, checksum verified there). Two raw references: one plain file per block
   (the tier's number of files: `write_ratio`, `read_ratio`), and ONE plain file holding every block, written and
   read sequentially (`*_ratio_single_file`), which also shows what a file per block costs over a stream.
+- disk_segments: the same comparisons for `SegmentDiskTier` (records appended to segment files, read with one
+  `preadv` from descriptors kept open): the layout meant to reach the single-file figures.
 - Redis: tier write = `borrow_block` + `put`; raw = SET of the same record bytes. Tier read = `get_into`;
   raw = GET (the bytes in hand, no tensor).
 - for information: the copying write path (`write_copy`: encode + seal + put), the record read path
@@ -46,7 +48,15 @@ import torch
 from bench_common import emit
 
 from ultra_adaptive_kv_cache_engine.compression import make_codec
-from ultra_adaptive_kv_cache_engine.tiers import CPUTier, DiskTier, RedisTier, borrow_block, encode_block
+from ultra_adaptive_kv_cache_engine.tiers import (
+    CPUTier,
+    DiskTier,
+    RedisTier,
+    SegmentDiskTier,
+    Tier,
+    borrow_block,
+    encode_block,
+)
 
 GOAL = 0.8
 NS = hashlib.sha256(b"bench-tiers").digest()
@@ -137,7 +147,8 @@ def bench_cpu(blocks: list[torch.Tensor], keys: list[bytes], rounds: int) -> dic
     return result
 
 
-def bench_disk(blocks: list[torch.Tensor], keys: list[bytes], rounds: int, base: Path) -> dict[str, Any]:
+def bench_disk(blocks: list[torch.Tensor], keys: list[bytes], rounds: int, base: Path,
+               tier_cls: type[Tier] = DiskTier) -> dict[str, Any]:
     n, size = len(blocks), blocks[0].numel() * blocks[0].element_size()
     raw_dir, tier_dir, single = base / "raw", base / "tier", base / "single.raw"
     outs = [torch.empty_like(b) for b in blocks]
@@ -149,7 +160,7 @@ def bench_disk(blocks: list[torch.Tensor], keys: list[bytes], rounds: int, base:
 
     def fresh_tier(fsync: str = "never") -> None:
         shutil.rmtree(tier_dir, ignore_errors=True)
-        state["tier"] = DiskTier(NS, tier_dir, 4 * n * size, fsync=fsync)
+        state["tier"] = tier_cls(NS, tier_dir, 4 * n * size, fsync=fsync)
 
     def fresh(fsync: str = "never", stream: str | None = None) -> Fn:
         def setup() -> None:
@@ -345,15 +356,18 @@ def main() -> None:
         result["cpu"] = bench_cpu(blocks, keys, repeats)
         log("disk tier ...")
         result["disk"] = bench_disk(blocks, keys, repeats, Path(tmp))
+        log("disk tier, segment layout ...")
+        result["disk_segments"] = bench_disk(blocks, keys, repeats, Path(tmp), SegmentDiskTier)
         log("redis tier ...")
         run_redis(result, blocks, keys, repeats, args.redis_url, Path(tmp))
     log("codecs ...")
     result["codecs"] = bench_codecs(blocks[0], repeats)
-    cpu, disk = result["cpu"], result["disk"]
+    cpu, disk, seg = result["cpu"], result["disk"], result["disk_segments"]
     result["meets_goal"] = {
         "cpu": min(cpu["write_ratio"], cpu["read_ratio"]) >= GOAL,
         "disk_vs_file_per_block": min(disk["write_ratio"], disk["read_ratio"]) >= GOAL,
         "disk_vs_single_file": min(disk["write_ratio_single_file"], disk["read_ratio_single_file"]) >= GOAL,
+        "disk_segments_vs_single_file": min(seg["write_ratio_single_file"], seg["read_ratio_single_file"]) >= GOAL,
     }
     emit("tiers", result, save=not args.no_save)
 
