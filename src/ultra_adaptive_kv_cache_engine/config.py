@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .types import CacheStrategy, CodecKind, DeviceKind, FsyncPolicy, KVDType, parse_enum
+from .types import CacheStrategy, CodecKind, DeviceKind, DiskLayout, FsyncPolicy, KVDType, parse_enum
 
 MAX_BLOCK_SIZE = 1024
 
@@ -67,6 +67,7 @@ class KVCacheConfig:
     disk_tier_bytes: int = 4 * 1024**3
     redis_url: str | None = None
     fsync_policy: FsyncPolicy | str = FsyncPolicy.BATCH
+    disk_layout: DiskLayout | str = DiskLayout.FILES
     codec: CodecKind | str = CodecKind.IDENTITY
     # Model.
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
@@ -91,6 +92,7 @@ class KVCacheConfig:
         set_(self, "cache_strategy", CacheStrategy.parse(self.cache_strategy))
         set_(self, "device", parse_enum(DeviceKind, "device", self.device))
         set_(self, "fsync_policy", parse_enum(FsyncPolicy, "fsync_policy", self.fsync_policy))
+        set_(self, "disk_layout", parse_enum(DiskLayout, "disk_layout", self.disk_layout))
         set_(self, "codec", parse_enum(CodecKind, "codec", self.codec))
         if self.dtype is not None:
             set_(self, "dtype", KVDType.parse(self.dtype))

@@ -132,6 +132,13 @@ class TierKind(str, enum.Enum):
     REDIS = "redis"
 
 
+class DiskLayout(str, enum.Enum):
+    """How a disk tier lays blocks out: one file per block, or an append-only log of segment files."""
+
+    FILES = "files"
+    SEGMENTS = "segments"
+
+
 class FsyncPolicy(str, enum.Enum):
     """When the disk tier fsyncs, as Redis's appendfsync.
 

@@ -42,7 +42,7 @@ def tier_specs(config: KVCacheConfig) -> list[TierSpec]:
         (config.cpu_tier_bytes > 0, TierKind.CPU, {"capacity_bytes": config.cpu_tier_bytes}),
         (config.enable_persistence, TierKind.DISK, {"root": config.persistence_dir,
                                                     "capacity_bytes": config.disk_tier_bytes,
-                                                    "fsync": config.fsync_policy}),
+                                                    "fsync": config.fsync_policy, "layout": config.disk_layout}),
         (config.redis_url is not None, TierKind.REDIS, {"url": config.redis_url}),
     ]
     return [TierSpec(kind, options) for enabled, kind, options in wanted if enabled]

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Any
 
-from ..types import TierKind, parse_enum
+from ..types import DiskLayout, TierKind, parse_enum
 from .base import Tier
 from .cpu import CPUTier
 from .disk import DiskTier
 from .redis_tier import RedisTier
 from .segment_disk import SegmentDiskTier
-
-
-class DiskLayout(Enum):
-    """How a disk tier lays blocks out: one file per block, or an append-only log of segment files."""
-
-    FILES = "files"
-    SEGMENTS = "segments"
-
 
 DISK_LAYOUTS: dict[DiskLayout, type[Tier]] = {
     DiskLayout.FILES: DiskTier,
