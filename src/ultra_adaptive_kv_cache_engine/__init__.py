@@ -6,13 +6,12 @@ package stays cheap (no transformers import until a model is needed).
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
+
+from .lazy import lazy_exports
+from .metrics import LOGGER_NAME
 
 __version__ = "0.1.0"
-
-from .metrics import LOGGER_NAME
 
 logging.getLogger(LOGGER_NAME).addHandler(logging.NullHandler())
 
@@ -46,19 +45,23 @@ _EXPORTS: dict[str, str] = {
     "plan_num_blocks": ".memory.planner",
     "Namespace": ".prefix.namespace",
     "PrefixMatch": ".cache.paged_cache",
+    "DiskLayout": ".types",
+    "load_model": ".model.loader",
+    "LoadedModel": ".model.loaded",
+    "generate_with_prefix_cache": ".model.generation",
+    "GenerationResult": ".model.generation",
+    "PagedHFCache": ".model.hf_cache",
+    "build_tiny_llama": ".model.tiny",
+    "TinyLlamaSpec": ".model.tiny",
+    "ModelRunner": ".engine.model_runner",
+    "RunnerConfig": ".engine.model_runner",
+    "TieredStore": ".tiers.store",
+    "CPUTier": ".tiers.cpu",
+    "DiskTier": ".tiers.disk",
+    "RedisTier": ".tiers.redis_tier",
 }
 
 __all__ = sorted(_EXPORTS) + ["LOGGER_NAME", "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
