@@ -10,12 +10,12 @@ import torch
 
 from ..types import CodecKind
 from . import quant
-from .codec import Codec, EncodedTensor, TensorMeta, check_float
+from .codec import TensorMeta
 
 LEVELS = 15
 
 
-class Int4Codec(Codec):
+class Int4Codec(quant.SliceCodec):
     """q = round((x - min) / s) in [0, 15], s = (max - min) / 15 per slice along `axis` (s = 1 if max == min).
 
     Payload: float32 minima, float32 scales, then the codes packed two per byte (low nibble first; a trailing
@@ -26,36 +26,20 @@ class Int4Codec(Codec):
     lossless = False
     max_error = 1.0 / LEVELS
 
-    def __init__(self, axis: int = -1) -> None:
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise ValueError(f"axis={axis!r} must be an integer")
-        self.axis = axis
-
-    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
-        x = quant.as_work(check_float(tensor, "int4"))
-        axis = quant.normalize_axis(self.axis, x.dim())
-        if x.numel() == 0:
-            return EncodedTensor(self._meta(tensor, axis=axis), b"")
+    def _quantize(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, ...]:
         lo = x.amin(dim=axis, keepdim=True)
-        scale = (x.amax(dim=axis, keepdim=True) - lo) / LEVELS
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = quant.nonzero_scale((x.amax(dim=axis, keepdim=True) - lo) / LEVELS)
         q = torch.round((x - lo) / scale).clamp_(0, LEVELS).to(torch.uint8).reshape(-1)
         if q.numel() % 2:
             q = torch.cat([q, q.new_zeros(1)])
-        packed = q[0::2] | (q[1::2] << 4)
-        return EncodedTensor(self._meta(tensor, axis=axis), quant.join(lo, scale, packed))
+        return lo, scale, q[0::2] | (q[1::2] << 4)
 
-    def decode(self, payload: bytes | memoryview, meta: TensorMeta, out: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_meta(meta)
-        shape = quant.work_shape(meta)
-        axis = quant.meta_axis(meta)
-        if meta.numel == 0:
-            quant.split(payload, [0])
-            return quant.finish(torch.empty(shape), meta, out)
+    def _dequantize(self, payload: bytes | memoryview, meta: TensorMeta, shape: tuple[int, ...], axis: int
+                    ) -> torch.Tensor:
         n = quant.slice_count(shape, axis)
         lo_b, scale_b, codes_b = quant.split(payload, [4 * n, 4 * n, (meta.numel + 1) // 2])
         sshape = quant.scale_shape(shape, axis)
         lo, scale = quant.read_f32(lo_b, sshape), quant.read_f32(scale_b, sshape)
         packed = quant.read_u8(codes_b)
         q = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)[: meta.numel].reshape(shape)
-        return quant.finish(q.float() * scale + lo, meta, out)
+        return q.float() * scale + lo

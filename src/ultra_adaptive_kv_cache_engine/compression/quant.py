@@ -1,4 +1,5 @@
-"""Shared pieces of the quantising codecs: slice layout along one axis, scale packing, payload splitting.
+"""Shared pieces of the quantising codecs: slice layout along one axis, scale packing, payload splitting, and
+`SliceCodec`, the base class that runs their common encode/decode steps.
 
 A quantising codec reduces along one `axis` (the absmax or min/max is taken over it), so there is one scale per
 slice: `numel // shape[axis]` scales, in C order of the shape with `axis` set to 1. Scales travel as float32.
@@ -6,9 +7,68 @@ slice: `numel // shape[axis]` scales, in C order of the shape with `axis` set to
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 
-from .codec import CodecError, TensorMeta, bytes_to_tensor, uint8_view
+from .codec import Codec, CodecError, EncodedTensor, TensorMeta, bytes_to_tensor, check_float, uint8_view
+
+
+class SliceCodec(Codec):
+    """A lossy codec with one set of scales per slice along `axis` (an int; negative counts from the end).
+
+    `encode` validates and converts the tensor (float32, CPU, at least 1-d), records the normalised axis in the
+    meta's params, and packs the tensors `_quantize` returns; an empty tensor has an empty payload. `decode`
+    validates the meta and casts `_dequantize`'s float32 reconstruction back to the meta's dtype and shape.
+    """
+
+    def __init__(self, axis: int = -1) -> None:
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"axis={axis!r} must be an integer")
+        self.axis = axis
+
+    @abstractmethod
+    def _quantize(self, x: torch.Tensor, axis: int) -> tuple[torch.Tensor, ...]:
+        """The payload's parts, in order, for a non-empty float32 `x` reduced along `axis` (non-negative)."""
+
+    @abstractmethod
+    def _dequantize(self, payload: bytes | memoryview, meta: TensorMeta, shape: tuple[int, ...], axis: int
+                    ) -> torch.Tensor:
+        """The float32 reconstruction of shape `shape` from a non-empty payload; CodecError if it is malformed."""
+
+    def encode(self, tensor: torch.Tensor) -> EncodedTensor:
+        x = as_work(check_float(tensor, self.kind.value))
+        axis = normalize_axis(self.axis, x.dim())
+        if x.numel() == 0:
+            return EncodedTensor(self._meta(tensor, axis=axis), b"")
+        return EncodedTensor(self._meta(tensor, axis=axis), join(*self._quantize(x, axis)))
+
+    def decode(self, payload: bytes | memoryview, meta: TensorMeta, out: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_meta(meta)
+        shape = work_shape(meta)
+        axis = meta_axis(meta)
+        if meta.numel == 0:
+            split(payload, [0])
+            return finish(torch.empty(shape), meta, out)
+        return finish(self._dequantize(payload, meta, shape, axis), meta, out)
+
+
+def nonzero_scale(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` with its zeros (all-equal slices) replaced by 1, so dividing by it is always defined."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def absmax_scale(x: torch.Tensor, axis: int, qmax: float) -> torch.Tensor:
+    """The symmetric scale of each slice along `axis`: absmax / `qmax` (1 for an all-zero slice), keepdim."""
+    return nonzero_scale(x.abs().amax(dim=axis, keepdim=True) / qmax)
+
+
+def read_scaled(payload: bytes | memoryview, meta: TensorMeta, shape: tuple[int, ...], axis: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric payload (float32 scales, then one byte per element) as (scales, values of `dtype` in
+    `shape`); CodecError unless the payload has exactly those bytes."""
+    scales_b, values_b = split(payload, [4 * slice_count(shape, axis), meta.numel])
+    return read_f32(scales_b, scale_shape(shape, axis)), read_u8(values_b).view(dtype).reshape(shape)
 
 
 def normalize_axis(axis: int, ndim: int) -> int:
