@@ -13,7 +13,8 @@ leaves it to the OS. Removal and eviction append a tombstone and count the recor
 bytes reach `compact_dead_ratio` of a sealed segment, that segment is compacted (most dead first): its
 live records (verified) and still-needed tombstones are copied to the active segment, the copies fsynced
 (unless NEVER), and only then the old segment deleted, so a crash in between leaves duplicates (the newest
-wins), never a loss. A full disk makes the tier read-only for `readonly_retry_s`, as `DiskTier`.
+wins), never a loss. A full disk makes the tier read-only for `readonly_retry_s`, as `DiskTier` (both from
+`DiskTierBase`).
 
 Invariants: the index holds exactly the keys whose records were appended whole (or found by the walk);
 `used_bytes` == sum of their record sizes <= `capacity_bytes`; the policy tracks exactly the indexed keys; each
@@ -22,40 +23,23 @@ segment's `dead` == its size minus the padded sizes of the indexed records in it
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 
 from ..compression.codec import writable_bytes
-from ..policies import make_policy
 from ..policies.base import Clock
-from ..types import FsyncPolicy, TierKind, parse_enum
+from ..types import FsyncPolicy, TierKind
 from . import disk_files
 from . import segment_files as seg_io
 from . import segment_log as log_maintenance
-from .base import LOGGER, FlushResult, PutResult, Tier, TierUsage, key_out_pairs, require_tensor
-from .cpu import _require_capacity
-from .disk import FULL_DISK_ERRNOS, HEADER_MEMO
-from .record import (
-    BlockRecord,
-    NamespaceMismatchError,
-    RecordError,
-    check_key,
-    parse_record,
-    raw_header,
-    record_head,
-)
+from .base import FlushResult, PutResult, require_tensor
+from .disk_common import DiskTierBase
+from .record import BlockRecord, RecordError, check_key, parse_record, record_head
 from .segment_files import Segment, padded
 
-T = TypeVar("T")
-R = TypeVar("R")
 Loc = tuple[int, int, int]
 """(segment id, offset, record length) of an indexed block."""
 MIN_SEGMENT = 1 << 20
@@ -72,12 +56,13 @@ class SegmentStats:
     active: int
 
 
-class SegmentDiskTier(Tier):
+class SegmentDiskTier(DiskTierBase[Loc]):
     """Blocks appended to segment files under `<root>/<namespace hex>/segments/`, bounded by `capacity_bytes`
     (live record bytes), evicting by `policy`. `segment_bytes` defaults to capacity / 8 within [1, 256] MiB."""
 
     kind = TierKind.DISK
     durable = True
+    folder: str
 
     def __init__(
         self,
@@ -95,45 +80,26 @@ class SegmentDiskTier(Tier):
         clock: Clock | None = None,
         name: str | None = None,
     ) -> None:
-        super().__init__(namespace, name)
-        self.capacity_bytes = _require_capacity(capacity_bytes)
-        threads = io_threads if io_threads is not None else min(8, os.cpu_count() or 1)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"io_threads={io_threads!r} must be a positive integer or None")
+        super().__init__(namespace, capacity_bytes, policy, fsync, readonly_retry_s, io_threads, demote_evicted, clock,
+                         name)
         if segment_bytes is None:
             segment_bytes = min(MAX_SEGMENT, max(MIN_SEGMENT, self.capacity_bytes // 8))
         if isinstance(segment_bytes, bool) or not isinstance(segment_bytes, int) or segment_bytes < seg_io.ALIGN:
             raise ValueError(f"segment_bytes={segment_bytes!r} must be an integer >= {seg_io.ALIGN}")
         if not 0.0 < float(compact_dead_ratio) < 1.0:
             raise ValueError(f"compact_dead_ratio={compact_dead_ratio!r} must be in (0, 1)")
-        self.io_threads = threads
         self.segment_bytes = segment_bytes
         self.compact_dead_ratio = float(compact_dead_ratio)
-        self.demote_evicted = bool(demote_evicted)
-        self.fsync = parse_enum(FsyncPolicy, "fsync", fsync)
-        self.readonly_retry_s = float(readonly_retry_s)
         self.folder = os.path.join(os.fspath(root), namespace.hex(), "segments")
-        self._io: ThreadPoolExecutor | None = None
-        self._headers: dict[tuple[torch.dtype, tuple[int, ...]], bytes] = {}
-        self._clock = clock or time.monotonic
-        self._policy = make_policy(policy, capacity=self.capacity_bytes, clock=clock)
-        self._index: dict[bytes, Loc] = {}
         self._segments: dict[int, Segment] = {}
         self._tomb_at: dict[bytes, int] = {}
         self._active: Segment
-        self._used = 0
-        self._unsynced: list[tuple[bytes, int]] = []
         self._unsynced_segments: set[int] = set()
-        self._read_only_until: float | None = None
-        self._last_error = ""
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # re-entered: compaction and the start-up walk call back into the tier
         with self._lock:
             self._open(verify_on_scan)
 
     # -- the six methods -------------------------------------------------------------------------------------
-
-    def contains(self, key: bytes) -> bool:
-        return check_key(key) in self._index
 
     def get(self, key: bytes) -> BlockRecord | None:
         check_key(key)
@@ -180,19 +146,14 @@ class SegmentDiskTier(Tier):
         return read or super().get_into(key, out)
 
     def put(self, key: bytes, record: BlockRecord) -> PutResult:
-        self._check_put(key, record)
+        refused = self._precheck(key, record)
+        if refused is not None:
+            return refused
         size = record.nbytes
-        refusal = self._refusal(size)
-        if refusal:
-            self.counters.add("rejected")
-            return PutResult(False, reason=refusal)
         with self._lock:
-            if key in self._index:
-                self._policy.on_access(key)
-                return PutResult(True)
-            if not self._policy.admit(key, size):
-                self.counters.add("rejected")
-                return PutResult(False, reason="not admitted by the policy")
+            done = self._admit(key, size)
+            if done is not None:
+                return done
             evicted = self._make_room(size)
             try:
                 seg_id, offset = self._append(record.chunks(), self.fsync is FsyncPolicy.ALWAYS)
@@ -200,12 +161,9 @@ class SegmentDiskTier(Tier):
                 return PutResult(False, evicted, self._write_failed(key, exc))
             self._insert(key, (seg_id, offset, size))
             self._unsynced.append((key, size))
-            recovered, self._read_only_until = self._read_only_until is not None, None
+            recovered = self._writable_again()
             self._maybe_compact()
-        if recovered:
-            LOGGER.info("%s tier: writable again", self.name)
-        self.counters.add("puts")
-        self.counters.add("bytes_in", size)
+        self._count_put(size, recovered)
         return PutResult(True, evicted)
 
     def remove(self, key: bytes) -> bool:
@@ -213,38 +171,20 @@ class SegmentDiskTier(Tier):
         with self._lock:
             if key not in self._index:
                 return False
-            self._delete(key)
+            self._drop(key)
             self._maybe_compact()
         self.counters.add("removed")
         return True
 
-    def usage(self) -> TierUsage:
-        with self._lock:
-            used, count = self._used, len(self._index)
-        read_only = self._read_only_until is not None
-        return TierUsage(
-            self.name, self.kind, self.capacity_bytes, used, count,
-            read_only=read_only, healthy=not read_only, last_error=self._last_error, counters=self._counters(),
-        )  # fmt: skip
-
     def flush(self) -> FlushResult:
         """fsync (BATCH) the segments appended to since the last flush; return the blocks written since then."""
         with self._lock:
-            pending, self._unsynced = self._unsynced, []
-            live = [(k, s) for k, s in pending if k in self._index]
+            live = self._take_unsynced()
             if self.fsync is FsyncPolicy.BATCH:
                 self._sync_segments()
         return FlushResult(tuple(k for k, _ in live), tuple(s for _, s in live))
 
     # -- variants and views ------------------------------------------------------------------------------------
-
-    def get_many_into(self, keys: Iterable[bytes], outs: Iterable[torch.Tensor]) -> list[bool]:
-        """`get_into` of each (key, out), in order, on `io_threads` threads."""
-        return self._parallel(lambda pair: self.get_into(*pair), key_out_pairs(keys, outs))
-
-    def get_many(self, keys: Iterable[bytes]) -> list[BlockRecord | None]:
-        """`get` of each key, in order, on `io_threads` threads."""
-        return self._parallel(self.get, list(keys))
 
     @property
     def stats(self) -> SegmentStats:
@@ -252,13 +192,6 @@ class SegmentDiskTier(Tier):
             segs = list(self._segments.values())
             return SegmentStats(tuple(s.id for s in segs), tuple(s.size for s in segs), tuple(s.dead for s in segs),
                                 self._active.id)
-
-    def __iter__(self) -> Iterator[bytes]:
-        with self._lock:
-            return iter(list(self._index))
-
-    def __len__(self) -> int:
-        return len(self._index)
 
     def __del__(self) -> None:
         for seg in list(getattr(self, "_segments", {}).values()):
@@ -286,29 +219,7 @@ class SegmentDiskTier(Tier):
             if served is not None and served in self._index:
                 self._policy.on_access(served)
         if served is not None:
-            self.counters.add("hits")
-            self.counters.add("bytes_out", size)
-
-    def _raw_header(self, out: torch.Tensor) -> bytes | None:
-        spec = (out.dtype, tuple(out.shape))
-        header = self._headers.get(spec)
-        if header is None:
-            try:
-                header = raw_header(out)
-            except TypeError:
-                return None
-            if len(self._headers) >= HEADER_MEMO:
-                self._headers.clear()
-            self._headers[spec] = header
-        return header
-
-    def _parallel(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
-        if len(items) < 2 or self.io_threads == 1:
-            return [fn(item) for item in items]
-        with self._lock:
-            if self._io is None:
-                self._io = ThreadPoolExecutor(self.io_threads, thread_name_prefix=f"uakv-{self.name}-io")
-        return list(self._io.map(fn, items))
+            self._count_hit(size)
 
     # -- writes (lock held) -------------------------------------------------------------------------------------
 
@@ -348,7 +259,7 @@ class SegmentDiskTier(Tier):
             seg.tombstones.discard(key)
             seg.dead += seg_io.TOMBSTONE_BYTES
 
-    def _delete(self, key: bytes) -> None:
+    def _drop(self, key: bytes) -> None:
         """Unindex `key`, count its bytes dead and append its tombstone (a failed tombstone is an error: the
         block would come back after a restart, whole and verified)."""
         seg_id, _, length = self._index.pop(key)
@@ -372,24 +283,9 @@ class SegmentDiskTier(Tier):
         self._segments[seg_id].tombstones.add(key)
         self._tomb_at[key] = seg_id
 
-    def _make_room(self, size: int) -> tuple[BlockRecord, ...]:
-        """Evict victims until `size` more bytes fit; read each for demotion unless `demote_evicted` is False."""
-        evicted: list[BlockRecord] = []
-        count = 0
-        while self._used + size > self.capacity_bytes and self._index:
-            victim: bytes = self._policy.victims(1)[0]  # type: ignore[assignment]
-            seg_id, offset, length = self._index[victim]
-            if self.demote_evicted:
-                try:
-                    data = seg_io.read_exact(self._segments[seg_id].fd, offset, length)
-                    evicted.append(parse_record(data, victim, self.namespace))
-                except (RecordError, OSError) as exc:
-                    self._count_bad(exc)
-            self._delete(victim)
-            count += 1
-        if count:
-            self.counters.add("evictions", count)
-        return tuple(evicted)
+    def _read_victim(self, key: bytes) -> BlockRecord:
+        seg_id, offset, length = self._index[key]
+        return parse_record(seg_io.read_exact(self._segments[seg_id].fd, offset, length), key, self.namespace)
 
     def _sync_segments(self) -> None:
         try:
@@ -409,45 +305,12 @@ class SegmentDiskTier(Tier):
 
     # -- faults -------------------------------------------------------------------------------------------------
 
-    def _refusal(self, size: int) -> str:
-        if size > self.capacity_bytes:
-            return f"record of {size} bytes exceeds capacity {self.capacity_bytes}"
-        until = self._read_only_until
-        if until is not None and self._clock() < until:
-            return f"read-only after: {self._last_error}"
-        return ""
-
-    def _write_failed(self, key: bytes, exc: OSError) -> str:
-        if exc.errno in FULL_DISK_ERRNOS:
-            first = self._read_only_until is None
-            self._read_only_until = self._clock() + self.readonly_retry_s
-            self.counters.add("disk_full")
-            message = f"disk full ({errno.errorcode.get(exc.errno or 0, exc.errno)}) writing {self.folder}: {exc}"
-            self._error(message, log=first)
-            if first:
-                LOGGER.error("%s tier is read-only for %.0f s; blocks are served from memory", self.name,
-                             self.readonly_retry_s)
-            return message
-        message = f"write of block {key.hex()[:16]} failed: {exc}"
-        self._error(message)
-        return message
-
-    def _error(self, message: str, log: bool = True) -> None:
-        self._last_error = message
-        self.counters.add("errors")
-        if log:
-            LOGGER.error("%s tier: %s", self.name, message)
-
     def _drop_bad(self, key: bytes, loc: Loc, exc: RecordError) -> None:
-        LOGGER.warning("%s tier: dropping block %s: %s", self.name, key.hex()[:16], exc)
-        self._count_bad(exc)
+        self._report_bad(key, exc)
         with self._lock:
             if self._index.get(key) == loc:
-                self._delete(key)
+                self._drop(key)
                 try:  # wipe its magic: a bad name byte must not list the record under another key at start
                     os.pwrite(self._segments[loc[0]].fd, bytes(8), loc[1])
                 except OSError:
                     pass
-
-    def _count_bad(self, exc: Exception) -> None:
-        self.counters.add("namespace_dropped" if isinstance(exc, NamespaceMismatchError) else "corrupt_dropped")
