@@ -32,8 +32,9 @@ test: setup redis
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# Quick runs write their JSON under benchmarks/results/quick/ (ignored), so they never replace full results.
 bench: setup
-	for b in benchmarks/bench_*.py; do $(PY) $$b --quick || exit 1; done
+	for b in benchmarks/bench_*.py; do UAKV_RESULTS_DIR=benchmarks/results/quick $(PY) $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
