@@ -20,11 +20,11 @@ import time
 
 import torch
 from bench_common import emit
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
-from ultra_adaptive_kv_cache_engine.model.generation import generate_with_prefix_cache
+from ultra_adaptive_kv_cache_engine.model.generation import FirstTokenClock, generate_with_prefix_cache
 from ultra_adaptive_kv_cache_engine.model.loaded import LoadedModel
 from ultra_adaptive_kv_cache_engine.model.loader import load_model
 
@@ -44,18 +44,6 @@ QUESTIONS = [
 ]
 
 
-class Clock(LogitsProcessor):
-    """Notes when the first logits exist (the first token is then one argmax away)."""
-
-    def __init__(self) -> None:
-        self.first: float | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.first is None:
-            self.first = time.perf_counter()
-        return scores
-
-
 def system_prompt(lm: LoadedModel, target_tokens: int, seed: int) -> str:
     """Seeded sentences until the system message reaches `target_tokens` tokens."""
     rng = random.Random(seed)
@@ -67,7 +55,7 @@ def system_prompt(lm: LoadedModel, target_tokens: int, seed: int) -> str:
 
 def baseline(lm: LoadedModel, ids: list[int], new_tokens: int) -> tuple[torch.Tensor, float, float]:
     """(output, ttft_s, total_s) of plain generate with DynamicCache."""
-    clock = Clock()
+    clock = FirstTokenClock()
     batch = torch.tensor([ids])
     start = time.perf_counter()
     out = lm.model.generate(

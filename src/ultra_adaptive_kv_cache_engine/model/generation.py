@@ -66,7 +66,7 @@ class GenerationResult:
         return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
 
 
-class _FirstTokenClock(LogitsProcessor):
+class FirstTokenClock(LogitsProcessor):
     """Notes when the first logits are ready; leaves the scores unchanged."""
 
     def __init__(self) -> None:
@@ -121,7 +121,7 @@ def generate_with_prefix_cache(
     _check_kwargs(generate_kwargs)
     ids, mask = as_batch(input_ids, attention_mask)
     _check_fit(model, paged, ids.shape[1], generate_kwargs.get("max_new_tokens"))
-    clock = _FirstTokenClock()
+    clock = FirstTokenClock()
     processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
     processors.append(clock)
     device = next(model.parameters()).device

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
+from itertools import islice
 from typing import ClassVar
 
 Clock = Callable[[], float]
+
+
+def first_keys(order: Iterable[Hashable], n: int) -> list[Hashable]:
+    """The first `n` keys of an eviction order (fewer if it holds fewer); the order is not changed."""
+    return list(islice(order, max(n, 0)))
 
 
 class EvictionPolicy(ABC):

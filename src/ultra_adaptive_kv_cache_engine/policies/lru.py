@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from .base import Clock, EvictionPolicy
+from .base import Clock, EvictionPolicy, first_keys
 
 
 class LRUPolicy(EvictionPolicy):
@@ -29,12 +29,7 @@ class LRUPolicy(EvictionPolicy):
         self._order.pop(key, None)
 
     def victims(self, n: int) -> list[Hashable]:
-        out: list[Hashable] = []
-        for key in self._order:
-            if len(out) >= n:
-                break
-            out.append(key)
-        return out
+        return first_keys(self._order, n)
 
     def __len__(self) -> int:
         return len(self._order)

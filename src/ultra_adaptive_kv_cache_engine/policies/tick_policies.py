@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from .arc import ARCPolicy
-from .base import Clock, EvictionPolicy
+from .base import Clock, EvictionPolicy, first_keys
 from .recency import SizedOrder
 from .tick_order import TickList
 
@@ -31,12 +31,7 @@ class TickLRUPolicy(EvictionPolicy):
         self._order.pop(key)
 
     def victims(self, n: int) -> list[Hashable]:
-        out: list[Hashable] = []
-        for key, _ in self._order.items():
-            if len(out) >= n:
-                break
-            out.append(key)
-        return out
+        return first_keys((key for key, _ in self._order.items()), n)
 
     def __len__(self) -> int:
         return len(self._order)
