@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .types import CacheStrategy, CodecKind, DeviceKind, DiskLayout, FsyncPolicy, KVDType, parse_enum
+from .types import CacheStrategy, CodecKind, DeviceKind, DiskLayout, FsyncPolicy, KVDType, TierKind, parse_enum
 
 MAX_BLOCK_SIZE = 1024
 
@@ -38,17 +38,54 @@ def _require_bool(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be True or False")
 
 
+def _require_fraction(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name}={value!r} must be a number in (0, 1]")
+
+
 def _require_optional_str(name: str, value: Any) -> None:
     if value is not None and (not isinstance(value, str | os.PathLike) or not str(value)):
         raise ValueError(f"{name}={value!r} must be a non-empty string or None")
 
 
 @dataclass(frozen=True)
+class TierConfig:
+    """One tier below the block pool: its kind, byte capacity, eviction policy and codec.
+
+    `policy` None means the config's `cache_strategy`; `codec` None means the config's `codec`. `capacity_bytes`
+    is ignored by the Redis tier (the server bounds itself). Tiers are listed fastest first.
+    """
+
+    kind: TierKind | str
+    capacity_bytes: int = 512 * 1024**2
+    policy: str | None = None
+    codec: CodecKind | str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", parse_enum(TierKind, "tier kind", self.kind))
+        if self.kind is TierKind.DEVICE:
+            raise ValueError("tier kind 'device' is the block pool itself; list only the tiers below it "
+                             f"({', '.join(k.value for k in TierKind if k is not TierKind.DEVICE)})")
+        _require_int("capacity_bytes", self.capacity_bytes, 1)
+        if self.policy is not None:
+            if not isinstance(self.policy, str) or not self.policy:
+                raise ValueError(f"tier policy={self.policy!r} must be a policy name or None")
+            object.__setattr__(self, "policy", self.policy.lower())
+        if self.codec is not None:
+            object.__setattr__(self, "codec", parse_enum(CodecKind, "codec", self.codec))
+
+
+@dataclass(frozen=True)
 class KVCacheConfig:
     """Configuration of a cache and its engine.
 
-    Seed fields: `max_tokens` (capacity of the in-memory cache, in tokens), `cache_strategy`,
+    Seed fields: `max_tokens` (capacity of the seed's tensor store, in tokens), `cache_strategy`,
     `enable_persistence`, `persistence_path`, `enable_profiling`.
+
+    The KV block pool is sized in bytes, never by `max_tokens`: `max_memory` bytes when given, else on CUDA
+    `gpu_memory_utilization` of the free device memory, else (CPU) a quarter of the available memory, at most
+    1 GiB. `tiers` lists the tiers below the pool; None derives them from `cpu_tier_bytes`,
+    `enable_persistence` (+ `disk_tier_bytes`) and `redis_url`.
     """
 
     max_tokens: int = 4096
@@ -69,6 +106,15 @@ class KVCacheConfig:
     fsync_policy: FsyncPolicy | str = FsyncPolicy.BATCH
     disk_layout: DiskLayout | str = DiskLayout.FILES
     codec: CodecKind | str = CodecKind.IDENTITY
+    tiers: tuple[TierConfig, ...] | None = None
+    # Memory budget of the KV block pool (bytes).
+    max_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    # Adaptive controllers on the live path (each can be switched off).
+    enable_optimizer: bool = True  # compute-or-load per request from measured costs
+    enable_prefetcher: bool = True  # predicted next turns promoted into the fastest tier
+    enable_autoscaler: bool = True  # tier capacities resized from hit-rate curves and memory pressure
+    enable_metrics: bool = True  # Prometheus metrics through prometheus-client
     # Model.
     model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     model_cache_dir: str | None = None
@@ -80,7 +126,11 @@ class KVCacheConfig:
         _require_int("cpu_tier_bytes", self.cpu_tier_bytes, 0)
         _require_int("disk_tier_bytes", self.disk_tier_bytes, 0)
         _require_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
-        for name in ("enable_persistence", "enable_profiling", "reject_non_finite"):
+        if self.max_memory is not None:
+            _require_int("max_memory", self.max_memory, 1)
+        _require_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
+        for name in ("enable_persistence", "enable_profiling", "reject_non_finite", "enable_optimizer",
+                     "enable_prefetcher", "enable_autoscaler", "enable_metrics"):
             _require_bool(name, getattr(self, name))
         for name in ("persistence_path", "redis_url", "model_path", "model_cache_dir"):
             _require_optional_str(name, getattr(self, name))
@@ -96,6 +146,10 @@ class KVCacheConfig:
         set_(self, "codec", parse_enum(CodecKind, "codec", self.codec))
         if self.dtype is not None:
             set_(self, "dtype", KVDType.parse(self.dtype))
+        if self.tiers is not None:
+            if isinstance(self.tiers, str | bytes) or not all(isinstance(t, TierConfig) for t in self.tiers):
+                raise ValueError(f"tiers={self.tiers!r} must be a sequence of TierConfig or None")
+            set_(self, "tiers", tuple(self.tiers))
         for name in ("persistence_path", "model_path", "model_cache_dir"):
             value = getattr(self, name)
             if value is not None:
@@ -107,6 +161,20 @@ class KVCacheConfig:
         if self.persistence_path is not None:
             return Path(self.persistence_path)
         return default_cache_root() / "blocks"
+
+    @property
+    def tier_list(self) -> tuple[TierConfig, ...]:
+        """The tiers below the pool, fastest first: `tiers` as given, else derived from the legacy fields."""
+        if self.tiers is not None:
+            return self.tiers
+        derived: list[TierConfig] = []
+        if self.cpu_tier_bytes > 0:
+            derived.append(TierConfig(TierKind.CPU, self.cpu_tier_bytes))
+        if self.enable_persistence:
+            derived.append(TierConfig(TierKind.DISK, self.disk_tier_bytes))
+        if self.redis_url is not None:
+            derived.append(TierConfig(TierKind.REDIS))
+        return tuple(derived)
 
     @property
     def model_dir(self) -> Path:
