@@ -7,7 +7,7 @@ fields are normalised to their enum member at construction; derived values are p
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,39 +86,72 @@ class KVCacheConfig:
     `gpu_memory_utilization` of the free device memory, else (CPU) a quarter of the available memory, at most
     1 GiB. `tiers` lists the tiers below the pool; None derives them from `cpu_tier_bytes`,
     `enable_persistence` (+ `disk_tier_bytes`) and `redis_url`.
+
+    Every field carries `metadata["help"]` (and `"unit": "bytes"` for byte sizes): `config_sources` derives
+    from them the `uakv` options, the `UAKV_*` environment variables and the TOML keys; a new field needs its help text.
     """
 
-    max_tokens: int = 4096
-    cache_strategy: CacheStrategy | str = CacheStrategy.ADAPTIVE
-    enable_persistence: bool = False
-    persistence_path: str | None = None
-    enable_profiling: bool = False
+    max_tokens: int = field(default=4096, metadata={
+        "help": "capacity of the seed's tensor store (store/retrieve), in tokens; never sizes the KV pool"})
+    cache_strategy: CacheStrategy | str = field(default=CacheStrategy.ADAPTIVE, metadata={
+        "help": "eviction policy of every tier: lru, lfu, fifo, s3fifo, arc, adaptive or a registered one"})
+    enable_persistence: bool = field(default=False, metadata={
+        "help": "a durable disk tier under persistence_path; enables persist() and load()"})
+    persistence_path: str | None = field(default=None, metadata={
+        "help": "folder of the disk tier and the tensor-store snapshot (none: <cache root>/blocks)"})
+    enable_profiling: bool = field(default=False, metadata={
+        "help": "record per-operation latencies (get_profiling_data())"})
     # Core: blocks and the accelerator pool.
-    block_size: int = 16
-    dtype: KVDType | str | None = None  # None: the model's own dtype
-    device: DeviceKind | str = DeviceKind.AUTO
-    reject_non_finite: bool = True
-    tenant_salt: str = ""
+    block_size: int = field(default=16, metadata={
+        "help": "tokens per KV block (1 to 1024)"})
+    dtype: KVDType | str | None = field(default=None, metadata={
+        "help": "KV dtype in the pool: float32, float16 or bfloat16 (none: the model's own)"})
+    device: DeviceKind | str = field(default=DeviceKind.AUTO, metadata={
+        "help": "where the pool and the model live: auto (CUDA when present), cpu or cuda"})
+    reject_non_finite: bool = field(default=True, metadata={
+        "help": "refuse tensors and KV holding NaN or Inf"})
+    tenant_salt: str = field(default="", metadata={
+        "help": "per-tenant salt in every block name: tenants never see each other's blocks"})
     # Tiers below the pool (bytes; 0 disables a tier).
-    cpu_tier_bytes: int = 512 * 1024**2
-    disk_tier_bytes: int = 4 * 1024**3
-    redis_url: str | None = None
-    fsync_policy: FsyncPolicy | str = FsyncPolicy.BATCH
-    disk_layout: DiskLayout | str = DiskLayout.FILES
-    codec: CodecKind | str = CodecKind.IDENTITY
-    tiers: tuple[TierConfig, ...] | None = None
+    cpu_tier_bytes: int = field(default=512 * 1024**2, metadata={
+        "help": "bytes of the CPU tier below the pool (0 disables it)", "unit": "bytes"})
+    disk_tier_bytes: int = field(default=4 * 1024**3, metadata={
+        "help": "bytes of the disk tier (present when enable_persistence)", "unit": "bytes"})
+    redis_url: str | None = field(default=None, metadata={
+        "help": "a shared Redis/Valkey tier: redis://host:port/db (?cluster=true for a cluster), rediss:// or "
+                "unix://"})
+    fsync_policy: FsyncPolicy | str = field(default=FsyncPolicy.BATCH, metadata={
+        "help": "when the disk tier fsyncs: always (every block), batch (at persist()), never (the OS decides)"})
+    disk_layout: DiskLayout | str = field(default=DiskLayout.FILES, metadata={
+        "help": "files (one file per block) or segments (an append-only log of segment files, compacted)"})
+    codec: CodecKind | str = field(default=CodecKind.IDENTITY, metadata={
+        "help": "how blocks are encoded in the tiers: identity, fp8, int8, int4 or zstd"})
+    tiers: tuple[TierConfig, ...] | None = field(default=None, metadata={
+        "help": "the tiers below the pool, fastest first: KIND[:CAPACITY[:POLICY[:CODEC]]],... (none: derived "
+                "from cpu_tier_bytes, enable_persistence and redis_url)"})
     # Memory budget of the KV block pool (bytes).
-    max_memory: int | None = None
-    gpu_memory_utilization: float = 0.9
+    max_memory: int | None = field(default=None, metadata={
+        "help": "bytes of the KV block pool (none: on CUDA gpu_memory_utilization of the free device memory, "
+                "else a quarter of the available RAM, at most 1 GiB)", "unit": "bytes"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={
+        "help": "fraction of the free CUDA memory given to the KV pool when max_memory is none, in (0, 1]"})
     # Adaptive controllers on the live path (each can be switched off).
-    enable_optimizer: bool = True  # compute-or-load per request from measured costs
-    enable_prefetcher: bool = True  # predicted next turns promoted into the fastest tier
-    enable_autoscaler: bool = True  # tier capacities resized from hit-rate curves and memory pressure
-    enable_metrics: bool = True  # Prometheus metrics through prometheus-client
+    enable_optimizer: bool = field(default=True, metadata={
+        "help": "compute or load per request, from measured tier bandwidths and prefill costs"})
+    enable_prefetcher: bool = field(default=True, metadata={
+        "help": "promote the predicted next turns into the fastest tier"})
+    enable_autoscaler: bool = field(default=True, metadata={
+        "help": "resize tier capacities from hit-rate curves and memory pressure"})
+    enable_metrics: bool = field(default=True, metadata={
+        "help": "Prometheus metrics through prometheus-client"})
     # Model.
-    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct
-    model_cache_dir: str | None = None
-    max_new_tokens: int = 64
+    model_path: str | None = field(default=None, metadata={
+        "help": "a local Hugging Face folder, .safetensors or .gguf file (none: the embedded "
+                "SmolLM2-135M-Instruct)"})
+    model_cache_dir: str | None = field(default=None, metadata={
+        "help": "where converted model weights are kept (none: <cache root>/models)"})
+    max_new_tokens: int = field(default=64, metadata={
+        "help": "tokens generated per request unless the request says otherwise"})
 
     def __post_init__(self) -> None:
         _require_int("max_tokens", self.max_tokens, 1)
