@@ -88,7 +88,8 @@ class KVCacheConfig:
     `enable_persistence` (+ `disk_tier_bytes`) and `redis_url`.
 
     Every field carries `metadata["help"]` (and `"unit": "bytes"` for byte sizes): `config_sources` derives
-    from them the `uakv` options, the `UAKV_*` environment variables and the TOML keys; a new field needs its help text.
+    from them the `uakv` options, the `UAKV_*` environment variables and the TOML keys. A new field needs
+    its help text (a test fails without one).
     """
 
     max_tokens: int = field(default=4096, metadata={
