@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from bench_common import emit
 
+from ultra_adaptive_kv_cache_engine.cache.tier_controls import ResizableTier, StoreBlockSource
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.engine.autoscaler import AutoScaler, ScaledTier
-from ultra_adaptive_kv_cache_engine.engine.controls import ResizableTier, StoreBlockSource
 from ultra_adaptive_kv_cache_engine.engine.metrics_collector import AdvancedMetricsCollector
 from ultra_adaptive_kv_cache_engine.engine.optimizer import PerformanceOptimizer
 from ultra_adaptive_kv_cache_engine.engine.predictor import WorkloadPredictor
@@ -250,7 +250,7 @@ def bench_metrics(events: int) -> dict[str, float]:
     for i, k in enumerate(keys):
         collector.record_lookup(k, "cpu" if i % 3 else None)
     per_event = (time.perf_counter() - start) / events
-    return {"lookup_event_us": per_event * 1e6, "samples": len(list(collector.prometheus_samples()))}
+    return {"lookup_event_us": per_event * 1e6, "exposition_bytes": len(collector.exposition())}
 
 
 def main() -> None:

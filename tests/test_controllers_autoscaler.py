@@ -8,9 +8,9 @@ import hashlib
 import pytest
 import torch
 
+from ultra_adaptive_kv_cache_engine.cache.tier_controls import ResizableTier
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.engine.autoscaler import AutoScaler, ScaledTier
-from ultra_adaptive_kv_cache_engine.engine.controls import ResizableTier
 from ultra_adaptive_kv_cache_engine.engine.predictor import WorkloadPredictor
 from ultra_adaptive_kv_cache_engine.tiers import BlockRecord, CPUTier, encode_block
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ultra_adaptive_kv_cache_engine.compression import make_codec
-from ultra_adaptive_kv_cache_engine.engine.controls import (
+from ultra_adaptive_kv_cache_engine.cache.tier_controls import (
     BlockSource,
     ResizableTier,
     StoreBlockSource,
-    SystemMemoryPressure,
     TierControl,
 )
+from ultra_adaptive_kv_cache_engine.compression import make_codec
+from ultra_adaptive_kv_cache_engine.engine.controls import SystemMemoryPressure
 from ultra_adaptive_kv_cache_engine.engine.prefetcher import CachePrefetcher
 from ultra_adaptive_kv_cache_engine.tiers import (
     AsyncTransfer,
@@ -88,7 +88,7 @@ def test_store_block_source_promotes_in_the_background_through_an_async_transfer
         StoreBlockSource(store_of(2), other)
 
 
-def test_resizable_tier_shrinks_oldest_first_and_spills_to_the_next_tier():
+def test_resizable_tier_shrinks_by_the_tiers_policy_and_spills_to_the_next_tier():
     tier = CPUTier(NS, 4 * RECORD_BYTES, pin_memory=False, name="fast")
     spill = CPUTier(NS, 10 * RECORD_BYTES, pin_memory=False, name="slow")
     control = ResizableTier(tier, spill)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .controls import HitRateModel, MemoryPressure, TierControl
+from ..cache.tier_controls import TierControl
+from .controls import HitRateModel, MemoryPressure
 
 
 @dataclass(frozen=True)

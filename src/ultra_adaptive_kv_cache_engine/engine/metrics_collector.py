@@ -1,10 +1,15 @@
-"""`AdvancedMetricsCollector`: hit rates per tier, reuse gaps, block lifetimes, TTFT histograms.
+"""`AdvancedMetricsCollector`: prefix-cache hits per tier, TTFT, reuse gaps, block lifetimes, tier usage, as
+real Prometheus metrics.
 
-It is told of events (a block found in a tier or missed, a block inserted into or evicted from a tier, a
-request's time to first token, a tier's usage) and keeps counters and cumulative histograms. Two read-outs:
-`snapshot()` (a JSON-able dict) and `prometheus_samples()` (name, labels, value) in the Prometheus data
-model: counters end in `_total`, histograms give `_bucket{le=...}` (cumulative, `+Inf` last), `_sum`,
-`_count`. A Prometheus exporter only has to group the samples by name. Thread-safe; the clock is injected.
+It is told of events (a request's blocks and where each was found, its time to first token and token counts,
+a block inserted into or evicted from a tier, a tier's usage, blocks prefetched) and keeps them in
+`prometheus_client` Counters, Gauges and Histograms registered in a `CollectorRegistry` of its own (one per
+collector, so two engines or two tests never share a series). Names follow vLLM's (`vllm:prefix_cache_queries`
+becomes `uakv:prefix_cache_queries_total`): tokens queried and hit, blocks hit per tier (`tier` label: `pool`,
+`cpu`, `disk`, ...), blocks missed, the TTFT histogram, tier capacity/usage gauges. Read-outs: `exposition()`
+(the text format a /metrics endpoint serves), `snapshot()` (the same values as a JSON-able dict), `hit_rates()`.
+Thread-safe (prometheus_client's metrics are; the gap and lifetime trackers hold one lock); the clock is
+injected and only times gaps and lifetimes.
 """
 
 from __future__ import annotations
@@ -12,70 +17,42 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import Counter as Tally
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 from ..policies.base import Clock
 from ..tiers import TierUsage
 
-PREFIX = "uakv"
+PREFIX = "uakv:"
 MISS = "miss"
-"""The `tier` label of a lookup that no tier answered."""
+"""The key of lookups that no tier answered, in `hit_rates()` and `snapshot()["lookups"]`."""
 
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 GAP_BUCKETS_S = (0.1, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0)
 LIFETIME_BUCKETS_S = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0)
 
-Sample = tuple[str, dict[str, str], float]
+
+def _buckets(name: str, bounds: Sequence[float]) -> tuple[float, ...]:
+    bounds = tuple(float(b) for b in bounds)
+    if not bounds or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"{name}={bounds!r} must be non-empty and strictly increasing")
+    return bounds
 
 
-class Histogram:
-    """Cumulative histogram with fixed upper bounds (seconds); `+Inf` is implicit.
-
-    Invariant: `counts[i]` is the number of observations <= `bounds[i]` that are > `bounds[i-1]`;
-    `count` is all observations (including those above the last bound), `sum` their total.
-    """
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        bounds = tuple(float(b) for b in bounds)
-        if not bounds or any(b <= a for a, b in zip(bounds, bounds[1:], strict=False)):
-            raise ValueError(f"histogram bounds {bounds!r} must be non-empty and strictly increasing")
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"observation {value!r} must be a finite non-negative number")
-        self.count += 1
-        self.sum += value
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-
-    def cumulative(self) -> list[tuple[str, int]]:
-        """(le label, cumulative count) for each bound, then ('+Inf', count)."""
-        out, running = [], 0
-        for bound, n in zip(self.bounds, self.counts, strict=True):
-            running += n
-            out.append((_le(bound), running))
-        out.append(("+Inf", self.count))
-        return out
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"buckets": dict(self.cumulative()), "count": self.count, "sum": self.sum}
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
+def _seconds(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite non-negative number of seconds")
+    return float(value)
 
 
 class AdvancedMetricsCollector:
-    """Collects cache metrics; see the module docstring. `max_blocks` bounds the blocks tracked for gaps and
-    lifetimes (the least recently seen is forgotten first)."""
+    """Collects cache metrics into `self.registry`; see the module docstring. `max_blocks` bounds the blocks
+    tracked for gaps and lifetimes (the least recently seen is forgotten first)."""
 
     def __init__(
         self,
@@ -89,139 +66,202 @@ class AdvancedMetricsCollector:
             raise ValueError(f"max_blocks={max_blocks!r} must be a positive integer")
         self.clock = clock or time.monotonic
         self.max_blocks = max_blocks
-        self._lifetime_buckets = tuple(lifetime_buckets_s)
-        self.lookups: dict[str, int] = {}
-        self.inserts: dict[str, int] = {}
-        self.evictions: dict[str, int] = {}
-        self.ttft = Histogram(ttft_buckets_s)
-        self.reuse_gaps = Histogram(gap_buckets_s)
-        self.lifetimes: dict[str, Histogram] = {}
-        self.cached_tokens = 0
-        self.prompt_tokens = 0
+        self.registry = CollectorRegistry()
+        r, p = self.registry, PREFIX
+        self.queries = Counter(f"{p}prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", registry=r)
+        self.hits = Counter(f"{p}prefix_cache_hits", "Prompt tokens whose KV was reused (pool or a tier).", registry=r)
+        self.block_hits = Counter(f"{p}block_hits", "Blocks found, by the place that held them.", ["tier"], registry=r)
+        self.block_misses = Counter(f"{p}block_misses", "Blocks looked up that no place held.", registry=r)
+        self.inserts = Counter(f"{p}block_inserts", "Blocks that entered a tier.", ["tier"], registry=r)
+        self.evictions = Counter(f"{p}block_evictions", "Blocks that left a tier.", ["tier"], registry=r)
+        self.prefetched = Counter(f"{p}prefetched_blocks", "Blocks promoted ahead of their request.", registry=r)
+        self.ttft = Histogram(f"{p}time_to_first_token_seconds", "Time to first token of a request.",
+                              buckets=_buckets("ttft_buckets_s", ttft_buckets_s), registry=r)
+        self.reuse_gaps = Histogram(f"{p}block_reuse_gap_seconds", "Time between two lookups of one block.",
+                                    buckets=_buckets("gap_buckets_s", gap_buckets_s), registry=r)
+        self.lifetimes = Histogram(f"{p}block_lifetime_seconds", "Time a block stayed in a tier.", ["tier"],
+                                   buckets=_buckets("lifetime_buckets_s", lifetime_buckets_s), registry=r)
+        self.tier_capacity = Gauge(f"{p}tier_capacity_bytes", "Capacity of a tier.", ["tier"], registry=r)
+        self.tier_used = Gauge(f"{p}tier_used_bytes", "Bytes a tier holds.", ["tier"], registry=r)
+        self.tier_blocks = Gauge(f"{p}tier_blocks", "Blocks a tier holds.", ["tier"], registry=r)
         self._last_access: OrderedDict[Hashable, float] = OrderedDict()
         self._inserted: OrderedDict[tuple[str, Hashable], float] = OrderedDict()
-        self._usage: dict[str, TierUsage] = {}
         self._lock = threading.Lock()
 
     # -- events ---------------------------------------------------------------------------------------------
+    def record_request(
+        self, keys: Sequence[Hashable], tiers: Sequence[str | None], ttft_s: float | None,
+        prompt_tokens: int, cached_tokens: int,
+    ) -> None:
+        """One request: `keys[i]` was found in `tiers[i]` (None: missed), its TTFT (None: not measured) and its
+        prompt and reused token counts. One counter update per tier, not per block."""
+        if len(keys) != len(tiers):
+            raise ValueError(f"{len(keys)} block keys for {len(tiers)} hit tiers; expected one tier per key")
+        self._check_tokens(prompt_tokens, cached_tokens)
+        if ttft_s is not None:
+            self.ttft.observe(_seconds("ttft_s", ttft_s))
+        self._count_tokens(prompt_tokens, cached_tokens)
+        self._gaps(keys)
+        for tier, n in Tally(tiers).items():
+            self._count_lookups(tier, n)
+
     def record_lookup(self, key: Hashable, tier: str | None) -> None:
         """A request looked `key` up and found it in `tier` (None: a miss)."""
-        now = self.clock()
-        with self._lock:
-            label = MISS if tier is None else str(tier)
-            self.lookups[label] = self.lookups.get(label, 0) + 1
-            last = self._last_access.pop(key, None)
-            if last is not None:
-                self.reuse_gaps.observe(max(0.0, now - last))
-            self._last_access[key] = now
-            if len(self._last_access) > self.max_blocks:
-                self._last_access.popitem(last=False)
+        self._gaps((key,))
+        self._count_lookups(tier, 1)
 
     def record_insert(self, key: Hashable, tier: str) -> None:
         """`key` entered `tier` (its lifetime there starts now; a second insert restarts it)."""
         now = self.clock()
         with self._lock:
-            self.inserts[tier] = self.inserts.get(tier, 0) + 1
             self._inserted.pop((tier, key), None)
             self._inserted[(tier, key)] = now
             if len(self._inserted) > self.max_blocks:
                 self._inserted.popitem(last=False)
+        self.inserts.labels(tier=tier).inc()
 
     def record_evict(self, key: Hashable, tier: str) -> float | None:
         """`key` left `tier`; returns its lifetime there (seconds), None if its insert was not seen."""
         now = self.clock()
         with self._lock:
-            self.evictions[tier] = self.evictions.get(tier, 0) + 1
             born = self._inserted.pop((tier, key), None)
-            if born is None:
-                return None
-            lifetime = max(0.0, now - born)
-            histogram = self.lifetimes.get(tier)
-            if histogram is None:
-                histogram = self.lifetimes[tier] = Histogram(self._lifetime_buckets)
-            histogram.observe(lifetime)
-            return lifetime
+        self.evictions.labels(tier=tier).inc()
+        if born is None:
+            return None
+        lifetime = max(0.0, now - born)
+        self.lifetimes.labels(tier=tier).observe(lifetime)
+        return lifetime
 
     def record_ttft(self, seconds: float, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
         """One request's time to first token, with its prompt and reused (cached) token counts."""
+        self._check_tokens(prompt_tokens, cached_tokens)
+        self.ttft.observe(_seconds("seconds", seconds))
+        self._count_tokens(prompt_tokens, cached_tokens)
+
+    def record_tier_usage(self, usage: TierUsage) -> None:
+        """The latest capacity and fill of a tier (gauges; a value the tier cannot know is left unset)."""
+        for gauge, value in ((self.tier_capacity, usage.capacity_bytes), (self.tier_used, usage.used_bytes),
+                             (self.tier_blocks, usage.num_blocks)):  # fmt: skip
+            if value is not None:
+                gauge.labels(tier=usage.name).set(value)
+
+    def record_prefetch(self, promoted: int) -> None:
+        """`promoted` blocks were promoted into the fast tier ahead of their request."""
+        if promoted:
+            self.prefetched.inc(promoted)
+
+    # -- read-outs ------------------------------------------------------------------------------------------
+    def exposition(self) -> bytes:
+        """Every metric in the Prometheus text format (what a /metrics endpoint serves)."""
+        return generate_latest(self.registry)
+
+    def hit_rates(self) -> dict[str, float]:
+        """Per tier, the fraction of all block lookups it answered (the `miss` entry is the miss rate)."""
+        lookups = self._lookups()
+        total = sum(lookups.values())
+        return {tier: n / total for tier, n in lookups.items()} if total else {}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The metrics as a JSON-able dict (counts as ints; histograms as cumulative buckets, count and sum)."""
+        lookups = self._lookups()
+        total = sum(lookups.values())
+        usage: dict[str, dict[str, int]] = {}
+        for key, gauge in (("capacity_bytes", self.tier_capacity), ("used_bytes", self.tier_used),
+                           ("blocks", self.tier_blocks)):  # fmt: skip
+            for labels, value in _values(gauge, ""):
+                usage.setdefault(labels["tier"], {})[key] = int(value)
+        return {
+            "lookups": lookups,
+            "hit_rate": {t: n / total for t, n in lookups.items()} if total else {},
+            "inserts": _by_tier(self.inserts),
+            "evictions": _by_tier(self.evictions),
+            "prefetched_blocks": int(_total(self.prefetched)),
+            "reuse_gap_s": _histogram(self.reuse_gaps),
+            "block_lifetime_s": {labels["tier"]: h for labels, h in _histograms(self.lifetimes)},
+            "ttft_s": _histogram(self.ttft),
+            "prompt_tokens": int(_total(self.queries)),
+            "cached_tokens": int(_total(self.hits)),
+            "tiers": dict(sorted(usage.items())),
+        }
+
+    # -- internals ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_tokens(prompt_tokens: int, cached_tokens: int) -> None:
+        for name, value in (("prompt_tokens", prompt_tokens), ("cached_tokens", cached_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name}={value!r} must be an integer")
         if not 0 <= cached_tokens <= prompt_tokens:
             raise ValueError(
                 f"prompt_tokens={prompt_tokens!r}, cached_tokens={cached_tokens!r}: expected 0 <= cached <= prompt"
             )
+
+    def _count_tokens(self, prompt_tokens: int, cached_tokens: int) -> None:
+        if prompt_tokens:
+            self.queries.inc(prompt_tokens)
+        if cached_tokens:
+            self.hits.inc(cached_tokens)
+
+    def _count_lookups(self, tier: str | None, n: int) -> None:
+        if tier is None:
+            self.block_misses.inc(n)
+        else:
+            self.block_hits.labels(tier=str(tier)).inc(n)
+
+    def _gaps(self, keys: Sequence[Hashable]) -> None:
+        """Observe the time since each key's previous lookup, and remember this one."""
+        now = self.clock()
+        gaps: list[float] = []
         with self._lock:
-            self.ttft.observe(seconds)
-            self.prompt_tokens += prompt_tokens
-            self.cached_tokens += cached_tokens
+            for key in keys:
+                last = self._last_access.pop(key, None)
+                if last is not None:
+                    gaps.append(max(0.0, now - last))
+                self._last_access[key] = now
+            while len(self._last_access) > self.max_blocks:
+                self._last_access.popitem(last=False)
+        for gap in gaps:
+            self.reuse_gaps.observe(gap)
 
-    def record_tier_usage(self, usage: TierUsage) -> None:
-        """The latest capacity and fill of a tier (gauges)."""
-        with self._lock:
-            self._usage[usage.name] = usage
-
-    # -- read-outs ------------------------------------------------------------------------------------------
-    def hit_rates(self) -> dict[str, float]:
-        """Per tier, the fraction of all lookups it answered (the `miss` entry is the miss rate)."""
-        with self._lock:
-            total = sum(self.lookups.values())
-            return {tier: n / total for tier, n in sorted(self.lookups.items())} if total else {}
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            lookups = dict(sorted(self.lookups.items()))
-            total = sum(lookups.values())
-            return {
-                "lookups": lookups,
-                "hit_rate": {t: n / total for t, n in lookups.items()} if total else {},
-                "inserts": dict(sorted(self.inserts.items())),
-                "evictions": dict(sorted(self.evictions.items())),
-                "reuse_gap_s": self.reuse_gaps.as_dict(),
-                "block_lifetime_s": {t: h.as_dict() for t, h in sorted(self.lifetimes.items())},
-                "ttft_s": self.ttft.as_dict(),
-                "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens,
-                "tiers": {
-                    name: {"capacity_bytes": u.capacity_bytes, "used_bytes": u.used_bytes, "blocks": u.num_blocks}
-                    for name, u in sorted(self._usage.items())
-                },
-            }
-
-    def prometheus_samples(self) -> Iterator[Sample]:
-        """Every metric as (name, labels, value); histograms in Prometheus' cumulative form."""
-        with self._lock:
-            samples = list(self._counter_samples())
-            samples += _histogram_samples(f"{PREFIX}_ttft_seconds", {}, self.ttft)
-            samples += _histogram_samples(f"{PREFIX}_reuse_gap_seconds", {}, self.reuse_gaps)
-            for tier, histogram in sorted(self.lifetimes.items()):
-                samples += _histogram_samples(f"{PREFIX}_block_lifetime_seconds", {"tier": tier}, histogram)
-            samples += self._usage_samples()
-        yield from samples
-
-    def _counter_samples(self) -> Iterator[Sample]:
-        total = sum(self.lookups.values())
-        for tier, n in sorted(self.lookups.items()):
-            yield f"{PREFIX}_block_lookups_total", {"tier": tier}, float(n)
-        for tier, n in sorted(self.lookups.items()):
-            yield f"{PREFIX}_hit_rate", {"tier": tier}, n / total
-        for tier, n in sorted(self.inserts.items()):
-            yield f"{PREFIX}_block_inserts_total", {"tier": tier}, float(n)
-        for tier, n in sorted(self.evictions.items()):
-            yield f"{PREFIX}_block_evictions_total", {"tier": tier}, float(n)
-        yield f"{PREFIX}_prompt_tokens_total", {}, float(self.prompt_tokens)
-        yield f"{PREFIX}_cached_tokens_total", {}, float(self.cached_tokens)
-
-    def _usage_samples(self) -> list[Sample]:
-        out: list[Sample] = []
-        for name, usage in sorted(self._usage.items()):
-            for field, value in (("capacity", usage.capacity_bytes), ("used", usage.used_bytes)):
-                if value is not None:
-                    out.append((f"{PREFIX}_tier_{field}_bytes", {"tier": name}, float(value)))
-            if usage.num_blocks is not None:
-                out.append((f"{PREFIX}_tier_blocks", {"tier": name}, float(usage.num_blocks)))
-        return out
+    def _lookups(self) -> dict[str, int]:
+        lookups = _by_tier(self.block_hits)
+        misses = int(_total(self.block_misses))
+        if misses:
+            lookups[MISS] = misses
+        return dict(sorted(lookups.items()))
 
 
-def _histogram_samples(name: str, labels: dict[str, str], histogram: Histogram) -> list[Sample]:
-    out: list[Sample] = [(f"{name}_bucket", {**labels, "le": le}, float(n)) for le, n in histogram.cumulative()]
-    out.append((f"{name}_sum", dict(labels), histogram.sum))
-    out.append((f"{name}_count", dict(labels), float(histogram.count)))
+def _values(metric: MetricWrapperBase, suffix: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of each sample of `metric` named <family name><suffix>."""
+    out = []
+    for family in metric.collect():
+        out.extend((s.labels, s.value) for s in family.samples if s.name == family.name + suffix)
     return out
+
+
+def _total(counter: Counter) -> float:
+    return sum(value for _, value in _values(counter, "_total"))
+
+
+def _by_tier(counter: Counter) -> dict[str, int]:
+    return dict(sorted((labels["tier"], int(value)) for labels, value in _values(counter, "_total") if value))
+
+
+def _histograms(histogram: Histogram) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """Per label set (without `le`): {"buckets": {le: cumulative count}, "count", "sum"}."""
+    found: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    for family in histogram.collect():
+        for s in family.samples:
+            labels = {k: v for k, v in s.labels.items() if k != "le"}
+            entry = found.setdefault(tuple(sorted(labels.items())), {"buckets": {}, "count": 0, "sum": 0.0})
+            if s.name.endswith("_bucket"):
+                entry["buckets"][s.labels["le"]] = int(s.value)
+            elif s.name.endswith("_count"):
+                entry["count"] = int(s.value)
+            elif s.name.endswith("_sum"):
+                entry["sum"] = s.value
+    return [(dict(labels), entry) for labels, entry in sorted(found.items())]
+
+
+def _histogram(histogram: Histogram) -> dict[str, Any]:
+    entries = _histograms(histogram)
+    return entries[0][1] if entries else {"buckets": {}, "count": 0, "sum": 0.0}

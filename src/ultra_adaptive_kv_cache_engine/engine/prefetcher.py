@@ -20,8 +20,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..cache.tier_controls import BlockSource
 from ..policies.base import Clock
-from .controls import BlockSource
 
 
 @dataclass

@@ -7,8 +7,8 @@ at `put`, into a page-locked buffer of its own, so promoting it is one asynchron
 block (`tiers.load_records`); other codecs' payloads are decoded on the host before they move, so they are kept
 in ordinary memory (page-locking them would only spend pinned memory).
 
-Invariants: `used_bytes` == sum of `record.nbytes` held <= `capacity_bytes`; the policy tracks exactly the
-held keys; a record larger than the whole capacity is refused, never stored half.
+Invariants: `used_bytes` == sum of `record.nbytes` held <= `capacity_bytes` (also right after `resize`); the
+policy tracks exactly the held keys; a record larger than the whole capacity is refused, never stored half.
 """
 
 from __future__ import annotations
@@ -106,6 +106,15 @@ class CPUTier(Tier):
             self._policy.on_remove(key)
         self.counters.add("removed")
         return True
+
+    def resize(self, capacity_bytes: int) -> tuple[BlockRecord, ...]:
+        """Set the capacity; when it shrinks, evict the policy's victims (in its order) until the held bytes
+        fit. Returns the evicted records, as `put` reports them, so a store or controller can demote them."""
+        capacity_bytes = _require_capacity(capacity_bytes)
+        with self._lock:
+            self.capacity_bytes = capacity_bytes
+            self._policy.capacity = capacity_bytes
+            return self._make_room(0)
 
     def usage(self) -> TierUsage:
         with self._lock:

@@ -93,6 +93,16 @@ class DiskTierBase(Tier, Generic[V]):
             read_only=read_only, healthy=not read_only, last_error=self._last_error, counters=self._counters(),
         )  # fmt: skip
 
+    def resize(self, capacity_bytes: int) -> tuple[BlockRecord, ...]:
+        """Set the capacity; when it shrinks, evict the policy's victims (in its order) until the indexed bytes
+        fit. Returns the evicted records read for demotion (none when `demote_evicted` is False: the disk is the
+        last tier), as `put` reports them; `usage().num_blocks` tells how many left."""
+        capacity_bytes = _require_capacity(capacity_bytes)
+        with self._lock:
+            self.capacity_bytes = capacity_bytes
+            self._policy.capacity = capacity_bytes
+            return self._make_room(0)
+
     def get_many_into(self, keys: Iterable[bytes], outs: Iterable[torch.Tensor]) -> list[bool]:
         """`get_into` of each (key, out), in order, on `io_threads` threads."""
         return self._parallel(lambda pair: self.get_into(*pair), key_out_pairs(keys, outs))

@@ -176,6 +176,13 @@ class SegmentDiskTier(DiskTierBase[Loc]):
         self.counters.add("removed")
         return True
 
+    def resize(self, capacity_bytes: int) -> tuple[BlockRecord, ...]:
+        """`DiskTierBase.resize`, then compaction of the segments its evictions left dead enough."""
+        with self._lock:
+            evicted = super().resize(capacity_bytes)
+            self._maybe_compact()
+        return evicted
+
     def flush(self) -> FlushResult:
         """fsync (BATCH) the segments appended to since the last flush; return the blocks written since then."""
         with self._lock:
