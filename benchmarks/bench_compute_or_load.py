@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from bench_common import emit
 
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.engine.optimizer import CachedBlock, PerformanceOptimizer
@@ -97,18 +97,18 @@ class World:
         self.disk = ThrottledTier(inner, mbps * 1e6)
         self.codec = make_codec("identity")
 
-    def paged(self, tokens: int) -> PagedKVCache:
+    def paged(self, tokens: int) -> KVCacheManager:
         blocks = tokens // self.block_size + 4
-        return PagedKVCache(self.config, self.spec, num_blocks=blocks, namespace=self.namespace)
+        return KVCacheManager(self.config, self.spec, num_blocks=blocks, namespace=self.namespace)
 
-    def generate(self, paged: PagedKVCache, ids: Sequence[int]) -> float:
+    def generate(self, paged: KVCacheManager, ids: Sequence[int]) -> float:
         from ultra_adaptive_kv_cache_engine.model.generation import generate_with_prefix_cache
 
         with torch.no_grad():
             result = generate_with_prefix_cache(self.lm.model, paged, list(ids), max_new_tokens=1, do_sample=False)
         return result.ttft_s
 
-    def store_blocks(self, paged: PagedKVCache, ids: Sequence[int]) -> list[bytes]:
+    def store_blocks(self, paged: KVCacheManager, ids: Sequence[int]) -> list[bytes]:
         """Write the prompt's cached blocks to the disk tier (untimed); returns their hashes in prefix order."""
         match = paged.lookup(list(ids))
         for block_id, block_hash in zip(match.block_ids, match.hashes, strict=True):
@@ -116,7 +116,7 @@ class World:
             self.disk.inner.put(block_hash, record)
         return list(match.hashes)
 
-    def load(self, paged: PagedKVCache, ids: Sequence[int], hashes: Sequence[bytes]) -> int:
+    def load(self, paged: KVCacheManager, ids: Sequence[int], hashes: Sequence[bytes]) -> int:
         """Read `hashes` from the disk tier and install them as the prompt's first blocks; returns bytes read."""
         if not hashes:
             return 0

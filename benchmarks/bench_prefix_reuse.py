@@ -22,7 +22,7 @@ import torch
 from bench_common import emit
 from transformers import LogitsProcessorList
 
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.model.generation import FirstTokenClock, generate_with_prefix_cache
 from ultra_adaptive_kv_cache_engine.model.loaded import LoadedModel
@@ -92,7 +92,7 @@ def main() -> None:
     config = KVCacheConfig(device="cpu", block_size=args.block_size, max_tokens=8192)
     lm = load_model(config)
     spec = lm.kv_spec(args.block_size)
-    paged = PagedKVCache(config, spec, namespace=lm.namespace(spec))
+    paged = KVCacheManager(config, spec, namespace=lm.namespace(spec))
     system = system_prompt(lm, args.system_tokens, args.seed)
     prompts = [lm.tokenizer.chat([{"role": "system", "content": system}, {"role": "user", "content": q}]) for q in questions]
     system_ids = lm.tokenizer.chat([{"role": "system", "content": system}], False)

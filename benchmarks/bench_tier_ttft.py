@@ -25,7 +25,7 @@ import torch
 from bench_common import bible_text, emit
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.model.generation import generate_with_prefix_cache
@@ -62,7 +62,7 @@ def redis_server() -> Iterator[str | None]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def ttft(lm, paged: PagedKVCache, ids: list[int]) -> tuple[float, int]:
+def ttft(lm, paged: KVCacheManager, ids: list[int]) -> tuple[float, int]:
     with torch.inference_mode():
         r = generate_with_prefix_cache(lm.model, paged, [ids], max_new_tokens=1, do_sample=False)
     return r.ttft_s, r.cached_tokens
@@ -86,8 +86,8 @@ def main() -> None:
     codec = make_codec(config.codec)
     print(f"prompt {len(ids)} tokens of {spec.bytes_per_token} KV bytes each", file=sys.stderr)
 
-    def fresh(lower: LowerTiers | None) -> PagedKVCache:
-        return PagedKVCache(config, spec, namespace=ns, lower=lower)
+    def fresh(lower: LowerTiers | None) -> KVCacheManager:
+        return KVCacheManager(config, spec, namespace=ns, lower=lower)
 
     ttft(lm, fresh(None), ids[:64])  # warm-up
     results: dict[str, dict[str, float]] = {}

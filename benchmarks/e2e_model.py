@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache, default_namespace
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager, default_namespace
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
@@ -71,11 +71,11 @@ class PromotionTiers(LowerTiers):
 class World:
     hf: Any
     model: PagedLlama
-    ttft_cache: PagedKVCache
+    ttft_cache: KVCacheManager
     tiers: PromotionTiers
     ttft_runner: ModelRunner
     kernel_runner: ModelRunner  # the same cache, prefills over a cached prefix forced onto the paged kernel
-    decode_cache: PagedKVCache
+    decode_cache: KVCacheManager
     runner: ModelRunner
     eager_runner: ModelRunner
     device: torch.device
@@ -111,7 +111,7 @@ def build_hf(args: argparse.Namespace, device: torch.device, dtype: torch.dtype)
 
 def make_cache(
     model: PagedLlama, block_size: int, tokens: int, tier_tokens: int = 0
-) -> tuple[PagedKVCache, PromotionTiers | None]:
+) -> tuple[KVCacheManager, PromotionTiers | None]:
     """A pool of `tokens` tokens on the model's device; with `tier_tokens`, a CPU tier of that many below it
     (pinned on CUDA)."""
     s = model.shape
@@ -127,7 +127,7 @@ def make_cache(
         tier = CPUTier(namespace.digest, capacity_bytes=capacity, pin_memory=model.device.type == "cuda")
         tiers = PromotionTiers(TieredStore([tier]), make_codec("identity"))
         tiers.loads = []
-    return PagedKVCache(config, spec, num_blocks=blocks, namespace=namespace, lower=tiers), tiers
+    return KVCacheManager(config, spec, num_blocks=blocks, namespace=namespace, lower=tiers), tiers
 
 
 def build_world(args: argparse.Namespace) -> World:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from e2e_model import World, sync
 
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner
 from ultra_adaptive_kv_cache_engine.model.gathered_prefill import PrefillPath
 from ultra_adaptive_kv_cache_engine.tiers.block_io import LoadResult
@@ -115,7 +115,7 @@ def prefill_alone_s(w: World, prompt: list[int], path: PrefillPath) -> tuple[flo
         w.ttft_runner._release(row)
 
 
-def evict_pool(cache: PagedKVCache) -> None:
+def evict_pool(cache: KVCacheManager) -> None:
     """Reallocate every free block of the pool, so no cached block is left in it (the tiers keep theirs)."""
     with cache._lock:
         cache.pool.free(cache.pool.allocate_many(cache.pool.num_free))

@@ -9,18 +9,18 @@ import functools
 
 import torch
 
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.model.loaded import LoadedModel
 from ultra_adaptive_kv_cache_engine.model.loader import load_model
 from ultra_adaptive_kv_cache_engine.model.tiny import TinyLlamaSpec, build_tiny_llama
 
 
-def make_paged(lm: LoadedModel, block_size: int = 4, num_blocks: int = 64) -> PagedKVCache:
+def make_paged(lm: LoadedModel, block_size: int = 4, num_blocks: int = 64) -> KVCacheManager:
     """A CPU paged cache of `num_blocks` blocks for `lm`, namespaced by it."""
     config = KVCacheConfig(block_size=block_size, max_tokens=block_size * num_blocks, device=lm.device.type)
     spec = lm.kv_spec(block_size)
-    return PagedKVCache(config, spec, num_blocks=num_blocks, namespace=lm.namespace(spec))
+    return KVCacheManager(config, spec, num_blocks=num_blocks, namespace=lm.namespace(spec))
 
 
 def random_ids(n: int, seed: int, low: int = 3, high: int = 300) -> list[int]:

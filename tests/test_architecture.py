@@ -78,3 +78,50 @@ def test_detector_catches_an_upward_import(tmp_path: Path):
         assert "engine" in _imported_components(bad)
     finally:
         bad.unlink()
+
+
+# The engine and the model adapters reach the pool and the tiers only through the cache manager (cache/).
+# From memory/ and tiers/ they may import value types of the interface (specs, errors, usage reports), never
+# the pool, the index, a tier or the store.
+FACADE_ONLY = ("engine", "model")
+INTERFACE_NAMES = {"KVSpec", "LAYOUT_VERSION", "OutOfBlocksError", "TierUsage"}
+
+
+def _internal_imports(path: Path) -> list[str]:
+    """'memory.X' / 'tiers.X' names imported by `path` that are not interface value types."""
+    rel = path.relative_to(ROOT).with_suffix("").parts
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = (node.module or "").split(".") if node.module else []
+            if node.level == 0:
+                if not mod or mod[0] != PACKAGE:
+                    continue
+                base = mod[1:]
+            else:
+                base = list(rel[:-1])[: len(rel) - node.level] + mod
+            if base and base[0] in ("memory", "tiers"):
+                found += [f"{'.'.join(base)}.{a.name}" for a in node.names if a.name not in INTERFACE_NAMES]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == PACKAGE and len(parts) > 1 and parts[1] in ("memory", "tiers"):
+                    found.append(alias.name)
+    return found
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in _modules() if p.relative_to(ROOT).parts[0] in FACADE_ONLY], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_engine_and_model_use_only_the_cache_facade(path: Path):
+    assert not _internal_imports(path), f"{path.relative_to(ROOT)} reaches around the cache manager"
+
+
+def test_facade_detector_catches_a_reach_around():
+    bad = ROOT / "engine" / "_probe_reach.py"
+    bad.write_text("from ..memory import BlockPool\nfrom ..tiers.cpu import CPUTier\nfrom ..memory import KVSpec\n")
+    try:
+        assert _internal_imports(bad) == ["memory.BlockPool", "tiers.cpu.CPUTier"]
+    finally:
+        bad.unlink()

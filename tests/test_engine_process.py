@@ -20,7 +20,7 @@ def tiny():
 
 @pytest.fixture
 def engine(tiny) -> UltraAdaptiveKVCacheEngine:
-    return UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=4096, block_size=4, max_new_tokens=6), model=tiny)
+    return UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=4096, block_size=4, max_new_tokens=6, max_memory=2 * 1024**2), model=tiny)
 
 
 def run(engine, request):
@@ -57,7 +57,7 @@ def test_raw_text_and_stop_strings(engine, tiny):
 
 def test_concurrent_requests_are_all_answered_correctly(engine, tiny):
     prompts = [f"question number {i}" for i in range(6)]
-    alone = UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=4096, block_size=4, max_new_tokens=6), model=tiny)
+    alone = UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=4096, block_size=4, max_new_tokens=6, max_memory=2 * 1024**2), model=tiny)
     expected = [run(alone, {"text": p})["text"] for p in prompts]
 
     async def all_at_once():
@@ -104,4 +104,6 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 def test_describe_names_model_and_sizes(engine):
     info = engine.describe()
     assert info["model"]["id"].startswith("tiny-llama") and info["kv"]["block_size"] == 4
-    assert info["kv"]["pool_blocks"] == 1024 and info["config"]["max_tokens"] == 4096
+    # 2 MiB of 2 KiB blocks: the pool is sized by max_memory; max_tokens is the tensor store's alone
+    assert info["kv"]["pool_blocks"] == 1024 and info["kv"]["bytes_per_block"] == 2048
+    assert info["config"]["max_tokens"] == 4096

@@ -10,7 +10,7 @@ import torch
 from model_fixtures import baseline_generate, make_paged, random_ids, tiny_model
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.engine.model_runner import DecodeMode, ModelRunner, RunnerConfig
 from ultra_adaptive_kv_cache_engine.memory import OutOfBlocksError
@@ -144,7 +144,7 @@ def test_eos_stops_a_row_and_the_others_continue(lm, model):
     assert all(len(t) == NEW for t in free.tokens)
 
 
-def evict_pool(cache: PagedKVCache) -> None:
+def evict_pool(cache: KVCacheManager) -> None:
     """Reallocate every free block, so that no cached block is left in the pool (the tiers keep theirs)."""
     with cache._lock:
         blocks = cache.pool.allocate_many(cache.pool.num_free)
@@ -155,7 +155,7 @@ def test_blocks_evicted_from_the_pool_are_promoted_from_the_cpu_tier(lm, model):
     base = make_paged(lm, block_size=BS)
     tier = CPUTier(base.namespace.digest, capacity_bytes=1 << 22, pin_memory=False)
     lower = LowerTiers(TieredStore([tier]), make_codec("identity"))
-    cache = PagedKVCache(base.config, base.spec, num_blocks=64, namespace=base.namespace, lower=lower)
+    cache = KVCacheManager(base.config, base.spec, num_blocks=64, namespace=base.namespace, lower=lower)
     r = ModelRunner(model, cache, RunnerConfig(max_context=256))
     prompt = random_ids(26, seed=30)
     first = r.generate([prompt], NEW, eos_of(lm))
@@ -195,7 +195,7 @@ def test_a_pool_too_small_raises_and_leaks_nothing(lm, model):
 
 def test_model_and_cache_must_fit(lm, model):
     other = make_paged(lm, block_size=BS)
-    wrong = PagedKVCache(other.config, dataclasses.replace(other.spec, num_kv_heads=1), num_blocks=8)
+    wrong = KVCacheManager(other.config, dataclasses.replace(other.spec, num_kv_heads=1), num_blocks=8)
     with pytest.raises(ValueError, match="is not"):
         ModelRunner(model, wrong)
     with pytest.raises(TypeError, match="PagedLlama"):

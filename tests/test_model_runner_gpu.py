@@ -15,7 +15,7 @@ import torch
 from model_fixtures import random_ids
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.engine.model_runner import DecodeMode, ModelRunner, RunnerConfig
@@ -46,11 +46,11 @@ def eos_of(lm: LoadedModel) -> int:
     return int(lm.model.generation_config.eos_token_id)
 
 
-def cache_for(model: PagedLlama, num_blocks: int = 64, lower: LowerTiers | None = None) -> PagedKVCache:
+def cache_for(model: PagedLlama, num_blocks: int = 64, lower: LowerTiers | None = None) -> KVCacheManager:
     s = model.shape
     config = KVCacheConfig(block_size=BS, max_tokens=BS * num_blocks, device="cuda")
     spec = KVSpec(s.num_layers, s.num_kv_heads, s.head_dim, BS, model.dtype, model.device)
-    return PagedKVCache(config, spec, num_blocks=num_blocks, lower=lower)
+    return KVCacheManager(config, spec, num_blocks=num_blocks, lower=lower)
 
 
 def hf_new_tokens(lm: LoadedModel, prompt: list[int]) -> list[int]:

@@ -1,4 +1,4 @@
-"""PagedKVCache in a tiny world: 11 blocks of 4 tokens, 2 layers, 2 KV heads, head_dim 3.
+"""KVCacheManager in a tiny world: 11 blocks of 4 tokens, 2 layers, 2 KV heads, head_dim 3.
 
 KV read back must equal what was appended (torch.equal), across block boundaries and for prefixes ending
 mid-block; block ids, ref counts and free-list order are asserted exactly after each step.
@@ -11,13 +11,13 @@ import threading
 import pytest
 import torch
 
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache, PrefixMatch
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager, PrefixMatch
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.memory import KVSpec, OutOfBlocksError
 from ultra_adaptive_kv_cache_engine.prefix import Namespace
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=3, block_size=4, dtype=torch.float32)
-CONFIG = KVCacheConfig(max_tokens=44, block_size=4, device="cpu")
+CONFIG = KVCacheConfig(block_size=4, device="cpu", max_memory=11 * SPEC.bytes_per_block)  # an 11-block pool
 
 
 def kv(count: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -33,7 +33,7 @@ def cat(*parts: tuple[list[torch.Tensor], list[torch.Tensor]]) -> tuple[list[tor
     return keys, values
 
 
-def assert_reads(cache: PagedKVCache, seq_id: int, expected: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+def assert_reads(cache: KVCacheManager, seq_id: int, expected: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
     for layer in range(2):
         keys, values = cache.read_layer(seq_id, layer)
         assert keys.is_contiguous() and values.is_contiguous()
@@ -41,11 +41,11 @@ def assert_reads(cache: PagedKVCache, seq_id: int, expected: tuple[list[torch.Te
         assert torch.equal(values, expected[1][layer])
 
 
-def refs(cache: PagedKVCache) -> list[int]:
+def refs(cache: KVCacheManager) -> list[int]:
     return [cache.pool.ref_count(b) for b in range(cache.pool.num_blocks)]
 
 
-def snapshot(cache: PagedKVCache, seq_id: int) -> tuple[object, ...]:
+def snapshot(cache: KVCacheManager, seq_id: int) -> tuple[object, ...]:
     return (cache.block_table(seq_id), cache.sequence_tokens(seq_id), cache.num_kv_tokens(seq_id), refs(cache),
             cache.pool.free_block_ids(), sorted(cache.index), cache.pool.kv.clone())
 
@@ -55,18 +55,20 @@ def same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
 
 
 @pytest.fixture
-def cache() -> PagedKVCache:
-    return PagedKVCache(CONFIG, SPEC)
+def cache() -> KVCacheManager:
+    return KVCacheManager(CONFIG, SPEC)
 
 
-def test_defaults(cache: PagedKVCache):
+def test_defaults(cache: KVCacheManager):
     assert cache.pool.num_blocks == 11 and cache.pool.kv.shape == (11, 2, 2, 4, 2, 3)
     assert cache.namespace.block_size == 4 and cache.namespace.dtype == "float32"
-    assert PagedKVCache(KVCacheConfig(max_tokens=45, block_size=4), SPEC).pool.num_blocks == 12
-    assert PagedKVCache(CONFIG, SPEC, num_blocks=3).pool.num_blocks == 3
+    # The pool is sized by bytes (max_memory), never by max_tokens (the seed tensor store's capacity).
+    budget = KVCacheConfig(max_tokens=4, block_size=4, max_memory=12 * SPEC.bytes_per_block + 5)
+    assert KVCacheManager(budget, SPEC).pool.num_blocks == 12
+    assert KVCacheManager(CONFIG, SPEC, num_blocks=3).pool.num_blocks == 3
 
 
-def test_round_trip_across_block_boundaries(cache: PagedKVCache):
+def test_round_trip_across_block_boundaries(cache: KVCacheManager):
     seq = cache.new_sequence()
     parts = [kv(3, 1), kv(6, 2), kv(1, 3), kv(0, 4)]
     tokens = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], []]
@@ -77,7 +79,7 @@ def test_round_trip_across_block_boundaries(cache: PagedKVCache):
     assert_reads(cache, seq, cat(*parts))
 
 
-def test_prefix_sharing_reuse_eviction_and_out_of_blocks(cache: PagedKVCache):
+def test_prefix_sharing_reuse_eviction_and_out_of_blocks(cache: KVCacheManager):
     prompt = list(range(100, 110))  # 10 tokens: blocks of 4, 4 and a partial 2
     a = cache.new_sequence(prompt)
     assert cache.num_cached_tokens(a) == 0 and cache.block_table(a) == ()
@@ -130,7 +132,7 @@ def test_prefix_sharing_reuse_eviction_and_out_of_blocks(cache: PagedKVCache):
     assert same(snapshot(cache, c), before)
 
 
-def test_copy_on_write_after_fork(cache: PagedKVCache):
+def test_copy_on_write_after_fork(cache: KVCacheManager):
     a = cache.new_sequence()
     kv_a = kv(6, 1)
     cache.append(a, [1, 2, 3, 4, 5, 6], *kv_a)
@@ -160,7 +162,7 @@ def test_copy_on_write_after_fork(cache: PagedKVCache):
     assert cache.pool.free_block_ids() == [2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 0]
 
 
-def test_fork_of_full_blocks_needs_no_copy(cache: PagedKVCache):
+def test_fork_of_full_blocks_needs_no_copy(cache: KVCacheManager):
     a = cache.new_sequence()
     cache.append(a, list(range(8)), *kv(8, 1))
     b = cache.fork(a)
@@ -168,7 +170,7 @@ def test_fork_of_full_blocks_needs_no_copy(cache: PagedKVCache):
     assert cache.block_table(b) == (0, 1, 2) and cache.stats()["copy_on_write_blocks"] == 0
 
 
-def test_same_content_computed_twice_is_named_once(cache: PagedKVCache):
+def test_same_content_computed_twice_is_named_once(cache: KVCacheManager):
     a, b = cache.new_sequence(), cache.new_sequence()
     cache.append(a, list(range(8)), *kv(8, 1))
     cache.append(b, list(range(8)), *kv(8, 1))
@@ -179,7 +181,7 @@ def test_same_content_computed_twice_is_named_once(cache: PagedKVCache):
     assert cache.pool.free_block_ids()[:2] == [2, 3]  # unnamed duplicates are reused first
 
 
-def test_pending_tokens_from_new_sequence(cache: PagedKVCache):
+def test_pending_tokens_from_new_sequence(cache: KVCacheManager):
     a = cache.new_sequence(list(range(8)))
     cache.append(a, list(range(8)), *kv(8, 1))
     cache.commit(a)
@@ -193,7 +195,7 @@ def test_pending_tokens_from_new_sequence(cache: PagedKVCache):
     assert cache.sequence_tokens(b) == tuple(prompt + [23]) and cache.num_kv_tokens(b) == 12
 
 
-def test_max_cached_tokens_leaves_tokens_to_compute(cache: PagedKVCache):
+def test_max_cached_tokens_leaves_tokens_to_compute(cache: KVCacheManager):
     a = cache.new_sequence()
     cache.append(a, list(range(8)), *kv(8, 1))
     cache.commit(a)
@@ -205,7 +207,7 @@ def test_max_cached_tokens_leaves_tokens_to_compute(cache: PagedKVCache):
     assert refs(cache)[:2] == [3, 2]
 
 
-def test_stale_match_is_refused(cache: PagedKVCache):
+def test_stale_match_is_refused(cache: KVCacheManager):
     a = cache.new_sequence()
     cache.append(a, list(range(4)), *kv(4, 1))
     cache.commit(a)
@@ -217,7 +219,7 @@ def test_stale_match_is_refused(cache: PagedKVCache):
         cache.read_prefix(match, 0)
 
 
-def test_bad_appends_change_nothing(cache: PagedKVCache):
+def test_bad_appends_change_nothing(cache: KVCacheManager):
     seq = cache.new_sequence()
     cache.append(seq, [1, 2], *kv(2, 1))
     before = snapshot(cache, seq)
@@ -244,12 +246,12 @@ def test_bad_appends_change_nothing(cache: PagedKVCache):
 
 def test_constructor_validation():
     with pytest.raises(ValueError, match="spec.block_size=4 must equal config.block_size=16"):
-        PagedKVCache(KVCacheConfig(), SPEC)
+        KVCacheManager(KVCacheConfig(), SPEC)
     with pytest.raises(ValueError, match="spec.dtype=torch.float32 must equal config.dtype=float16"):
-        PagedKVCache(KVCacheConfig(block_size=4, dtype="float16"), SPEC)
+        KVCacheManager(KVCacheConfig(block_size=4, dtype="float16"), SPEC)
     wrong = Namespace("m", "w", "t", "float32", 8, 1)
     with pytest.raises(ValueError, match="namespace.block_size=8 must be 4"):
-        PagedKVCache(CONFIG, SPEC, namespace=wrong)
+        KVCacheManager(CONFIG, SPEC, namespace=wrong)
 
 
 class CustomMemoryAllocator:
@@ -264,19 +266,19 @@ class CustomMemoryAllocator:
 
 def test_users_allocator_and_half_precision():
     spec = KVSpec(2, 2, 3, 4, dtype=torch.float16)
-    cache = PagedKVCache(CONFIG, spec, allocator=CustomMemoryAllocator())
+    cache = KVCacheManager(CONFIG, spec, allocator=CustomMemoryAllocator())
     seq = cache.new_sequence()
     keys, values = kv(5, 1)
     half = ([k.half() for k in keys], [v.half() for v in values])
     cache.append(seq, [1, 2, 3, 4, 5], *half)
     assert_reads(cache, seq, half)
     with pytest.raises(ValueError, match="dtype torch.float16; the KV spec expects torch.float32"):
-        PagedKVCache(CONFIG, SPEC, allocator=CustomMemoryAllocator())
+        KVCacheManager(CONFIG, SPEC, allocator=CustomMemoryAllocator())
 
 
 def test_tenants_do_not_share_blocks():
     base = Namespace("m", "w", "t", "float32", 4, 1)
-    caches = [PagedKVCache(CONFIG, SPEC, namespace=base.with_tenant(t)) for t in ("a", "a", "b")]
+    caches = [KVCacheManager(CONFIG, SPEC, namespace=base.with_tenant(t)) for t in ("a", "a", "b")]
     for cache in caches[:1]:
         seq = cache.new_sequence()
         cache.append(seq, [1, 2, 3, 4], *kv(4, 1))
@@ -289,7 +291,7 @@ def test_tenants_do_not_share_blocks():
         assert (other.lookup([1, 2, 3, 4]).hashes == hashes) is expect_same
 
 
-def test_concurrent_sequences_leave_consistent_state(cache: PagedKVCache):
+def test_concurrent_sequences_leave_consistent_state(cache: KVCacheManager):
     errors: list[BaseException] = []
 
     def worker(seed: int) -> None:
@@ -314,7 +316,7 @@ def test_concurrent_sequences_leave_consistent_state(cache: PagedKVCache):
     assert len(cache.index) == 1 and cache.stats()["sequences"] == 0
 
 
-def test_stats_and_the_inherited_store(cache: PagedKVCache):
+def test_stats(cache: KVCacheManager):
     seq = cache.new_sequence(list(range(8)))
     cache.append(seq, list(range(8)), *kv(8, 1))
     cache.commit(seq)
@@ -324,15 +326,39 @@ def test_stats_and_the_inherited_store(cache: PagedKVCache):
                                   "prefix_hit_tokens", "prefix_hit_rate", "committed_blocks")} == {
         "num_blocks": 11, "free_blocks": 9, "indexed_blocks": 2, "sequences": 2, "prefix_query_tokens": 16,
         "prefix_hit_tokens": 8, "prefix_hit_rate": 0.5, "committed_blocks": 2}
+    assert (stats["pool_budget"], stats["pool_budget_bytes"]) == ("max_memory", 11 * SPEC.bytes_per_block)
+
+
+def test_the_seeds_paged_cache_from_a_config_alone():
+    # The seed's hierarchy: PagedKVCache is a BaseKVCache (nn.Module) built from a config; its KV is paged.
+    from torch import nn
+
+    from ultra_adaptive_kv_cache_engine import BaseKVCache, PagedKVCache
+
+    paged = PagedKVCache(KVCacheConfig(max_tokens=64, block_size=4, max_memory=1 << 20))
+    assert isinstance(paged, BaseKVCache) and isinstance(paged, nn.Module)
+    spec = paged.spec
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.block_size, spec.dtype) == (1, 8, 64, 4, torch.float32)
+    assert paged.manager.num_blocks == (1 << 20) // spec.bytes_per_block == 64  # 16 KiB blocks
     key, value = torch.arange(4.0), torch.ones(2, 3)
-    cache.store(key, value)
-    assert torch.equal(cache.retrieve(key), value)  # type: ignore[arg-type]
+    paged.store(key, value)  # the seed's content-addressed store, bounded by max_tokens
+    assert torch.equal(paged.retrieve(key), value)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    keys, values = [torch.randn(8, 8, 64, generator=gen)], [torch.randn(8, 8, 64, generator=gen)]
+    seq = paged.new_sequence(list(range(8)))
+    paged.append(seq, list(range(8)), keys, values)
+    assert paged.commit(seq) == 2
+    paged.free(seq)
+    again = paged.new_sequence(list(range(8)))
+    assert paged.num_cached_tokens(again) == 8
+    assert torch.equal(paged.read_layer(again, 0)[1], values[0])
+    assert paged.stats()["paged"]["prefix_hit_tokens"] == 8 and paged.stats()["entries"] == 1
 
 
 @pytest.mark.gpu
 def test_on_cuda_with_bfloat16_from_device_and_host_tensors():
     spec = KVSpec(2, 2, 3, 4, dtype=torch.bfloat16, device="cuda")
-    cache = PagedKVCache(KVCacheConfig(max_tokens=44, block_size=4, device="cuda"), spec)
+    cache = KVCacheManager(KVCacheConfig(block_size=4, device="cuda"), spec, num_blocks=11)
     assert cache.pool.kv.is_cuda
     seq = cache.new_sequence()
     host = kv(6, 1)

@@ -1,7 +1,7 @@
 """Tensor parallelism with real processes on CPU (gloo): the tiny Llama sharded by transformers' TP plan over
 two ranks, against degree 1 in this process, over one real disk tier.
 
-The story (module fixture, run once): degree 1 (this process, the ordinary `PagedKVCache` with its tiers)
+The story (module fixture, run once): degree 1 (this process, the ordinary `KVCacheManager` with its tiers)
 answers prompt A and persists. Two ranks at degree 2 answer A (a hit on what degree 1 wrote), B (a miss),
 B again (a pool hit), persisting after each, and go on with more prompts until rank 1 is killed (SIGKILL)
 once it has answered the three: rank 0 must stop on its own with a clear error. Degree 1, restarted here,
@@ -22,7 +22,7 @@ import torch
 from model_fixtures import baseline_generate, random_ids, tiny_model
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.cache.sharded_group import ShardGroup
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.model.generation import GenerationResult, generate_with_prefix_cache
@@ -55,7 +55,7 @@ def degree_one(root: Path, prompt: list[int]) -> tuple[GenerationResult, str]:
     spec = loaded.kv_spec(4)
     namespace = loaded.namespace(spec)
     lower = LowerTiers.from_config(config, namespace.digest)
-    paged = PagedKVCache(config, spec, namespace=namespace, lower=lower)
+    paged = KVCacheManager(config, spec, namespace=namespace, lower=lower)
     with torch.inference_mode():
         result = generate_with_prefix_cache(loaded.model, paged, [prompt], max_new_tokens=NEW, do_sample=False,
                                             pad_token_id=ByteTextCodec().pad_token_id)

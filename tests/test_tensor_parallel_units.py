@@ -12,7 +12,7 @@ import torch
 from model_fixtures import baseline_generate, make_paged, random_ids, tiny_model
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.cache.sharded_blocks import FetchResult, ShardedBlockStore
 from ultra_adaptive_kv_cache_engine.cache.sharded_group import RankFailureError, ShardGroup
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
@@ -186,7 +186,7 @@ def test_store_checks_who_holds_the_tiers(tiny_lm, tmp_path):
     other = LowerTiers.from_config(config, b"\x01" * 32)
     with pytest.raises(ValueError, match="tier namespace 0101"):
         ShardedBlockStore(paged, ShardGroup.single(), other)
-    owning = PagedKVCache(config, paged.spec, num_blocks=8, namespace=paged.namespace, lower=lower)
+    owning = KVCacheManager(config, paged.spec, num_blocks=8, namespace=paged.namespace, lower=lower)
     with pytest.raises(ValueError, match="paged has tiers of its own"):
         ShardedBlockStore(owning, ShardGroup.single(), None)
     for tiers in (lower, other):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
-from ultra_adaptive_kv_cache_engine.cache.paged_cache import PagedKVCache
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.kernels.transfer import copy_host_blocks
@@ -167,10 +167,10 @@ class RecordingTiers(LowerTiers):
 @needs_cuda
 def test_a_paged_cache_promotes_pinned_blocks_exactly() -> None:
     spec = KVSpec(2, 2, 8, 4, dtype=torch.bfloat16, device="cuda")
-    config = KVCacheConfig(max_tokens=44, block_size=4, device="cuda")
-    digest = PagedKVCache(config, spec).namespace.digest
+    config = KVCacheConfig(block_size=4, device="cuda")
+    digest = KVCacheManager(config, spec, num_blocks=11).namespace.digest
     lower = RecordingTiers(TieredStore([CPUTier(digest, 1 << 22, pin_memory=True)]), IDENTITY)
-    cache = PagedKVCache(config, spec, lower=lower)
+    cache = KVCacheManager(config, spec, num_blocks=11, lower=lower)
     gen = torch.Generator().manual_seed(5)
     keys = [torch.randn(2, 10, 8, generator=gen).bfloat16() for _ in range(2)]
     values = [torch.randn(2, 10, 8, generator=gen).bfloat16() for _ in range(2)]

@@ -1,8 +1,8 @@
 """`LowerTiers`: the tiers below the block pool, as the paged cache sees them.
 
 - Write-through: every block committed to the prefix index is snapshotted (one gather of the batch) and
-  written in the background to the tiered store (CPU memory, then disk when persistence is on, then
-  Redis/Valkey when configured), so other processes sharing the store see it and a restart finds it.
+  written in the background to the tiered store (the tiers of `config.tier_list`, fastest first: by default
+  CPU memory, then disk when persistence is on, then Redis/Valkey when configured), so other processes sharing the store see it and a restart finds it.
 - Promotion: a prefix lookup that runs out of pool blocks continues the hash chain in the store; the leading
   run found there is loaded into fresh pool blocks and indexed, as if it had been computed here.
 - Persistence: `flush()` waits for queued writes and makes them durable (the store's flush).
@@ -15,38 +15,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..compression import Codec, make_codec
+from ..compression import Codec
 from ..config import KVCacheConfig
-from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records, make_tier
+from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records
 from ..tiers.block_io import LoadResult
-from ..types import TierKind
-
-
-@dataclass(frozen=True)
-class TierSpec:
-    """One tier to build: its kind and constructor options."""
-
-    kind: TierKind
-    options: dict[str, Any]
-
-
-def tier_specs(config: KVCacheConfig) -> list[TierSpec]:
-    """The tiers `config` asks for, fastest first: CPU (cpu_tier_bytes > 0), disk (enable_persistence),
-    Redis/Valkey (redis_url)."""
-    wanted = [
-        (config.cpu_tier_bytes > 0, TierKind.CPU, {"capacity_bytes": config.cpu_tier_bytes}),
-        (config.enable_persistence, TierKind.DISK, {"root": config.persistence_dir,
-                                                    "capacity_bytes": config.disk_tier_bytes,
-                                                    "fsync": config.fsync_policy, "layout": config.disk_layout}),
-        (config.redis_url is not None, TierKind.REDIS, {"url": config.redis_url}),
-    ]
-    return [TierSpec(kind, options) for enabled, kind, options in wanted if enabled]
-
+from .tier_list import build_tiers
 
 LoadPlanner = Callable[[int, Sequence[str], int], int]
 """(blocks already in the pool, tier of each next block found below it (a leading run), prompt tokens) ->
@@ -75,11 +52,11 @@ class LowerTiers:
 
     @classmethod
     def from_config(cls, config: KVCacheConfig, namespace_digest: bytes) -> LowerTiers | None:
-        """The tiers `config` asks for under `namespace_digest`, or None when it asks for none."""
-        tiers = [make_tier(s.kind, namespace_digest, **s.options) for s in tier_specs(config)]
-        if not tiers:
+        """The tiers of `config.tier_list` under `namespace_digest` (see `tier_list`), or None when there are none."""
+        tiers, codec = build_tiers(config, namespace_digest)
+        if not tiers or codec is None:
             return None
-        return cls(TieredStore(tiers), make_codec(config.codec))
+        return cls(TieredStore(tiers), codec)
 
     def write(self, hashes: Sequence[bytes], blocks: torch.Tensor) -> int:
         """Queue `blocks[i]` (a snapshot the caller gives away) under `hashes[i]`; returns how many queued."""

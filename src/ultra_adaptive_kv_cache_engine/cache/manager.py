@@ -1,4 +1,11 @@
-"""`PagedKVCache`: sequences of paged KV over one block pool, with prefix reuse by chained block hashes.
+"""`KVCacheManager`: the one façade every caller of the KV cache goes through.
+
+It composes the block pool (`memory.BlockPool`, sized from the memory budget: `cache.budget`), the prefix
+index (`prefix.PrefixIndex`), the eviction policy the configured strategy names (the pool asks it for victims)
+and the ordered tiers below the pool (`LowerTiers`, built from `config.tier_list`). The engine, the model
+runners, the Hugging Face cache adapter and the tensor-parallel runner use only its public methods:
+`lookup`, `new_sequence` (reserve a sequence, reusing and promoting its cached prefix), `append`, `commit`,
+`fork`, `free`, `allocate_scratch` / `free_scratch`, `read_layer`, `persist`, `durable_blocks`, `stats`, `close`.
 
 Ownership and invariants (all public methods hold `self._lock`):
 - A sequence holds one reference to each block in its block table; the table covers exactly
@@ -15,13 +22,15 @@ Ownership and invariants (all public methods hold `self._lock`):
 With `lower` (see `LowerTiers`), committed blocks are written through to the tiers below the pool, and
 `new_sequence` continues a prefix match into those tiers, promoting what it finds into pool blocks.
 
-The seed's content-addressed `store` / `retrieve` are inherited unchanged from `BaseKVCache`.
+The clock the policy reads is the request tick: one value per `new_sequence`, so every event of one request
+shares a tick (as in the replay lab).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import operator
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,10 +40,15 @@ import torch
 
 from ..config import KVCacheConfig
 from ..memory import LAYOUT_VERSION, BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBlocksError
-from ..prefix import Namespace, PrefixIndex, hash_block
+from ..metrics import LOGGER_NAME, Counters
+from ..policies import EvictionPolicy, has_policy, make_policy
+from ..prefix import Namespace, PrefixIndex, hash_block, hash_blocks
 from ..tiers import FlushResult
-from .base_cache import BaseKVCache
-from .lower_tiers import LowerTiers
+from ..types import TierKind
+from .budget import PoolBudget, plan_pool
+from .kv_input import check_kv, token_list, usage_dict
+from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
+from .tier_list import namespace_codec
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,15 @@ class PrefixMatch:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class SequenceHits:
+    """Where a sequence's reused prefix came from: `pool_tokens` were in the pool, `tier_tokens` were promoted
+    from the tiers below it (both multiples of the block size)."""
+
+    pool_tokens: int
+    tier_tokens: int
+
+
 @dataclass(slots=True)
 class _Sequence:
     tokens: list[int]  # every token recorded; tokens[num_kv:] still wait for their KV
@@ -53,26 +76,7 @@ class _Sequence:
     hashes: list[bytes]  # names of the leading full blocks (reused or committed)
     num_kv: int
     num_cached: int
-
-
-def _token_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
-    """`token_ids` as a list of Python ints; ValueError naming the first bad one."""
-    if isinstance(token_ids, torch.Tensor):
-        if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.dtype is torch.bool:
-            raise ValueError(f"token_ids tensor of shape {tuple(token_ids.shape)} and dtype {token_ids.dtype}; "
-                             "expected a 1-D integer tensor")
-        return token_ids.tolist()
-    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence):
-        raise ValueError(f"token_ids={token_ids!r} must be a sequence of integers")
-    out: list[int] = []
-    for position, token in enumerate(token_ids):
-        if isinstance(token, bool):
-            raise ValueError(f"token_ids[{position}]={token!r} must be an integer, not a boolean")
-        try:
-            out.append(operator.index(token))
-        except TypeError:
-            raise ValueError(f"token_ids[{position}]={token!r} must be an integer") from None
-    return out
+    num_promoted: int = 0
 
 
 def default_namespace(config: KVCacheConfig, spec: KVSpec) -> Namespace:
@@ -84,17 +88,20 @@ def default_namespace(config: KVCacheConfig, spec: KVSpec) -> Namespace:
         dtype=str(spec.dtype).removeprefix("torch."),
         block_size=spec.block_size,
         layout_version=LAYOUT_VERSION,
-        codec=config.codec.value,
+        codec=namespace_codec(config),
         tenant_salt=config.tenant_salt,
     )
 
 
-class PagedKVCache(BaseKVCache):
-    """Paged KV for sequences, with prefix caching, over a `BlockPool` of `num_blocks` blocks of `spec`.
+class KVCacheManager:
+    """Paged KV for sequences, with prefix caching, over a `BlockPool` of blocks of `spec`, and tiers below it.
 
-    `num_blocks` defaults to ``ceil(config.max_tokens / spec.block_size)``; `spec.block_size` must equal
+    `num_blocks` (tests, benchmarks) fixes the pool size; otherwise the memory budget decides (`plan_pool`:
+    `config.max_memory`, else `gpu_memory_utilization` of free CUDA memory, else a share of free RAM), and a
+    budget the device cannot hold raises ValueError before anything is allocated. `spec.block_size` must equal
     `config.block_size`; `namespace` names the model, weights, tokenizer and tenant (see `Namespace`);
-    `allocator` provides the pool's backing tensor (see `BlockPool`).
+    `allocator` provides the pool's backing tensor (see `BlockPool`); `lower` are the tiers below the pool
+    (`from_config` builds them from `config.tier_list`).
     """
 
     def __init__(
@@ -106,7 +113,8 @@ class PagedKVCache(BaseKVCache):
         allocator: MemoryAllocator | None = None,
         lower: LowerTiers | None = None,
     ) -> None:
-        super().__init__(config)
+        if not isinstance(config, KVCacheConfig):
+            raise TypeError(f"config must be a KVCacheConfig, got {type(config).__name__}")
         if not isinstance(spec, KVSpec):
             raise TypeError(f"spec={spec!r} must be a KVSpec")
         if spec.block_size != config.block_size:
@@ -115,16 +123,39 @@ class PagedKVCache(BaseKVCache):
             raise ValueError(f"spec.dtype={spec.dtype} must equal config.dtype={config.dtype.value}")
         namespace = namespace if namespace is not None else default_namespace(config, spec)
         self._check_namespace(namespace, spec)
+        self.config = config
+        self.logger = logging.getLogger(LOGGER_NAME)
+        self.counters = Counters()
+        self._lock = threading.RLock()
         self.spec = spec
         self.namespace = namespace
         self.block_size = spec.block_size
-        if num_blocks is None:
-            num_blocks = math.ceil(config.max_tokens / spec.block_size)
-        self.pool = BlockPool(spec, num_blocks, allocator, on_evict=self._on_evict)
+        self.budget: PoolBudget = plan_pool(config, spec, num_blocks)
+        self._tick = 0
+        self.policy = self._make_policy(self.budget.num_blocks)
+        self.pool = BlockPool(spec, self.budget.num_blocks, allocator, on_evict=self._on_evict)  # POLICY-PENDING
         self.index = PrefixIndex()
         self._sequences: dict[int, _Sequence] = {}
         self._next_seq_id = 0
         self.lower = lower
+
+    @classmethod
+    def from_config(
+        cls, config: KVCacheConfig, spec: KVSpec, namespace: Namespace, num_blocks: int | None = None,
+        allocator: MemoryAllocator | None = None,
+    ) -> KVCacheManager:
+        """A manager whose tiers below the pool are those of `config.tier_list` (none when the list is empty)."""
+        return cls(config, spec, num_blocks, namespace, allocator, LowerTiers.from_config(config, namespace.digest))
+
+    def _make_policy(self, num_blocks: int) -> EvictionPolicy | None:
+        name = self.config.cache_strategy.value
+        if not has_policy(name):
+            self.logger.info("strategy %r registers no eviction policy; the pool evicts in free order", name)
+            return None
+        return make_policy(name, capacity=num_blocks, clock=self._request_tick)
+
+    def _request_tick(self) -> float:
+        return float(self._tick)
 
     @staticmethod
     def _check_namespace(namespace: Namespace, spec: KVSpec) -> None:
@@ -139,7 +170,7 @@ class PagedKVCache(BaseKVCache):
     # -- prefix reuse -------------------------------------------------------------------------------------
     def lookup(self, token_ids: Sequence[int]) -> PrefixMatch:
         """The longest cached prefix of `token_ids` in full blocks. Changes no ref count."""
-        tokens = _token_list(token_ids)
+        tokens = token_list(token_ids)
         with self._lock:
             return self._match(tokens, len(tokens) // self.block_size)
 
@@ -164,21 +195,24 @@ class PagedKVCache(BaseKVCache):
         `max_cached_tokens` caps the reuse (e.g. ``len(prompt) - 1`` so that the model still computes the last
         prompt token's logits). The caller then `append`s the KV of ``token_ids[num_cached_tokens(id):]``.
         """
-        tokens = _token_list(token_ids)
+        tokens = token_list(token_ids)
         limit = len(tokens) if max_cached_tokens is None else max_cached_tokens
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError(f"max_cached_tokens={max_cached_tokens!r} must be a non-negative integer or None")
         with self._lock:
+            self._tick += 1
             max_blocks = min(len(tokens), limit) // self.block_size
             match = self._match(tokens, max_blocks)
             for block_id in match.block_ids:
                 self.pool.incref(block_id)
+            in_pool = match.num_tokens
             if self.lower is not None and len(match.block_ids) < max_blocks:
                 match = self._promote(tokens, match, max_blocks)
             seq_id = self._next_seq_id
             self._next_seq_id += 1
             self._sequences[seq_id] = _Sequence(
-                tokens, list(match.block_ids), list(match.hashes), match.num_tokens, match.num_tokens
+                tokens, list(match.block_ids), list(match.hashes), match.num_tokens, match.num_tokens,
+                match.num_tokens - in_pool,
             )
             self.counters.add("prefix_query_tokens", len(tokens))
             self.counters.add("prefix_hit_tokens", match.num_tokens)
@@ -218,6 +252,65 @@ class PagedKVCache(BaseKVCache):
         """Makes every committed block durable in the lower tiers; None when there are none."""
         return self.lower.flush() if self.lower is not None else None
 
+    def durable_blocks(self) -> int:
+        """Blocks the durable tiers (disk) hold now: what a restart warm-starts from."""
+        if self.lower is None:
+            return 0
+        usage = self.lower.usage()
+        children = usage.children or (usage,)
+        return sum(c.num_blocks or 0 for c in children if c.kind == TierKind.DISK)
+
+    def set_load_planner(self, planner: LoadPlanner | None, observer: LoadObserver | None = None) -> None:
+        """Compute or load: `planner` decides per request how many blocks found below the pool to load (the rest
+        is recomputed); `observer` is told what each promotion moved and how long it took. No-op without tiers."""
+        if self.lower is not None:
+            self.lower.planner, self.lower.observer = planner, observer
+
+    def close(self) -> FlushResult | None:
+        """Waits for queued tier writes and stops the writer threads (idempotent); None without tiers."""
+        return self.lower.close() if self.lower is not None else None
+
+    def usage(self) -> Any:
+        """The tiers' `TierUsage` tree, or None without tiers."""
+        return self.lower.usage() if self.lower is not None else None
+
+    # -- the pool as kernels and runners see it ----------------------------------------------------------
+    @property
+    def kv(self) -> torch.Tensor:
+        """The pool tensor (block-major, see `KVSpec`): kernels read and write it in blocks the caller holds."""
+        return self.pool.kv
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks `allocate_scratch` or a new sequence can take now (cached free blocks included)."""
+        with self._lock:
+            return self.pool.num_free
+
+    def allocate_scratch(self, count: int) -> list[int]:
+        """`count` unnamed blocks held by the caller (e.g. the slots decoding will fill), or OutOfBlocksError
+        (nothing taken). The caller writes only these blocks and gives them back with `free_scratch`."""
+        with self._lock:
+            blocks = self.pool.allocate_many(count)
+            if blocks is None:
+                raise OutOfBlocksError(
+                    f"need {count} scratch block(s) of {self.block_size} tokens, the pool has {self.pool.num_free} "
+                    f"of {self.pool.num_blocks} free; free sequences, enlarge the pool or lower max_new_tokens"
+                )
+            return blocks
+
+    def free_scratch(self, block_ids: Sequence[int]) -> None:
+        """Gives back blocks from `allocate_scratch`."""
+        with self._lock:
+            self.pool.free(list(block_ids))
+
+    def hash_prompt(self, token_ids: Sequence[int]) -> list[bytes]:
+        """The chained names of the full blocks of `token_ids` under this cache's namespace."""
+        return hash_blocks(token_list(token_ids), self.namespace, self.block_size)
+
     # -- writing ------------------------------------------------------------------------------------------
     def append(
         self,
@@ -232,10 +325,10 @@ class PagedKVCache(BaseKVCache):
         overlap. Raises ValueError/TypeError on bad input and `OutOfBlocksError` when the pool lacks free
         blocks, in both cases before anything changes.
         """
-        tokens = _token_list(token_ids)
+        tokens = token_list(token_ids)
         with self._lock:
             seq = self._sequence(seq_id)
-            self._check_kv(keys, values, len(tokens))
+            check_kv(self.spec, keys, values, len(tokens), self.config.reject_non_finite)
             pending = seq.tokens[seq.num_kv :]
             overlap = min(len(pending), len(tokens))
             if tokens[:overlap] != pending[:overlap]:
@@ -276,27 +369,6 @@ class PagedKVCache(BaseKVCache):
         blocks, offsets = table[positions // self.block_size], positions % self.block_size
         src = torch.stack([torch.stack(list(keys)), torch.stack(list(values))], dim=1)  # (L, 2, H, T, D)
         kv[blocks, :, :, offsets] = src.permute(3, 0, 1, 2, 4).to(kv.device)  # (T, L, 2, H, D)
-
-    def _check_kv(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], count: int) -> None:
-        spec = self.spec
-        expected = (spec.num_kv_heads, count, spec.head_dim)
-        for name, tensors in (("keys", keys), ("values", values)):
-            if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
-                raise TypeError(f"{name} must be a sequence of one tensor per layer, got {type(tensors).__name__}")
-            if len(tensors) != spec.num_layers:
-                raise ValueError(f"{name} has {len(tensors)} layer(s); expected {spec.num_layers}")
-            for layer, tensor in enumerate(tensors):
-                if not isinstance(tensor, torch.Tensor):
-                    raise TypeError(f"{name}[{layer}] must be a torch.Tensor, got {type(tensor).__name__}")
-                if tensor.dtype != spec.dtype:
-                    raise TypeError(f"{name}[{layer}] has dtype {tensor.dtype}; expected {spec.dtype}")
-                if tuple(tensor.shape) != expected:
-                    raise ValueError(
-                        f"{name}[{layer}] has shape {tuple(tensor.shape)}; expected {expected} "
-                        "(num_kv_heads, len(token_ids), head_dim)"
-                    )
-                if self.config.reject_non_finite and count and not bool(torch.isfinite(tensor).all()):
-                    raise ValueError(f"{name}[{layer}] contains NaN or Inf; expected finite values")
 
     def commit(self, seq_id: int) -> int:
         """Names every full block of the sequence and enters it in the prefix index; returns how many new.
@@ -371,6 +443,12 @@ class PagedKVCache(BaseKVCache):
         return chunk[0, :, :num_tokens].contiguous(), chunk[1, :, :num_tokens].contiguous()
 
     # -- inspection ---------------------------------------------------------------------------------------
+    def sequence_hits(self, seq_id: int) -> SequenceHits:
+        """Where the sequence's reused prefix came from (pool or tiers below it)."""
+        with self._lock:
+            seq = self._sequence(seq_id)
+            return SequenceHits(seq.num_cached - seq.num_promoted, seq.num_promoted)
+
     def num_cached_tokens(self, seq_id: int) -> int:
         """Leading tokens whose KV the sequence reused when it was created (a multiple of block_size for a
         `new_sequence`; all its tokens with KV for a `fork`)."""
@@ -392,7 +470,8 @@ class PagedKVCache(BaseKVCache):
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            stats = super().stats()
+            stats: dict[str, Any] = {"strategy": self.config.cache_strategy.value,
+                                     "pool_budget_bytes": self.budget.budget_bytes, "pool_budget": self.budget.source}
             counters = self.counters.snapshot()
             queried, hit = counters.get("prefix_query_tokens", 0), counters.get("prefix_hit_tokens", 0)
             stats.update(
@@ -411,7 +490,7 @@ class PagedKVCache(BaseKVCache):
                 tier_hit_tokens=counters.get("tier_hit_tokens", 0),
             )
             if self.lower is not None:
-                stats["tiers"] = _usage_dict(self.lower.usage())
+                stats["tiers"] = usage_dict(self.lower.usage())
             return stats
 
     def _on_evict(self, evicted: EvictedBlock) -> None:
@@ -423,13 +502,3 @@ class PagedKVCache(BaseKVCache):
         if seq is None:
             raise ValueError(f"seq_id={seq_id!r} is not a live sequence; live: {sorted(self._sequences)[:16]}")
         return seq
-
-
-def _usage_dict(usage: Any) -> dict[str, Any]:
-    """A JSON-friendly view of a TierUsage tree."""
-    return {
-        "name": usage.name, "capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes,
-        "blocks": usage.num_blocks, "read_only": usage.read_only, "healthy": usage.healthy,
-        "last_error": usage.last_error, "counters": dict(usage.counters),
-        "children": [_usage_dict(c) for c in usage.children],
-    }

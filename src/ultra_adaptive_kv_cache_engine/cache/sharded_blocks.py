@@ -1,9 +1,9 @@
-"""`ShardedBlockStore`: one rank's link between its KV-head slice (a `PagedKVCache`) and tiers of WHOLE blocks.
+"""`ShardedBlockStore`: one rank's link between its KV-head slice (a `KVCacheManager`) and tiers of WHOLE blocks.
 
 What the tiers hold does not depend on the tensor-parallel degree: a block is stored as the whole block
 (all KV heads, shape ``(num_layers, 2, block_size, num_kv_heads, head_dim)``, the `KVSpec` block layout)
 under its chained hash, whose namespace names the model, weights, tokenizer, dtype, block size, layout and
-codec but never the rank or the degree. These are exactly the records that a degree-1 `PagedKVCache`
+codec but never the rank or the degree. These are exactly the records that a degree-1 `KVCacheManager`
 writes through its `LowerTiers`, so a prefix written at degree 2 is a hit at degree 1 or 4, and back.
 
 Rank 0 owns the tiers (`lower` is given on rank 0 only; None there means no tiers) and takes every I/O
@@ -28,12 +28,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import KVCacheConfig
 from ..memory import KVSpec
 from ..metrics import LOGGER_NAME
 from ..prefix import hash_blocks
 from ..tiers import BlockRecord, RecordError
 from .lower_tiers import LowerTiers
-from .paged_cache import PagedKVCache
+from .manager import KVCacheManager
 from .sharded_group import ShardGroup
 
 logger = logging.getLogger(LOGGER_NAME)
@@ -66,10 +67,10 @@ class ShardedBlockStore:
     """
 
     def __init__(
-        self, paged: PagedKVCache, group: ShardGroup, lower: LowerTiers | None, transfer_blocks: int = 64
+        self, paged: KVCacheManager, group: ShardGroup, lower: LowerTiers | None, transfer_blocks: int = 64
     ) -> None:
-        if not isinstance(paged, PagedKVCache) or not isinstance(group, ShardGroup):
-            raise TypeError(f"paged must be a PagedKVCache and group a ShardGroup, got {paged!r}, {group!r}")
+        if not isinstance(paged, KVCacheManager) or not isinstance(group, ShardGroup):
+            raise TypeError(f"paged must be a KVCacheManager and group a ShardGroup, got {paged!r}, {group!r}")
         if paged.lower is not None:
             raise ValueError("paged has tiers of its own (paged.lower); give them to ShardedBlockStore instead")
         if lower is not None and not isinstance(lower, LowerTiers):
@@ -91,6 +92,12 @@ class ShardedBlockStore:
         )
         self.heads = group.kv_head_range(self.full_spec.num_kv_heads)
 
+    @classmethod
+    def from_config(cls, paged: KVCacheManager, group: ShardGroup, config: KVCacheConfig) -> ShardedBlockStore:
+        """Rank 0 holds the tiers of `config.tier_list` (under `paged`'s namespace); other ranks hold none."""
+        lower = LowerTiers.from_config(config, paged.namespace.digest) if group.is_first else None
+        return cls(paged, group, lower)
+
     # -- tiers -> pools ------------------------------------------------------------------------------------
     def fetch(self, token_ids: Sequence[int]) -> FetchResult:
         """Loads the blocks of `token_ids` after the locally cached prefix that rank 0's store holds.
@@ -107,7 +114,7 @@ class ShardedBlockStore:
         seq = self.paged.new_sequence(tokens[: local * bs])  # pins the local prefix against eviction
         loaded = 0
         try:
-            room = min(len(hashes) - local, self.paged.pool.num_free)
+            room = min(len(hashes) - local, self.paged.num_free_blocks)
             while loaded < room:
                 start = local + loaded
                 wanted = hashes[start : start + min(self.transfer_blocks, room - loaded)]
@@ -117,7 +124,7 @@ class ShardedBlockStore:
                     break
                 chunks = self._head_chunks(full) if full is not None else None
                 part = self.group.scatter_from_first(chunks, self._slice_shape(count), self.paged.spec.dtype,
-                                                     self.paged.pool.kv.device)
+                                                     self.paged.kv.device)
                 self._append(seq, tokens[start * bs : (start + count) * bs], part)
                 loaded += count
                 if count < len(wanted):
@@ -182,7 +189,7 @@ class ShardedBlockStore:
             missing_list = [i for i, h in enumerate(match.hashes) if store is not None and not store.contains(h)]
         missing = self.group.broadcast_ints(missing_list)
         queued = 0
-        kv = self.paged.pool.kv
+        kv = self.paged.kv
         for start in range(0, len(missing), self.transfer_blocks):
             indices = missing[start : start + self.transfer_blocks]
             ids = torch.tensor([match.block_ids[i] for i in indices], dtype=torch.long, device=kv.device)
@@ -214,6 +221,6 @@ class ShardedBlockStore:
         Raises `RankDivergenceError` if the ranks' tables (or free-block counts) differ.
         """
         match = self.paged.lookup(list(token_ids))
-        payload = b"".join(match.hashes) + repr((match.block_ids, self.paged.pool.num_free)).encode()
+        payload = b"".join(match.hashes) + repr((match.block_ids, self.paged.num_free_blocks)).encode()
         self.group.check_agree(payload, "the block table of a cached prefix")
         return match.block_ids

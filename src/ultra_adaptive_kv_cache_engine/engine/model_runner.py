@@ -1,4 +1,4 @@
-"""`ModelRunner`: greedy generation for a batch of prompts with our own paged Llama over a `PagedKVCache`.
+"""`ModelRunner`: greedy generation for a batch of prompts with our own paged Llama over a `KVCacheManager`.
 
 Per call (`generate`):
 1. Each prompt opens a sequence in the cache (`new_sequence`, capped at ``len(prompt) - 1`` so the last
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..cache.paged_cache import PagedKVCache
+from ..cache.manager import KVCacheManager
 from ..memory import OutOfBlocksError
 from ..metrics import LOGGER_NAME
 from ..model.decode_step import DecodeStep
@@ -121,12 +121,12 @@ class ModelRunner:
     """Prefill + greedy decode of `model` over `cache` (see the module docstring). Not thread-safe: one
     runner per thread; the cache itself may be shared."""
 
-    def __init__(self, model: PagedLlama, cache: PagedKVCache, config: RunnerConfig | None = None) -> None:
+    def __init__(self, model: PagedLlama, cache: KVCacheManager, config: RunnerConfig | None = None) -> None:
         if not isinstance(model, PagedLlama):
             raise TypeError(f"model must be a PagedLlama, got {type(model).__name__}")
-        if not isinstance(cache, PagedKVCache):
-            raise TypeError(f"cache must be a PagedKVCache, got {type(cache).__name__}")
-        model.check_pool(cache.pool.kv)
+        if not isinstance(cache, KVCacheManager):
+            raise TypeError(f"cache must be a KVCacheManager, got {type(cache).__name__}")
+        model.check_pool(cache.kv)
         self.model, self.cache = model, cache
         self.config = config if config is not None else RunnerConfig()
         self.block_size = cache.block_size
@@ -209,15 +209,8 @@ class ModelRunner:
         return _Row(prompt, seq_id, cached, table + scratch, scratch)
 
     def _take_blocks(self, count: int) -> list[int]:
-        # The pool belongs to the cache, which serialises its users with its (agreed, shared) lock.
-        with self.cache._lock:
-            blocks = self.cache.pool.allocate_many(count)
-        if blocks is None:
-            raise OutOfBlocksError(
-                f"decoding needs {count} more block(s) of {self.block_size} tokens; the pool has "
-                f"{self.cache.pool.num_free} free; free sequences, enlarge the pool or lower max_new_tokens"
-            )
-        return blocks
+        """Scratch blocks for decoding, from the cache (OutOfBlocksError, nothing taken, when it lacks them)."""
+        return self.cache.allocate_scratch(count)
 
     def _prefill(self, row: _Row) -> int:
         """Runs the uncached prompt tokens; returns the first new token."""
@@ -229,7 +222,7 @@ class ModelRunner:
         logits = None
         for a in range(0, len(ids), chunk):
             logits = self.model.prefill(
-                self.cache.pool.kv, ids[a : a + chunk], row.cached + a, table, self.config.prefill_path
+                self.cache.kv, ids[a : a + chunk], row.cached + a, table, self.config.prefill_path
             )
         assert logits is not None  # at least one uncached token: the cap of new_sequence
         return int(logits.argmax())
@@ -239,7 +232,7 @@ class ModelRunner:
         count = len(row.generated) - 1
         if count <= 0:
             return 0
-        kv = self.cache.pool.kv
+        kv = self.cache.kv
         positions = torch.arange(len(row.prompt), len(row.prompt) + count, device=kv.device)
         table = torch.tensor(row.table, dtype=torch.int64, device=kv.device)
         tokens = kv[table[positions // self.block_size], :, :, positions % self.block_size]  # (T, L, 2, H, D)
@@ -255,8 +248,7 @@ class ModelRunner:
 
     def _free_scratch(self, row: _Row) -> None:
         if row.scratch:
-            with self.cache._lock:
-                self.cache.pool.free(row.scratch)
+            self.cache.free_scratch(row.scratch)
             row.scratch = []
 
     def _release(self, row: _Row) -> None:
@@ -267,7 +259,7 @@ class ModelRunner:
     def _step_for(self, batch: int) -> DecodeStep:
         step = self._steps.get(batch)
         if step is None:
-            step = DecodeStep(self.model, self.cache.pool.kv, batch, self.table_width)
+            step = DecodeStep(self.model, self.cache.kv, batch, self.table_width)
             self._steps[batch] = step
         return step
 
@@ -299,7 +291,7 @@ class ModelRunner:
         return steps, DecodeMode.GRAPH if step.captured else DecodeMode.EAGER, step.capture_error
 
     def _wants_graph(self, step: DecodeStep) -> bool:
-        on_cuda = self.cache.pool.kv.device.type == "cuda"
+        on_cuda = self.cache.kv.device.type == "cuda"
         return self.config.cuda_graphs and on_cuda and not step.captured and step.capture_error is None
 
     def _pool_handle(self) -> Any:

@@ -1,6 +1,6 @@
 """`ModelSession`: text in, text out, on one model, with every cached prompt prefix reused.
 
-It owns the model, its `PagedKVCache` (namespace = model identity, weights, tokenizer, dtype, block size,
+It owns the model, its `KVCacheManager` (namespace = model identity, weights, tokenizer, dtype, block size,
 codec, tenant salt) and one lock: generations run one at a time on the model (requests queue on the lock),
 each in a worker thread so the event loop stays free. Bad requests raise `RequestError` (a ValueError)
 before anything touches the cache.
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..cache.lower_tiers import LowerTiers
-from ..cache.paged_cache import PagedKVCache
+from ..cache.manager import KVCacheManager
+from ..cache.tier_list import namespace_codec
 from ..config import KVCacheConfig
 from ..metrics import Counters, Profiler
 from ..model.generation import generate_with_prefix_cache
@@ -58,12 +58,10 @@ class ModelSession:
         self.optimizer = optimizer or PerformanceOptimizer()
         self.optimizer.bandwidth.set_prior(POOL, 1e18)  # blocks already in the pool cost nothing to "load"
         spec = self.loaded.kv_spec(config.block_size, dtype=config.dtype)
-        namespace = self.loaded.namespace(spec, codec=config.codec.value, tenant_salt=config.tenant_salt)
-        lower = LowerTiers.from_config(config, namespace.digest)
-        if lower is not None:  # compute or load, per request, from measured costs
-            lower.planner = self._plan_load
-            lower.observer = self._observe_load
-        self.paged = PagedKVCache(config, spec, namespace=namespace, lower=lower)
+        namespace = self.loaded.namespace(spec, codec=namespace_codec(config), tenant_salt=config.tenant_salt)
+        self.cache = KVCacheManager.from_config(config, spec, namespace)
+        if config.enable_optimizer:  # compute or load, per request, from measured costs
+            self.cache.set_load_planner(self._plan_load, self._observe_load)
         self._load_s = 0.0
         self.counters = Counters()
         self._lock = threading.Lock()
@@ -92,10 +90,10 @@ class ModelSession:
 
     def _plan_load(self, pool_blocks: int, tiers: Sequence[str], prompt_tokens: int) -> int:
         """How many of the next cached blocks (found in `tiers`) to load rather than recompute."""
-        nbytes = self.paged.spec.bytes_per_block
+        nbytes = self.cache.spec.bytes_per_block
         blocks = [CachedBlock(POOL, 0)] * pool_blocks + [CachedBlock(t, nbytes) for t in tiers]
         try:
-            plan = self.optimizer.plan(prompt_tokens, self.paged.block_size, blocks)
+            plan = self.optimizer.plan(prompt_tokens, self.cache.block_size, blocks)
         except ValueError:  # a cost not measured yet: load, and so measure it
             self.counters.add("load_plans_unmeasured")
             return len(tiers)
@@ -135,7 +133,7 @@ class ModelSession:
                 torch.manual_seed(params.seed)
             self._load_s = 0.0
             with torch.inference_mode():
-                result = generate_with_prefix_cache(self.loaded.model, self.paged, [prompt_ids], **kwargs)
+                result = generate_with_prefix_cache(self.loaded.model, self.cache, [prompt_ids], **kwargs)
             if result.prompt_tokens > result.cached_tokens:  # what the prefill of the rest cost
                 self.optimizer.observe_prefill(result.cached_tokens, result.prompt_tokens,
                                                max(result.ttft_s - self._load_s, 1e-6))
@@ -162,12 +160,12 @@ class ModelSession:
     def stats(self) -> dict[str, Any]:
         c = self.counters.snapshot()
         prompt = c.get("prompt_tokens", 0)
-        return {**self.paged.stats(), "requests": c.get("requests", 0), "prompt_tokens": prompt,
+        return {**self.cache.stats(), "requests": c.get("requests", 0), "prompt_tokens": prompt,
                 "cached_tokens": c.get("cached_tokens", 0),
                 "token_hit_rate": c.get("cached_tokens", 0) / prompt if prompt else 0.0}
 
     def describe(self) -> dict[str, Any]:
-        spec = self.paged.spec
+        spec = self.cache.spec
         return {
             "model": {"id": self.loaded.model_id, "path": str(self.loaded.path) if self.loaded.path else None,
                       "dtype": str(self.loaded.dtype), "device": str(self.loaded.device),
@@ -176,9 +174,9 @@ class ModelSession:
                       "weights_fingerprint": self.loaded.weights_fingerprint},
             "kv": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
                    "block_size": spec.block_size, "dtype": str(spec.dtype), "bytes_per_token": spec.bytes_per_token,
-                   "bytes_per_block": spec.bytes_per_block, "pool_blocks": self.paged.pool.num_blocks,
-                   "pool_bytes": self.paged.pool.num_blocks * spec.bytes_per_block,
-                   "namespace": self.paged.namespace.digest.hex()},
+                   "bytes_per_block": spec.bytes_per_block, "pool_blocks": self.cache.num_blocks,
+                   "pool_bytes": self.cache.num_blocks * spec.bytes_per_block,
+                   "namespace": self.cache.namespace.digest.hex()},
         }
 
 

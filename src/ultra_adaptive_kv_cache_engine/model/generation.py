@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..cache.paged_cache import PagedKVCache
+from ..cache.manager import KVCacheManager
 from .batch import as_batch
 from .hf_cache import PagedHFCache
 from .loaded import kv_shape_of, max_context_of
@@ -90,7 +90,7 @@ def _check_kwargs(kwargs: dict[str, Any]) -> None:
             raise ValueError(f"{name}={value!r} is not supported with the prefix cache; expected 1")
 
 
-def _check_fit(model: nn.Module, paged: PagedKVCache, input_length: int, max_new_tokens: int | None) -> None:
+def _check_fit(model: nn.Module, paged: KVCacheManager, input_length: int, max_new_tokens: int | None) -> None:
     shape, spec = kv_shape_of(model), paged.spec
     if (shape.num_layers, shape.num_kv_heads, shape.head_dim) != (spec.num_layers, spec.num_kv_heads, spec.head_dim):
         raise ValueError(
@@ -108,7 +108,7 @@ def _check_fit(model: nn.Module, paged: PagedKVCache, input_length: int, max_new
 
 def generate_with_prefix_cache(
     model: nn.Module,
-    paged: PagedKVCache,
+    paged: KVCacheManager,
     input_ids: torch.Tensor | list[int] | list[list[int]],
     attention_mask: torch.Tensor | None = None,
     **generate_kwargs: Any,

@@ -1,4 +1,4 @@
-"""`PagedHFCache`: a `transformers.Cache` for ONE `generate` call, backed by a `PagedKVCache`.
+"""`PagedHFCache`: a `transformers.Cache` for ONE `generate` call, backed by a `KVCacheManager`.
 
 Life cycle (the context manager form releases the pool references even on error)::
 
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache
 
-from ..cache.paged_cache import PagedKVCache
+from ..cache.manager import KVCacheManager
 from ..memory import OutOfBlocksError
 from ..metrics import LOGGER_NAME
 from .batch import as_batch, row_offsets
@@ -59,14 +59,14 @@ class PagedHFCache(Cache):
 
     def __init__(
         self,
-        paged: PagedKVCache,
+        paged: KVCacheManager,
         input_ids: torch.Tensor | list[int] | list[list[int]],
         attention_mask: torch.Tensor | None = None,
         *,
         max_new_tokens: int = 0,
     ) -> None:
-        if not isinstance(paged, PagedKVCache):
-            raise TypeError(f"paged must be a PagedKVCache, got {type(paged).__name__}")
+        if not isinstance(paged, KVCacheManager):
+            raise TypeError(f"paged must be a KVCacheManager, got {type(paged).__name__}")
         self.paged = paged
         self.input_ids, self.attention_mask = as_batch(input_ids, attention_mask)
         self.rows: tuple[RowPlan, ...] = self._open_rows()
@@ -155,7 +155,7 @@ class PagedHFCache(Cache):
         bs = self.paged.block_size
         start = self.paged.num_kv_tokens(row.seq_id)  # a multiple of bs: only full blocks were reused
         end = (kv_length - row.offset) // bs * bs
-        end = min(end, start + self.paged.pool.num_free * bs)
+        end = min(end, start + self.paged.num_free_blocks * bs)
         if end <= start:
             return
         keys, values = [], []

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from ...cache.lower_tiers import LowerTiers
-from ...cache.paged_cache import PagedKVCache
+from ...cache.manager import KVCacheManager
 from ...cache.sharded_blocks import ShardedBlockStore
 from ...cache.sharded_group import ShardGroup
+from ...cache.tier_list import namespace_codec
 from ...config import KVCacheConfig
 from ...prefix import pack_token_ids
 from ..generation import GenerationResult, generate_with_prefix_cache
@@ -64,9 +64,9 @@ class ShardedResult:
 class ShardedRunner:
     """Rank `group.rank` of `loaded` (a shard at degree > 1) over a pool of its KV heads.
 
-    Rank 0 builds the tiers `config` asks for (`LowerTiers.from_config`: CPU, disk when persistence is on,
-    Redis/Valkey), under the same namespace as a degree-1 session of the same model; other ranks hold none.
-    The pool has `num_blocks` blocks (default from `config.max_tokens`).
+    Rank 0 builds the tiers of `config.tier_list` (`ShardedBlockStore.from_config`), under the same namespace as
+    a degree-1 session of the same model; other ranks hold none. The pool has `num_blocks` blocks (default: the
+    memory budget, see `cache.budget`).
     """
 
     def __init__(
@@ -78,11 +78,10 @@ class ShardedRunner:
                 f"model shard holds {spec.num_kv_heads} KV heads; a group of {group.degree} ranks needs "
                 f"{loaded.model.config.num_key_value_heads} / {group.degree}"
             )
-        namespace = loaded.namespace(spec, codec=config.codec.value, tenant_salt=config.tenant_salt)
+        namespace = loaded.namespace(spec, codec=namespace_codec(config), tenant_salt=config.tenant_salt)
         self.loaded, self.group = loaded, group
-        self.paged = PagedKVCache(config, spec, num_blocks=num_blocks, namespace=namespace)
-        lower = LowerTiers.from_config(config, namespace.digest) if group.is_first else None
-        self.blocks = ShardedBlockStore(self.paged, group, lower)
+        self.paged = KVCacheManager(config, spec, num_blocks=num_blocks, namespace=namespace)
+        self.blocks = ShardedBlockStore.from_config(self.paged, group, config)
 
     @property
     def namespace_digest(self) -> bytes:
