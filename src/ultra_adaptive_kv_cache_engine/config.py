@@ -145,6 +145,8 @@ class KVCacheConfig:
         "help": "resize tier capacities from hit-rate curves and memory pressure"})
     enable_metrics: bool = field(default=True, metadata={
         "help": "Prometheus metrics through prometheus-client"})
+    controller_interval_s: float = field(default=1.0, metadata={
+        "help": "seconds between two rounds of the prefetcher and the autoscaler, in a background thread"})
     # Model.
     model_path: str | None = field(default=None, metadata={
         "help": "a local Hugging Face folder, .safetensors or .gguf file (none: the embedded "
@@ -163,6 +165,9 @@ class KVCacheConfig:
         if self.max_memory is not None:
             _require_int("max_memory", self.max_memory, 1)
         _require_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
+        interval = self.controller_interval_s
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval < float("inf"):
+            raise ValueError(f"controller_interval_s={interval!r} must be a positive number of seconds")
         for name in ("enable_persistence", "enable_profiling", "reject_non_finite", "enable_optimizer",
                      "enable_prefetcher", "enable_autoscaler", "enable_metrics"):
             _require_bool(name, getattr(self, name))
