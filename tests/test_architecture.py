@@ -11,7 +11,7 @@ PACKAGE = "ultra_adaptive_kv_cache_engine"
 ROOT = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 
 LAYERS: dict[str, int] = {
-    "types": 0, "config": 0, "metrics": 0, "lazy": 0,
+    "types": 0, "config": 0, "config_sources": 0, "metrics": 0, "lazy": 0,
     "memory": 1, "prefix": 1, "policies": 1, "compression": 1,
     "tiers": 2, "kernels": 2,
     "cache": 3, "model": 3,

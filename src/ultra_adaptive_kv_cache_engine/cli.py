@@ -6,8 +6,10 @@ Commands:
   generate  one completion for PROMPT
   chat      interactive multi-turn chat; each turn shows cached tokens and TTFT
   info      model, cache configuration and sizes
+  config    the effective configuration as TOML, each value with its source (default, file, env, flag)
   replay    replay a request trace through the eviction policies (hit rates against Belady's bound)
-Global options map onto KVCacheConfig fields (see `uakv --help`).
+The commands that build an engine take one option per KVCacheConfig field, generated from the field table of
+`config_sources` (which also reads `UAKV_*` variables and `--config FILE.toml`); none is mapped by hand here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -22,27 +25,23 @@ from typing import Any
 import torch
 
 from .config import KVCacheConfig
+from .config_sources import ResolvedConfig, field_table, resolve_config, to_toml
 from .engine.engine import UltraAdaptiveKVCacheEngine
 from .types import CacheStrategy
 
 Command = Callable[[argparse.Namespace], int]
+# A command's own defaults, between the dataclass's and the file's: the demo answers in 40 tokens.
+COMMAND_DEFAULTS: dict[str, dict[str, Any]] = {"demo": {"max_new_tokens": 40}}
+
+
+def resolved_from_args(args: argparse.Namespace) -> ResolvedConfig:
+    """The config from the options given > UAKV_* variables > --config FILE > the command's defaults."""
+    flags = {f.name: getattr(args, f.name) for f in field_table() if hasattr(args, f.name)}
+    return resolve_config(flags, args.config_file, os.environ, COMMAND_DEFAULTS.get(args.command))
 
 
 def config_from_args(args: argparse.Namespace) -> KVCacheConfig:
-    """KVCacheConfig from the global options (only those given; defaults live in KVCacheConfig)."""
-    fields = {
-        "model_path": args.model,
-        "max_tokens": args.max_tokens,
-        "cache_strategy": args.strategy,
-        "block_size": args.block_size,
-        "device": args.device,
-        "enable_persistence": True if args.persist else None,
-        "persistence_path": args.persistence_path,
-        "redis_url": args.redis_url,
-        "tenant_salt": args.tenant,
-        "enable_profiling": True if args.profile else None,
-    }
-    return KVCacheConfig(**{k: v for k, v in fields.items() if v is not None})
+    return resolved_from_args(args).config
 
 
 def _print_turn(prefix: str, result: dict[str, Any]) -> None:
@@ -67,8 +66,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         messages: list[dict[str, str]] = [{"role": "system", "content": DEMO_SYSTEM}]
         for question in DEMO_QUESTIONS:
             messages.append({"role": "user", "content": question})
-            result = asyncio.run(engine.process_request(
-                {"action": "process", "messages": messages, "max_new_tokens": args.max_new_tokens, "seed": 0}))
+            result = asyncio.run(engine.process_request({"action": "process", "messages": messages, "seed": 0}))
             print(f"\nuser> {question}")
             _print_turn("assistant> ", result)
             messages.append({"role": "assistant", "content": result["text"]})
@@ -102,8 +100,8 @@ DEMO_QUESTIONS = (
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    request = {"action": "process", "text": args.prompt, "max_new_tokens": args.max_new_tokens,
-               "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    request = {"action": "process", "text": args.prompt, "temperature": args.temperature, "top_p": args.top_p,
+               "seed": args.seed}
     with UltraAdaptiveKVCacheEngine(config_from_args(args)) as engine:
         result = asyncio.run(engine.process_request(request))
     if args.json:
@@ -135,8 +133,8 @@ def _chat_loop(engine: UltraAdaptiveKVCacheEngine, args: argparse.Namespace) -> 
             continue
         messages.append({"role": "user", "content": line})
         result = asyncio.run(engine.process_request(
-            {"action": "process", "messages": messages, "max_new_tokens": args.max_new_tokens,
-             "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}))
+            {"action": "process", "messages": messages, "temperature": args.temperature, "top_p": args.top_p,
+             "seed": args.seed}))
         _print_turn("assistant> ", result)
         messages.append({"role": "assistant", "content": result["text"]})
     return 0
@@ -145,6 +143,11 @@ def _chat_loop(engine: UltraAdaptiveKVCacheEngine, args: argparse.Namespace) -> 
 def cmd_info(args: argparse.Namespace) -> int:
     with UltraAdaptiveKVCacheEngine(config_from_args(args)) as engine:
         print(json.dumps(engine.describe(), indent=2, default=str))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(to_toml(resolved_from_args(args)), end="")
     return 0
 
 
@@ -204,26 +207,26 @@ COMMANDS: dict[str, Command] = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,
+    "config": cmd_config,
     "replay": cmd_replay,
 }
+# argparse keywords per kind of field: a boolean is a switch with a --no- form; every other field takes text.
+OPTION_KWARGS: dict[str, dict[str, Any]] = {"bool": {"action": argparse.BooleanOptionalAction}}
 
 
-def _add_global_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cache and model (each maps onto a KVCacheConfig field; unset = its default)")
-    g.add_argument("--model", help="local Hugging Face model folder or safetensors file (default: embedded SmolLM2)")
-    g.add_argument("--max-tokens", type=int, help="capacity of the in-memory KV pool, in tokens")
-    g.add_argument("--strategy", help=f"eviction strategy: {', '.join(s.value for s in CacheStrategy)}")
-    g.add_argument("--block-size", type=int, help="tokens per KV block")
-    g.add_argument("--device", help="auto, cpu or cuda")
-    g.add_argument("--persist", action="store_true", help="keep blocks on disk across restarts")
-    g.add_argument("--persistence-path", help="folder of the disk tier")
-    g.add_argument("--redis-url", help="share blocks through Redis/Valkey, e.g. redis://127.0.0.1:6379/0")
-    g.add_argument("--tenant", help="per-tenant salt: tenants never see each other's blocks")
-    g.add_argument("--profile", action="store_true", help="record per-operation latencies")
+def _add_global_options(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("configuration: one option per KVCacheConfig field; precedence: option > "
+                             "environment variable > --config file > default")
+    g.add_argument("--config", dest="config_file", metavar="FILE.toml",
+                   help="TOML file of KVCacheConfig fields (a [[tiers]] table per tier); `uakv config` writes one")
+    for f in field_table():
+        default = f.kind.format(COMMAND_DEFAULTS.get(command, {}).get(f.name, f.default)) or '""'
+        text = f"{f.help} (default {default}; env {f.env})".replace("%", "%%")
+        g.add_argument(f.option, *f.aliases, dest=f.name, default=argparse.SUPPRESS, help=text,
+                       metavar=f.kind.metavar, **OPTION_KWARGS.get(f.kind.name, {}))
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -233,23 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="uakv", description="ultra-adaptive-kv-cache: a KV cache engine for LLMs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("demo", help="cache API demo, then a multi-turn chat with the embedded model")
-    _add_global_options(p)
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    _add_global_options(p, "demo")
     p = sub.add_parser("generate", help="one completion for PROMPT")
     p.add_argument("prompt")
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
-    _add_global_options(p)
+    _add_global_options(p, "generate")
     _add_sampling(p)
     p = sub.add_parser("chat", help="interactive multi-turn chat showing cached tokens and TTFT per turn")
     p.add_argument("--system", help="system prompt")
-    _add_global_options(p)
+    _add_global_options(p, "chat")
     _add_sampling(p)
     p = sub.add_parser("info", help="model, cache configuration and sizes")
-    _add_global_options(p)
+    _add_global_options(p, "info")
+    p = sub.add_parser("config", help="the effective configuration as TOML, each value with its source")
+    _add_global_options(p, "config")
     for name, extend in EXTRA_PARSERS.items():
         extend(sub.add_parser(name, help=EXTRA_HELP[name]))
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:
