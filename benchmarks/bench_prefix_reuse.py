@@ -89,10 +89,10 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    config = KVCacheConfig(device="cpu", block_size=args.block_size, max_tokens=8192)
+    config = KVCacheConfig(device="cpu", block_size=args.block_size)
     lm = load_model(config)
     spec = lm.kv_spec(args.block_size)
-    paged = KVCacheManager(config, spec, namespace=lm.namespace(spec))
+    paged = KVCacheManager(config, spec, num_blocks=-(-8192 // args.block_size), namespace=lm.namespace(spec))
     system = system_prompt(lm, args.system_tokens, args.seed)
     prompts = [lm.tokenizer.chat([{"role": "system", "content": system}, {"role": "user", "content": q}]) for q in questions]
     system_ids = lm.tokenizer.chat([{"role": "system", "content": system}], False)

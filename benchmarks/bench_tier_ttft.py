@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     tokens, repeats = (512, 1) if args.quick else (args.tokens, args.repeats)
     torch.set_num_threads(args.threads)
-    config = KVCacheConfig(device="cpu", max_tokens=tokens + 256)
+    config = KVCacheConfig(device="cpu")
+    pool_blocks = -(-(tokens + 256) // config.block_size)
     lm = load_model(config)
     spec = lm.kv_spec(config.block_size)
     ns = lm.namespace(spec)
@@ -87,7 +88,7 @@ def main() -> None:
     print(f"prompt {len(ids)} tokens of {spec.bytes_per_token} KV bytes each", file=sys.stderr)
 
     def fresh(lower: LowerTiers | None) -> KVCacheManager:
-        return KVCacheManager(config, spec, namespace=ns, lower=lower)
+        return KVCacheManager(config, spec, num_blocks=pool_blocks, namespace=ns, lower=lower)
 
     ttft(lm, fresh(None), ids[:64])  # warm-up
     results: dict[str, dict[str, float]] = {}

@@ -117,7 +117,7 @@ def make_cache(
     s = model.shape
     blocks = math.ceil(tokens / block_size)
     # The runner's own kernels write the KV; the finite check on its placeholder appends would sync the device.
-    config = KVCacheConfig(block_size=block_size, max_tokens=blocks * block_size, device=model.device.type,
+    config = KVCacheConfig(block_size=block_size, device=model.device.type,
                            reject_non_finite=False)
     spec = KVSpec(s.num_layers, s.num_kv_heads, s.head_dim, block_size, model.dtype, model.device)
     namespace = default_namespace(config, spec)

@@ -38,7 +38,7 @@ MORE = [random_ids(22, seed=100 + i) for i in range(30)]  # keeps the group busy
 
 
 def disk_config(root: Path) -> dict[str, Any]:
-    return {"model_path": str(root / "tiny"), "block_size": 4, "max_tokens": 512, "cpu_tier_bytes": 0,
+    return {"model_path": str(root / "tiny"), "block_size": 4, "max_memory": 1 << 20, "cpu_tier_bytes": 0,
             "enable_persistence": True, "persistence_path": str(root / "disk"), "model_cache_dir": str(root / "models"),
             "device": "cpu"}
 

@@ -142,7 +142,7 @@ def test_the_root_cause_is_the_rank_that_did_not_merely_follow():
 
 # -- the sharded block store at degree 1, over a real disk tier ------------------------------------------
 def _disk_config(tmp_path) -> KVCacheConfig:
-    return KVCacheConfig(block_size=4, max_tokens=256, cpu_tier_bytes=0, enable_persistence=True,
+    return KVCacheConfig(block_size=4, max_memory=1 << 20, cpu_tier_bytes=0, enable_persistence=True,
                          persistence_path=str(tmp_path), device="cpu")
 
 
@@ -213,7 +213,7 @@ def test_guard_turns_transport_errors_into_rank_failures_and_passes_others_throu
 
 # -- the runner at degree 1, in this process ---------------------------------------------------------------
 def test_runner_leads_a_greedy_request_at_degree_one(tiny_lm):
-    config = KVCacheConfig(block_size=4, max_tokens=256, cpu_tier_bytes=0, device="cpu")
+    config = KVCacheConfig(block_size=4, max_memory=1 << 20, cpu_tier_bytes=0, device="cpu")
     runner = ShardedRunner(tiny_lm, ShardGroup.single(), config)
     prompt = random_ids(22, seed=13)
     result, persisted = runner.lead(prompt, 6, persist=True)
