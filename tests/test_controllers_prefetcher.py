@@ -70,7 +70,7 @@ def test_store_block_source_reports_tiers_and_promotes_into_the_fastest(tmp_path
     assert isinstance(source, BlockSource)
     put(store, "a", "b", "c")  # "a" demoted to disk when "c" arrives
     assert [source.tier_of(key(n)) for n in ("a", "b", "c", "zz")] == ["disk", "fast", "fast", None]
-    assert source.promote([key("a"), key("zz"), key("c")], "fast") == 1
+    assert source.promote([key("a"), key("zz"), key("c")], "fast") == 1 and source.wait() == 0  # synchronous
     assert [source.tier_of(key(n)) for n in ("a", "b", "c")] == ["fast", "disk", "fast"]
     with pytest.raises(ValueError, match="fastest tier 'fast'"):
         source.promote([key("b")], "disk")
@@ -82,8 +82,8 @@ def test_store_block_source_promotes_in_the_background_through_an_async_transfer
     with AsyncTransfer(store) as transfer:
         source = StoreBlockSource(store, transfer)
         assert source.promote([key("a"), key("c")], "fast") == 1  # "c" is already fast: one queued
-        transfer.flush()  # waits for writes only; the prefetch thread is joined on close
-    assert source.tier_of(key("a")) == "fast"
+        assert source.wait(timeout=60) == 1  # the queued promotion found its block
+        assert source.tier_of(key("a")) == "fast" and source.wait() == 0
     with AsyncTransfer(store) as other, pytest.raises(ValueError, match="target is this store"):
         StoreBlockSource(store_of(2), other)
 

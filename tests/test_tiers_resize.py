@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ultra_adaptive_kv_cache_engine.cache.tier_controls import ResizableTier
+from ultra_adaptive_kv_cache_engine.cache.tier_controls import ResizableTier, tier_controls
 from ultra_adaptive_kv_cache_engine.compression import make_codec
-from ultra_adaptive_kv_cache_engine.tiers import CPUTier, DiskTier, SegmentDiskTier, Tier, encode_block
+from ultra_adaptive_kv_cache_engine.tiers import (
+    CPUTier,
+    DiskTier,
+    SegmentDiskTier,
+    Tier,
+    TieredStore,
+    encode_block,
+)
 
 NS = hashlib.sha256(b"resize-tests").digest()
 CODEC = make_codec("identity")
@@ -104,3 +111,16 @@ def test_resizable_tier_spills_the_policy_victims_into_the_next_tier(tmp_path: P
     assert sorted(slow) == sorted(K[i] for i in spilled)
     assert all(slow.get(K[i]).to_bytes() == R[i].to_bytes() for i in spilled)  # type: ignore[union-attr]
     assert control.resize(8 * SIZE) == 0 and control.usage().capacity_bytes == 8 * SIZE
+
+
+def test_tier_controls_of_a_store_spill_down_the_whole_chain(tmp_path: Path) -> None:
+    fast = filled(FACTORIES["cpu"], tmp_path, "fifo")  # blocks 0..3
+    middle = CPUTier(NS, SIZE, pin_memory=False, name="middle")  # room for one block
+    disk = DiskTier(NS, tmp_path, 10 * SIZE, fsync="never", io_threads=1)
+    controls = tier_controls(TieredStore([fast, middle, disk]))
+    assert [c.name for c in controls] == ["cpu", "middle", "disk"]
+    assert controls[-1].spill is None
+    assert controls[0].resize(SIZE) == 3  # fifo victims 0, 1, 2: one stays in the middle, the rest go on down
+    assert list(fast) == [K[3]] and list(middle) == [K[2]] and sorted(disk) == sorted(K[:2])
+    with pytest.raises(TypeError, match="TieredStore"):
+        tier_controls(fast)  # type: ignore[arg-type]

@@ -10,7 +10,9 @@ Controllers (L4) never reach into a tier: the cache manager hands them these obj
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
 from ..tiers import AsyncTransfer, BlockRecord, Tier, TieredStore, TierUsage
@@ -30,7 +32,11 @@ class TierControl(Protocol):
 
 @runtime_checkable
 class BlockSource(Protocol):
-    """Where blocks live (`tier_of`: the fastest tier holding `key`, None if none) and promotion to `tier`."""
+    """Where blocks live (`tier_of`: the fastest tier holding `key`, None if none) and promotion to `tier`
+    (`fast_tier`: the name of the tier promotions go to)."""
+
+    @property
+    def fast_tier(self) -> str: ...
 
     def tier_of(self, key: bytes) -> str | None: ...
 
@@ -106,6 +112,8 @@ class StoreBlockSource:
             raise ValueError("transfer must be an AsyncTransfer whose target is this store")
         self.store = store
         self.transfer = transfer
+        self._lock = threading.Lock()
+        self._queued: list[Future[int]] = []
 
     @property
     def fast_tier(self) -> str:
@@ -126,10 +134,19 @@ class StoreBlockSource:
         if not present:
             return 0
         if self.transfer is not None:
-            self.transfer.prefetch(present)
+            future = self.transfer.prefetch(present)
+            with self._lock:
+                self._queued = [f for f in self._queued if not f.done()] + [future]
             return len(present)
         self.store.get_many(present)
         return sum(fast.contains(k) for k in present)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the promotions queued in the transfer's background thread so far; returns how many of their
+        blocks were found (0 without a transfer: promotion was synchronous). TimeoutError past `timeout`."""
+        with self._lock:
+            queued, self._queued = self._queued, []
+        return sum(f.result(timeout) for f in queued)
 
 
 def tier_controls(store: TieredStore) -> list[ResizableTier]:

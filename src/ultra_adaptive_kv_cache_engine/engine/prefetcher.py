@@ -125,26 +125,32 @@ class CachePrefetcher:
         ranked.sort(key=lambda c: (c.expected_at, c.conversation_id))
         return ranked
 
-    def plan(self) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
-        """Blocks to promote now (prefix order, not in the fast tier, at most `max_blocks`) and whose."""
+    def plan(
+        self, max_conversations: int | None = None, max_blocks: int | None = None
+    ) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+        """Blocks to promote now (prefix order, not in the fast tier, at most `max_blocks`, default the
+        prefetcher's own) of at most `max_conversations` conversations (None: all due), and whose."""
+        budget = self.max_blocks if max_blocks is None else min(self.max_blocks, max_blocks)
         with self._lock:
-            return self._plan()
+            return self._plan(max_conversations, budget)
 
-    def _plan(self) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    def _plan(self, max_conversations: int | None, budget: int) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
         now = self.clock()
         horizon = now + self.lookahead_s
         keys: list[bytes] = []
         chosen: list[str] = []
         seen: set[bytes] = set()
         for candidate in self.candidates():
-            if candidate.expected_at > horizon or len(keys) >= self.max_blocks:
+            if candidate.expected_at > horizon or len(keys) >= budget:
+                break
+            if max_conversations is not None and len(chosen) >= max_conversations:
                 break
             if candidate.expected_at + candidate.gap_s < now:  # overdue by a whole gap: likely gone
                 continue
             wanted = self._wanted(self._live[candidate.conversation_id].keys, seen)
             if not wanted:
                 continue
-            taken = wanted[: self.max_blocks - len(keys)]
+            taken = wanted[: budget - len(keys)]
             keys.extend(taken)
             seen.update(taken)
             chosen.append(candidate.conversation_id)
@@ -161,9 +167,9 @@ class CachePrefetcher:
                 wanted.append(k)
         return wanted
 
-    def step(self) -> PrefetchResult:
-        """Plan and promote; returns what was done."""
-        keys, conversations = self.plan()
+    def step(self, max_conversations: int | None = None, max_blocks: int | None = None) -> PrefetchResult:
+        """Plan (see `plan`) and promote; returns what was done."""
+        keys, conversations = self.plan(max_conversations, max_blocks)
         promoted = self.source.promote(keys, self.fast_tier) if keys else 0
         with self._lock:
             self.promoted_total += promoted
