@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -54,3 +56,11 @@ def test_paths(tmp_path):
     c = KVCacheConfig(persistence_path=tmp_path / "p", model_cache_dir=str(tmp_path / "m"))
     assert c.persistence_dir == tmp_path / "p" and c.model_dir == tmp_path / "m"
     assert isinstance(c.persistence_path, str)
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(KVCacheConfig), ids=lambda f: f.name)
+def test_every_field_has_a_help_text(field):
+    # The help text is what `uakv --help`, the README table and `uakv config` show for the field.
+    assert isinstance(field.metadata.get("help"), str) and field.metadata["help"].strip(), (
+        f"KVCacheConfig.{field.name}: add field(default=..., metadata={{'help': '...'}})")
+    assert field.metadata.get("unit", "bytes") == "bytes"

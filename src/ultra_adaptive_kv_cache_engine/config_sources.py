@@ -166,7 +166,11 @@ def _optional(kind: ValueKind) -> ValueKind:
     def format_(value: Any) -> str:
         return NONE_TEXT if value is None else kind.format(value)
 
-    return dataclasses.replace(kind, parse=parse, format=format_, metavar=f"{kind.metavar}|{NONE_TEXT}")
+    def from_value(value: Any) -> Any:
+        return None if value is None else kind.from_value(value)
+
+    return dataclasses.replace(kind, parse=parse, format=format_, from_value=from_value,
+                               metavar=f"{kind.metavar}|{NONE_TEXT}")
 
 
 def _value_kind(f: dataclasses.Field[Any], hint: Any) -> ValueKind:
