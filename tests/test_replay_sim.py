@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ultra_adaptive_kv_cache_engine.policies import POLICIES, LRUPolicy
+from ultra_adaptive_kv_cache_engine.policies import POLICIES, FIFOPolicy, LFUPolicy, LRUPolicy
 from ultra_adaptive_kv_cache_engine.policies.replay import (
     BELADY,
     BeladyPolicy,
@@ -54,18 +54,41 @@ def test_next_uses_are_flat_positions():
     assert next_uses([(1, 2), (1, 3), (2,)]) == [[2, 4], [float("inf"), float("inf")], [float("inf")]]
 
 
-def test_belady_bypasses_what_is_needed_later_than_everything_cached():
+def test_hits_of_the_request_in_flight_are_pinned():
+    reqs = [req((1, 2)), req((1, 3)), req((1, 3))]
+    c = replay(reqs, FIFOPolicy(), capacity=8)  # 2 slots
+    # request 2 pins its hit 1, FIFO's first victim: 2 leaves instead; request 3 hits both blocks.
+    assert (c.hit_blocks, c.stored_blocks, c.evicted_blocks) == (3, 3, 1)
+
+
+def test_a_request_longer_than_the_cache_keeps_its_first_blocks():
+    reqs = [req((1, 2, 3)), req((1, 2, 3))]
+    c = replay(reqs, FIFOPolicy(), capacity=8)  # 2 slots: block 3 is never stored, nothing evicts 1 for it
+    assert (c.hit_blocks, c.stored_blocks, c.evicted_blocks) == (2, 2, 0)
+
+
+def test_every_missed_block_takes_a_slot_before_any_is_stored():
+    reqs = [req((1, 2, 3))] * 3 + [req((4, 5)), req((1, 2, 3))]
+    c = replay(reqs, LFUPolicy(), capacity=16)  # 4 slots
+    # (4, 5) evicts 1 (frequency 3, least recent). The last request misses at 1, so 1, 2 and 3 are all
+    # recomputed: 3 slots, only 1 of them free, so LFU's victims 4, 5 (frequency 1) and then 2 leave; 1 and
+    # 2 are stored again, 3 was still cached (its prefix was broken) and is not.
+    assert (c.hit_blocks, c.stored_blocks, c.evicted_blocks) == (6, 7, 4)
+
+
+def test_belady_must_make_room_for_the_block_in_flight():
     reqs = [req((k,)) for k in "abcab"]
     assert replay(reqs, LRUPolicy(), capacity=8).hit_blocks == 0
     c = replay(reqs, BeladyPolicy(8), capacity=8)
-    assert (c.hit_blocks, c.stored_blocks, c.evicted_blocks) == (2, 2, 0)
+    # c needs a slot: b leaves (next use 4, after a's 3); then c (never used again) leaves for b. Only a hits.
+    assert (c.hit_blocks, c.stored_blocks, c.evicted_blocks) == (1, 4, 2)
 
 
 def test_belady_evicts_the_furthest_next_use():
     reqs = [req((k,)) for k in "abcbca"]
     c = replay(reqs, BeladyPolicy(8), capacity=8)
-    # c (next use 4) evicts a (5) rather than b (3); b, c hit; the last a is never used again: bypassed.
-    assert (c.hit_blocks, c.stored_blocks, c.evicted_blocks) == (2, 3, 1)
+    # c (next use 4) evicts a (5) rather than b (3); b, c hit; the last a takes the slot of b or c (never used).
+    assert (c.hit_blocks, c.stored_blocks, c.evicted_blocks) == (2, 4, 2)
 
 
 def test_belady_bounds_every_policy_on_a_workload():

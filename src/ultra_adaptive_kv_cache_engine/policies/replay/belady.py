@@ -1,17 +1,21 @@
-"""Belady's offline optimum (MIN with bypass) for prefix-chained block traces.
+"""Belady's offline optimum (MIN) for prefix-chained block traces, under the replay's live rules.
 
 Definition used here. The trace is flattened into one access sequence: request by request, each request's
 blocks root first. The next use of an access is the position of the next access to the same block (never:
-+infinity). On a miss the block is admitted only if the cache has room or some cached block's next use is
-later than the new block's own (else it is bypassed, and so are the rest of that request's blocks); the
-evicted block is the cached one whose next use is furthest.
++infinity); every block of a request is used at that request, hit or not. The replay (see `simulator`)
+gives every missed block of a request a slot before naming any, as a live paged cache does; when it must
+evict, MIN's victims are the cached blocks, not pinned by the request in flight, whose next use is
+furthest. `admit` refuses a block only when the cache is full and every cached block is needed sooner;
+the replay asks after making room, so it admits every block, and a block needed late is simply the first
+victim later (at least as good as leaving its slot unnamed, which would be reused before any choice).
 
 Why this respects the prefix rule: a block is always preceded by its parent in any request that has it,
-so a parent's next use comes before its child's. MIN therefore never evicts a parent while keeping a child
-that will be used sooner than the parent, every block it keeps is reachable, and its block hits under the
-prefix rule equal its hits on the flat sequence, which bound every policy's (the prefix rule only turns
-hits into misses). With the uniform block sizes of a paged cache this is the optimum for block hits; the
-token hit rate is that of the same schedule (a partial last block counts its own tokens).
+so a parent's next use comes before its child's: MIN never evicts a parent while keeping a child that will
+be used sooner than the parent, and every block it keeps is reachable; the parents of the pinned blocks
+are pinned too. Furthest-next-use is the classical optimum for one access at a time; with a request's
+blocks pinned together its optimality is not proven here, and the tests check that it bounds every
+registered policy on the synthetic workloads. The token hit rate is that of the same schedule (a partial
+last block counts its own tokens).
 """
 
 from __future__ import annotations

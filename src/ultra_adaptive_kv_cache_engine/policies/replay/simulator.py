@@ -1,15 +1,26 @@
 """The replay loop: a trace's blocks, request by request, through one policy at one capacity.
 
-Rules (the same for every policy, the oracle included):
-- each request walks its blocks root first; a block is a hit only while every earlier block of the same
-  request was a hit (the prefix rule); after the first miss the rest of the request are misses;
-- a missed block that is cached (its prefix was broken) is touched (`on_access`) and not stored again;
-  a missed block that is not cached is offered: `admit` false stops storing the rest of the request (its
-  blocks would be unreachable), else victims are evicted until one block fits, then `on_insert`;
-- a block takes `block_tokens` of capacity even when partial (a paged cache allocates whole blocks); hit
-  and stored tokens count the tokens the block really holds;
-- blocks of the request being replayed are not pinned: a policy may evict them to make room;
+The rules are those of a live paged cache (`BlockPool` with a policy, driven by the cache manager: new
+sequence, append of the missed tokens' KV, commit, free), so that a live replay counts exactly the same
+hits, stores and evictions (tests/test_live_replay.py). The same for every policy, the oracle included:
+- the cache has ``capacity // block_tokens`` slots; a block takes a whole slot even when partial (a paged
+  cache allocates whole blocks); hit and stored tokens count the tokens the block really holds;
+- a request needs all its blocks in slots at once: one with more blocks than slots keeps only its first
+  `slots` blocks (the rest are misses, never stored: no live cache could hold them);
+- each request walks its blocks root first; its hits are the longest run of leading blocks that are cached
+  (the prefix rule), each touched (`on_access`), root first, and pinned until the request ends;
+- then every missed block gets a slot, all before any is named: free unnamed slots first, then victims of
+  the policy among the cached blocks that are not pinned (`policies.pinned.unpinned_victims`, asked once for
+  all the request needs), each removed (`on_remove`) before the next step;
+- then each missed block in order: one still cached (its prefix was broken: it was recomputed in a new slot)
+  causes no event and is not stored again; else `admit` false stops storing the rest of the request (their
+  slots stay unnamed), else `on_insert`. At the end of the request every slot is free again, the unnamed
+  ones reused first;
 - the injected clock reads the request's index, so every event of one request shares one tick.
+Policies see sizes of `block_tokens` against a capacity in tokens, where the live pool passes sizes of 1
+against a capacity in blocks: the same ratios, the same float results when `block_tokens` is a power of two.
+One trace rule has no live counterpart: a trace names a partial last block and the replay stores it, while a
+live cache names only full blocks (the live replay test gives every block its full `block_size` tokens).
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..base import EvictionPolicy
+from ..pinned import unpinned_victims
 from .belady import BeladyPolicy
 from .trace import BlockId, TraceRequest
 
@@ -81,55 +93,56 @@ class RequestClock:
 
 
 class _Replay:
-    """One replay in progress: the resident set, the policy's bound methods and the counters.
+    """One replay in progress: the resident set, the policy and the counters.
 
-    Invariant: `resident` is exactly the set of keys the policy tracks, and holds at most `slots` keys.
+    Invariant: `resident` is exactly the set of keys the policy tracks (the named blocks of the live pool),
+    and holds at most `slots` keys; between requests the other ``slots - len(resident)`` slots are free and
+    unnamed.
     """
 
     def __init__(self, policy: EvictionPolicy, slots: int, block_tokens: int) -> None:
         self.resident: set[BlockId] = set()
         self.slots, self.bt = slots, block_tokens
+        self.policy = policy
         self.oracle = policy if isinstance(policy, BeladyPolicy) else None
-        self.access, self.insert, self.remove = policy.on_access, policy.on_insert, policy.on_remove
-        self.admit, self.victims = policy.admit, policy.victims
         self.hit_blocks = self.hit_tokens = self.stored_blocks = self.stored_tokens = self.evicted = 0
 
     def request(self, keys: tuple[BlockId, ...], tokens: int, nxt: Sequence[float] | None) -> None:
-        resident, access, oracle = self.resident, self.access, self.oracle
+        resident, policy, oracle = self.resident, self.policy, self.oracle
+        keys = keys[: self.slots]
         n, h = len(keys), 0
         while h < n and keys[h] in resident:
-            if oracle is not None:
-                oracle.set_next_use(keys[h], nxt[h])  # type: ignore[index]
-            access(keys[h])
             h += 1
+        if oracle is not None:  # every block of the request is used now: its next use moves on
+            for i in range(n):
+                oracle.set_next_use(keys[i], nxt[i])  # type: ignore[index]
+        for i in range(h):
+            policy.on_access(keys[i])
         self.hit_blocks += h
         self.hit_tokens += min(h * self.bt, tokens)
+        self._make_room(n - h, set(keys[:h]))
         for i in range(h, n):
             key = keys[i]
-            if oracle is not None:
-                oracle.set_next_use(key, nxt[i])  # type: ignore[index]
             if key in resident:
-                access(key)
-            elif self.admit(key, self.bt):
-                self._store(key, min(self.bt, tokens - i * self.bt))
-            else:
-                if oracle is not None:  # the skipped cached blocks' next uses still move on
-                    for j in range(i + 1, n):
-                        if keys[j] in resident:
-                            oracle.set_next_use(keys[j], nxt[j])  # type: ignore[index]
+                continue
+            if oracle is not None:  # it may have been evicted just now, forgetting its next use
+                oracle.set_next_use(key, nxt[i])  # type: ignore[index]
+            if not policy.admit(key, self.bt):
                 return
+            policy.on_insert(key, self.bt)
+            resident.add(key)
+            self.stored_blocks += 1
+            self.stored_tokens += min(self.bt, tokens - i * self.bt)
 
-    def _store(self, key: BlockId, tokens: int) -> None:
-        resident = self.resident
-        while len(resident) >= self.slots:
-            (victim,) = self.victims(1)
-            self.remove(victim)
-            resident.remove(victim)
-            self.evicted += 1
-        self.insert(key, self.bt)
-        resident.add(key)
-        self.stored_blocks += 1
-        self.stored_tokens += tokens
+    def _make_room(self, needed: int, pinned: set[BlockId]) -> None:
+        """Evicts what `needed` free slots require beyond the free unnamed ones, sparing `pinned`."""
+        count = needed - (self.slots - len(self.resident))
+        if count <= 0:
+            return
+        for victim in unpinned_victims(self.policy, count, pinned.__contains__, len(pinned)):
+            self.policy.on_remove(victim)
+            self.resident.remove(victim)
+        self.evicted += count
 
     def counts(self) -> ReplayCounts:
         return ReplayCounts(self.hit_blocks, self.hit_tokens, self.stored_blocks, self.stored_tokens, self.evicted)
