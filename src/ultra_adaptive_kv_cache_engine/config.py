@@ -84,7 +84,7 @@ class KVCacheConfig:
 
     The KV block pool is sized in bytes, never by `max_tokens`: `max_memory` bytes when given, else on CUDA
     `gpu_memory_utilization` of the free device memory, else (CPU) a quarter of the available memory, at most
-    1 GiB. `tiers` lists the tiers below the pool; None derives them from `cpu_tier_bytes`,
+    512 MiB (`cache/budget.py`). `tiers` lists the tiers below the pool; None derives them from `cpu_tier_bytes`,
     `enable_persistence` (+ `disk_tier_bytes`) and `redis_url`.
 
     Every field carries `metadata["help"]` (and `"unit": "bytes"` for byte sizes): `config_sources` derives
@@ -133,7 +133,7 @@ class KVCacheConfig:
     # Memory budget of the KV block pool (bytes).
     max_memory: int | None = field(default=None, metadata={
         "help": "bytes of the KV block pool (none: on CUDA gpu_memory_utilization of the free device memory, "
-                "else a quarter of the available RAM, at most 1 GiB)", "unit": "bytes"})
+                "else a quarter of the available RAM, at most 512 MiB)", "unit": "bytes"})
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "fraction of the free CUDA memory given to the KV pool when max_memory is none, in (0, 1]"})
     # Adaptive controllers on the live path (each can be switched off).

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..cache.disk_census import count_kv_blocks
 from ..cache.factory import create_cache
-from ..cache.tensor_file import SnapshotError, load_snapshot, save_snapshot, snapshot_path
+from ..cache.shared_snapshot import SharedSnapshot
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
 from ..types import TierKind
@@ -44,6 +45,7 @@ class UltraAdaptiveKVCacheEngine:
         self.config = config
         self.logger = logging.getLogger(LOGGER_NAME)
         self.cache = create_cache(config)
+        self._snapshot = SharedSnapshot(config.persistence_dir, config.tenant_salt)  # touches no disk until used
         self.profiler = Profiler(enabled=config.enable_profiling)
         self._actions: dict[str, Handler] = {
             "store": self._handle_store,
@@ -123,13 +125,16 @@ class UltraAdaptiveKVCacheEngine:
     def persist(self) -> dict[str, Any]:
         """Makes everything in memory durable: the tensor store's entries (one crash-safe snapshot file) and
         every committed KV block of the model session (written to the disk tier and fsynced). Returns what it
-        wrote."""
+        wrote.
+
+        The snapshot is merged, never replaced: entries that other engines (this process or others) persisted
+        to the folder since this one last read or wrote it are first added to this engine's store, which can
+        evict through its policy (capacity holds), so no persisted entry is lost (`SharedSnapshot`). The
+        folder is locked only during the read and the write. "tensor_merged" counts the entries added."""
         self._require_persistence()
-        path = snapshot_path(self.config.persistence_dir, self.config.tenant_salt)
-        entries = self.cache.snapshot()
-        written = save_snapshot(path, entries, self.config.tenant_salt)
-        result: dict[str, Any] = {"tensor_entries": len(entries), "tensor_bytes": written,
-                                  "kv_blocks": 0, "kv_bytes": 0}
+        snap = self._snapshot.persist(self.cache)
+        result: dict[str, Any] = {"tensor_entries": snap.entries, "tensor_bytes": snap.nbytes,
+                                  "tensor_merged": snap.merged, "kv_blocks": 0, "kv_bytes": 0}
         if self._session is not None:
             flushed = self._session.paged.persist()
             if flushed is not None:
@@ -138,21 +143,20 @@ class UltraAdaptiveKVCacheEngine:
         return result
 
     def load(self) -> dict[str, Any]:
-        """Warms the engine from disk: restores the tensor store's snapshot and opens the model session, whose
-        disk tier rebuilds its index from the folder (a warm start). A snapshot that cannot be trusted is not
-        loaded (logged, counted); nothing already cached is lost. Returns what it found."""
+        """Warms the tensor store from disk: restores the snapshot's entries that it does not hold (which can
+        evict through its policy). It does not load the model: the KV blocks on disk are warm-started when the
+        model session opens (its disk tier rebuilds its index from the folder, on the first `process`). A
+        snapshot that cannot be trusted is not loaded (logged, counted); nothing already cached is lost.
+
+        Returns {"tensor_entries": entries restored, "snapshots_rejected": 0 or 1, "kv_blocks_on_disk": KV
+        blocks in the folder}; the last is the session's count when it is open, else a read-only count of the
+        folder's block files, every model and tenant, not yet verified (`disk_census.count_kv_blocks`)."""
         self._require_persistence()
-        path = snapshot_path(self.config.persistence_dir, self.config.tenant_salt)
-        try:
-            restored = self.cache.restore(load_snapshot(path, self.config.tenant_salt))
-            rejected = 0
-        except SnapshotError as exc:
-            self.logger.error("tensor store snapshot not loaded: %s", exc)
-            self.cache.counters.add("snapshots_rejected")
-            restored, rejected = 0, 1
-        session = self._model_session()
-        usage = session.paged.lower.usage() if session.paged.lower is not None else None
-        disk_blocks = sum(c.num_blocks or 0 for c in usage.children if c.kind == TierKind.DISK) if usage else 0
+        snap = self._snapshot.load(self.cache)
+        restored, rejected = snap.restored, int(snap.rejected)
+        session = self._session
+        disk_blocks = (session.cache.durable_blocks() if session is not None
+                       else count_kv_blocks(self.config.persistence_dir))
         result = {"tensor_entries": restored, "snapshots_rejected": rejected, "kv_blocks_on_disk": disk_blocks}
         self.logger.info("loaded %s", result)
         return result
