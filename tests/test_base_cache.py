@@ -185,3 +185,139 @@ def test_unregistered_strategy_has_a_clear_error():
         create_cache(KVCacheConfig(cache_strategy="nothing_here"))
     with pytest.raises(ValueError, match="cache_strategy='bogus' is not a known strategy"):
         KVCacheConfig(cache_strategy="bogus")
+
+
+# ----------------------------------------------------------------------------------------- the seed's patterns
+def test_the_seed_assignment_twice_and_after_register_strategy_is_a_no_op():
+    CacheStrategy.CUSTOM = "custom"
+    CacheStrategy.CUSTOM = "custom"  # a second module doing the seed's line
+    assert register_strategy("custom", cache=BaseKVCache) is CacheStrategy.CUSTOM
+    assert register_strategy("custom", cache=BaseKVCache) is CacheStrategy.CUSTOM  # registering twice
+    CacheStrategy.CUSTOM = "custom"  # the seed's line after register_strategy
+    CacheStrategy.LRU = CacheStrategy.LRU
+    assert CacheStrategy("custom") is CacheStrategy.CUSTOM and list(CacheStrategy).count(CacheStrategy.CUSTOM) == 1
+    with pytest.raises(AttributeError, match="CacheStrategy.CUSTOM is already 'custom'; cannot reassign it to 'other'"):
+        CacheStrategy.CUSTOM = "other"
+    with pytest.raises(AttributeError, match="CacheStrategy.LRU is already 'lru'; cannot reassign it to 'fifo'"):
+        CacheStrategy.LRU = CacheStrategy.FIFO
+    assert CacheStrategy.CUSTOM.value == "custom" and CacheStrategy.LRU.value == "lru"
+
+
+class SideEffectCache(BaseKVCache):
+    """The seed's subclass shape: `_store` and `_evict` overridden, neither calling the base's books."""
+
+    def __init__(self, config: KVCacheConfig):
+        super().__init__(config)
+        self.stored: list[bytes] = []
+        self.evicted: list[int] = []
+
+    def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.stored.append(self._digest_of(key))
+
+    def _evict(self, num_tokens: int) -> None:
+        self.evicted.append(num_tokens)
+        super()._evict(num_tokens)
+
+
+def test_a_subclass_store_hook_keeps_retrieve_capacity_and_the_policy():
+    cache = SideEffectCache(KVCacheConfig(max_tokens=6, cache_strategy="lru"))
+    keys = [kv(10 + i) for i in range(4)]
+    for i in range(3):
+        cache.store(keys[i], kv(20 + i))
+    assert cache.evicted == [] and torch.equal(cache.retrieve(keys[0]), kv(20))  # order now 1, 2, 0
+    cache.store(keys[3], kv(23, tokens=4))  # 6 held + 4 - 6: _evict(4), the policy drops 1 then 2
+    assert cache.evicted == [4] and [cache.contains(k) for k in keys] == [True, False, False, True]
+    assert cache.stored == [tensor_digest(k) for k in keys] and cache.num_tokens == 6 and len(cache.policy) == 2
+    assert cache.stats()["evictions"] == 2 and torch.equal(cache.retrieve(keys[3]), kv(23, tokens=4))
+
+
+class NewestFirstCache(BaseKVCache):
+    """A subclass choosing its own victims (newest first) without any registered policy."""
+
+    def _evict(self, num_tokens: int) -> None:
+        freed = 0
+        while freed < num_tokens and self._entries:
+            freed += self._remove(next(reversed(self._entries)))
+
+
+def test_a_subclass_evict_chooses_its_own_victims_with_remove():
+    CacheStrategy.NEWEST_TEST = "newest_test"
+    cache = NewestFirstCache(KVCacheConfig(max_tokens=6, cache_strategy="newest_test"))
+    assert cache.policy is None
+    keys = [kv(30 + i) for i in range(4)]
+    for i, k in enumerate(keys):
+        cache.store(k, kv(40 + i))
+    assert [cache.contains(k) for k in keys] == [True, True, False, True] and cache.num_tokens == 6
+
+
+class NeverEvictsCache(BaseKVCache):
+    def __init__(self, config: KVCacheConfig):
+        super().__init__(config)
+        self.stored: list[torch.Tensor] = []
+
+    def _evict(self, num_tokens: int) -> None:
+        pass
+
+    def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.stored.append(key)
+
+
+def test_a_subclass_evict_that_frees_too_little_refuses_the_store_and_names_the_shortfall():
+    cache = NeverEvictsCache(KVCacheConfig(max_tokens=4, cache_strategy="lru"))
+    cache.store(kv(1), kv(2))
+    cache.store(kv(3), kv(4))
+    with pytest.raises(RuntimeError, match=r"NeverEvictsCache._evict\(2\) left 2 token\(s\) too few for an entry "
+                                           r"of 2 within max_tokens=4"):
+        cache.store(kv(5), kv(6))
+    assert len(cache.stored) == 2 and len(cache) == 2 and cache.num_tokens == 4 and not cache.contains(kv(5))
+    cache.store(kv(1), kv(7))  # replacing an entry of the same size needs no room
+    assert torch.equal(cache.retrieve(kv(1)), kv(7))
+
+
+class HalfPrecisionCache(BaseKVCache):
+    """A subclass that keeps its own (float16) copy and serves from it through `_retrieve`."""
+
+    def __init__(self, config: KVCacheConfig):
+        super().__init__(config)
+        self.own: dict[bytes, torch.Tensor] = {}
+
+    def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.own[self._digest_of(key)] = value.to(torch.float16)
+
+    def _retrieve(self, key: torch.Tensor) -> torch.Tensor | None:
+        return self.own[self._digest_of(key)].to(torch.float32)
+
+
+def test_a_subclass_storing_elsewhere_serves_through_retrieve_and_the_books_gate_membership():
+    cache = HalfPrecisionCache(KVCacheConfig(max_tokens=4, cache_strategy="lru"))
+    cache.store(kv(1), kv(2))
+    cache.store(kv(3), kv(4))
+    cache.store(kv(5), kv(6))  # LRU evicts kv(1) from the books; its own copy stays, but is never asked for
+    assert torch.equal(cache.retrieve(kv(3)), kv(4).half().float())
+    assert cache.retrieve(kv(1)) is None and len(cache.own) == 3
+    assert {k: cache.stats()[k] for k in ("hits", "misses", "evictions")} == {"hits": 1, "misses": 1, "evictions": 1}
+
+
+def test_the_seed_factory_function_through_register_strategy_and_the_engine():
+    from ultra_adaptive_kv_cache_engine import UltraAdaptiveKVCacheEngine
+
+    CacheStrategy.CUSTOM = "custom"
+
+    def create_custom_cache(config):
+        if config.cache_strategy == CacheStrategy.CUSTOM:
+            return SideEffectCache(config)
+
+    assert register_strategy("custom", policy=LRUPolicy, cache=create_custom_cache) is CacheStrategy.CUSTOM
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=4, cache_strategy=CacheStrategy.CUSTOM))
+    assert type(engine.cache) is SideEffectCache
+    for i in range(3):
+        engine.store(kv(i), kv(10 + i))
+    assert engine.cache.evicted == [2] and engine.retrieve(kv(0)) is None
+    assert torch.equal(engine.retrieve(kv(2)), kv(12))
+
+
+def test_a_factory_that_returns_no_cache_is_a_clear_error():
+    register_strategy("nothing_made", cache=lambda config: None)
+    with pytest.raises(TypeError, match=r"cache_strategy='nothing_made' \(<lambda>\) returned NoneType; expected "
+                                        "a BaseKVCache"):
+        create_cache(KVCacheConfig(cache_strategy="nothing_made"))

@@ -104,3 +104,56 @@ async def test_end_to_end_workflow():
     # 5. Verify cache restored
     result3 = await new_engine.process_request(request)
     assert result3['cache_hit'] == True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Added (not the seed's own tests): the seed's extension snippets ("Extendiendo el KV Cache", "Registrar Nueva
+# Estrategia") run as written, then reach the engine through register_strategy.
+def test_seed_custom_strategy_snippets_through_the_engine():
+    from ultra_adaptive_kv_cache_engine import BaseKVCache, register_strategy
+    from ultra_adaptive_kv_cache_engine.cache.factory import CACHE_CLASSES
+
+    # --- the seed's "Crear una Nueva Estrategia de Cache", as written ---
+    class CustomKVCache(BaseKVCache):
+        """Implementación personalizada."""
+
+        def __init__(self, config: KVCacheConfig):
+            super().__init__(config)
+            # Tu inicialización personalizada
+
+        def _evict(self, num_tokens: int) -> None:
+            """Implementa tu lógica de evicción."""
+            # Tu código aquí
+            pass
+
+        def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
+            """Implementa tu lógica de almacenamiento."""
+            # Tu código aquí
+            pass
+
+    # --- the seed's "Registrar Nueva Estrategia", as written ---
+    # Agregar a enum
+    CacheStrategy.CUSTOM = "custom"
+
+    # Usar en factory
+    def create_custom_cache(config):
+        if config.cache_strategy == CacheStrategy.CUSTOM:
+            return CustomKVCache(config)
+
+    # --- run twice (another module did it first), registered, used by the engine ---
+    CacheStrategy.CUSTOM = "custom"
+    before = dict(CACHE_CLASSES)
+    try:
+        assert register_strategy("custom", cache=create_custom_cache) is CacheStrategy.CUSTOM
+        engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=16, cache_strategy=CacheStrategy.CUSTOM))
+        assert type(engine.cache) is CustomKVCache
+        key, value = torch.randn(1, 8, 64), torch.randn(1, 8, 64)
+        engine.store(key, value)
+        assert torch.equal(engine.retrieve(key), value)
+        engine.store(torch.randn(1, 8, 64), torch.randn(1, 8, 64))  # 16 tokens: full
+        with pytest.raises(RuntimeError, match=r"CustomKVCache._evict\(8\) left 8 token\(s\) too few"):
+            engine.store(torch.randn(1, 8, 64), torch.randn(1, 8, 64))  # the seed's _evict is a stub
+        assert torch.equal(engine.retrieve(key), value)
+    finally:
+        CACHE_CLASSES.clear()
+        CACHE_CLASSES.update(before)

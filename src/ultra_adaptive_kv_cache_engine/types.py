@@ -12,10 +12,23 @@ import torch
 
 
 class _ExtensibleEnumMeta(enum.EnumMeta):
-    """An enum metaclass where assigning a new UPPER_CASE name to a string adds a member."""
+    """An enum metaclass where assigning a new UPPER_CASE name to a string adds a member.
+
+    Assigning an existing member its own value again (``CacheStrategy.CUSTOM = "custom"`` run twice, or after
+    `register_strategy("custom", ...)`) is a no-op; assigning it a different value is an AttributeError that
+    names the member and both values.
+    """
 
     def __setattr__(cls, name: str, value: object) -> None:
         member_map = cls.__dict__.get("_member_map_")
+        existing = member_map.get(name) if member_map is not None else None
+        if existing is not None:  # enum creation sets a member's attribute before adding it to _member_map_
+            if isinstance(value, str) and value == existing._value_:
+                return
+            new = value._value_ if isinstance(value, cls) else value
+            raise AttributeError(
+                f"{cls.__name__}.{name} is already {existing._value_!r}; cannot reassign it to {new!r}"
+            )
         if (
             member_map is not None
             and name.isupper()

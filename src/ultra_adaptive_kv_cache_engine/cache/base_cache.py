@@ -2,8 +2,22 @@
 
 `store(key, value)` names the entry by a digest of the key tensor (dtype, shape, bytes); `retrieve(key)`
 returns a copy of the value or None. Capacity `config.max_tokens` is enforced by evicting through the policy
-that the configured strategy names in the policy registry. Subclasses customise storage and eviction through
-`_store(key, value)` and `_evict(num_tokens)`, exactly as the seed shows.
+that the configured strategy names in the policy registry.
+
+Books and extension points. The base class keeps the books itself, in `store`, around the subclass hooks:
+`_entries` (key digest -> `CacheEntry`, oldest first), the token count and the policy. So a subclass that
+overrides the seed's hooks without calling `super()` still has working `retrieve`, capacity and persistence:
+- `_store(key, value)`: called by `store` once capacity is made, before the books record the entry. The
+  default does nothing (the books hold the value); override it for a side effect or your own storage.
+- `_retrieve(key)`: the value for a key the books hold (a copy), or None (counted as a miss). Override it
+  together with `_store` when you store elsewhere; it is only asked about keys the books hold.
+- `_evict(num_tokens)`: free at least `num_tokens` tokens. The default asks the policy for victims; an
+  override chooses its own and drops each with `self._remove(digest)` (tokens freed), or calls
+  `super()._evict(n)`. If an override leaves too little room, the store is refused with a RuntimeError
+  naming the shortfall (nothing of that entry is recorded; what `_evict` dropped stays dropped).
+The books keep a private copy of every value: it is what `snapshot` and the engine's `persist` write. Each
+entry also carries the `stamp` of the snapshot write it came from (None once stored or re-stored in memory),
+which `SharedSnapshot` uses to merge snapshots without losing another engine's entries.
 
 Ownership: stored values are private clones; `retrieve` hands out clones, so callers may modify what they get.
 Thread-safety: every public method holds `self._lock` (an RLock).
@@ -13,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,10 +50,12 @@ class _Book:
 
 @dataclass(slots=True)
 class CacheEntry:
-    """One stored value and the tokens it occupies."""
+    """One stored value, the tokens it occupies, and the stamp of the snapshot write it is unchanged since
+    (None: stored in memory since it was last written or read)."""
 
     value: torch.Tensor
     tokens: int
+    stamp: str | None = None
 
 
 class BaseKVCache(nn.Module):
@@ -86,15 +102,13 @@ class BaseKVCache(nn.Module):
         tokens = self._validate(key, value)
         digest = tensor_digest(key)
         with self._lock:
-            old = self._entries.get(digest)
-            need = self._book.tokens - (old.tokens if old else 0) + tokens - self.max_tokens
-            if need > 0:
-                self._evict(need)
+            self._make_room(digest, tokens)
             self._book.pending = (key, digest)
             try:
                 self._store(key, value)
             finally:
                 self._book.pending = None
+            self._record(digest, CacheEntry(value.detach().clone(), tokens))
             self.counters.add("stores")
 
     def retrieve(self, key: torch.Tensor) -> torch.Tensor | None:
@@ -103,14 +117,20 @@ class BaseKVCache(nn.Module):
             raise TypeError(f"key must be a torch.Tensor, got {type(key).__name__}")
         digest = tensor_digest(key)
         with self._lock:
-            entry = self._entries.get(digest)
-            if entry is None:
+            value = None
+            if digest in self._entries:
+                self._book.pending = (key, digest)
+                try:
+                    value = self._retrieve(key)
+                finally:
+                    self._book.pending = None
+            if value is None:
                 self.counters.add("misses")
                 return None
             self.counters.add("hits")
             if self.policy is not None:
                 self.policy.on_access(digest)
-            return entry.value.clone()
+            return value
 
     def contains(self, key: torch.Tensor) -> bool:
         if not isinstance(key, torch.Tensor):
@@ -161,39 +181,44 @@ class BaseKVCache(nn.Module):
         with self._lock:
             return {digest: entry.value for digest, entry in self._entries.items()}
 
-    def restore(self, entries: dict[bytes, torch.Tensor]) -> int:
-        """Adds snapshot entries (key digest -> value) not already held, evicting as `store` does; entries
-        larger than the capacity are skipped. Returns how many were added."""
+    def stamped(self) -> dict[bytes, CacheEntry]:
+        """Every entry (key digest -> a copy of its `CacheEntry`, value shared: do not modify it)."""
+        with self._lock:
+            return {d: CacheEntry(e.value, e.tokens, e.stamp) for d, e in self._entries.items()}
+
+    def restore(self, entries: Mapping[bytes, torch.Tensor], stamps: Mapping[bytes, str] | None = None) -> int:
+        """Adds snapshot entries (key digest -> value, kept as given: not copied) not already held, in order,
+        evicting as `store` does (a restored entry can evict one restored before it); entries larger than the
+        capacity are skipped. `stamps` (digest -> stamp) name the snapshot write each came from. Returns how
+        many were added (some may have been evicted again by later ones)."""
         added = 0
         with self._lock:
             for digest, value in entries.items():
                 tokens = entry_tokens(value)
                 if digest in self._entries or tokens > self.max_tokens:
                     continue
-                need = self._book.tokens + tokens - self.max_tokens
-                if need > 0:
-                    self._evict(need)
-                self._entries[digest] = CacheEntry(value, tokens)
-                self._book.tokens += tokens
-                if self.policy is not None:
-                    self.policy.on_insert(digest, tokens)
+                self._make_room(digest, tokens)
+                self._record(digest, CacheEntry(value, tokens, stamps.get(digest) if stamps else None))
                 added += 1
         return added
 
+    def mark_written(self, written: Mapping[bytes, tuple[torch.Tensor, str]]) -> None:
+        """Stamps the entries just written to a snapshot (digest -> (the value object written, its stamp)),
+        unless an entry was replaced since (its value is no longer that object)."""
+        with self._lock:
+            for digest, (value, stamp) in written.items():
+                entry = self._entries.get(digest)
+                if entry is not None and entry.value is value:
+                    entry.stamp = stamp
+
     # ----------------------------------------------------------------- extension points
     def _store(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store `value` under `key` (capacity already made). Subclasses may replace this."""
-        digest = self._digest_of(key)
-        tokens = entry_tokens(value)
-        old = self._entries.pop(digest, None)
-        if old is not None:
-            self._book.tokens -= old.tokens
-            if self.policy is not None:
-                self.policy.on_remove(digest)
-        self._entries[digest] = CacheEntry(value.detach().clone(), tokens)
-        self._book.tokens += tokens
-        if self.policy is not None:
-            self.policy.on_insert(digest, tokens)
+        """Hook called by `store` with capacity made, before the books record `value` (they keep their own
+        copy). The default does nothing; `self._digest_of(key)` names the entry without hashing again."""
+
+    def _retrieve(self, key: torch.Tensor) -> torch.Tensor | None:
+        """The value for `key`, which the books hold: by default a copy of the books' value."""
+        return self._entries[self._digest_of(key)].value.clone()
 
     def _evict(self, num_tokens: int) -> None:
         """Free at least `num_tokens` tokens, victims chosen by the policy. Subclasses may replace this."""
@@ -211,6 +236,35 @@ class BaseKVCache(nn.Module):
             self.counters.add("evictions")
 
     # ----------------------------------------------------------------- helpers
+    def _make_room(self, digest: bytes, tokens: int) -> None:
+        """Evict through `_evict` so that `tokens` more (replacing `digest`'s entry, if held) fit; RuntimeError,
+        with nothing of this entry recorded, when `_evict` leaves too little room."""
+        old = self._entries.get(digest)
+        need = self._book.tokens - (old.tokens if old else 0) + tokens - self.max_tokens
+        if need <= 0:
+            return
+        self._evict(need)
+        old = self._entries.get(digest)
+        over = self._book.tokens - (old.tokens if old else 0) + tokens - self.max_tokens
+        if over > 0:
+            raise RuntimeError(
+                f"{type(self).__name__}._evict({need}) left {over} token(s) too few for an entry of {tokens} "
+                f"within max_tokens={self.max_tokens}; _evict must free at least num_tokens (drop entries with "
+                "self._remove(digest), or call super()._evict(num_tokens) to evict through the policy)"
+            )
+
+    def _record(self, digest: bytes, entry: CacheEntry) -> None:
+        """Put `entry` in the books under `digest` (replacing any older one) and tell the policy."""
+        old = self._entries.pop(digest, None)
+        if old is not None:
+            self._book.tokens -= old.tokens
+            if self.policy is not None:
+                self.policy.on_remove(digest)
+        self._entries[digest] = entry
+        self._book.tokens += entry.tokens
+        if self.policy is not None:
+            self.policy.on_insert(digest, entry.tokens)
+
     def _digest_of(self, key: torch.Tensor) -> bytes:
         pending = self._book.pending
         if pending is not None and pending[0] is key:
@@ -218,7 +272,8 @@ class BaseKVCache(nn.Module):
         return tensor_digest(key)
 
     def _remove(self, digest: Hashable) -> int:
-        """Drop one entry by digest; returns the tokens freed (0 if absent)."""
+        """Drop one entry from the books by digest; returns the tokens freed (0 if absent). `_evict` overrides
+        call this for each victim."""
         entry = self._entries.pop(digest, None)  # type: ignore[arg-type]
         if self.policy is not None:
             self.policy.on_remove(digest)

@@ -28,7 +28,11 @@ def register_strategy(
     cache: CacheFactory | None = None,
 ) -> CacheStrategy:
     """Add a strategy: a `CacheStrategy` member `name.upper()` with value `name.lower()`, its eviction policy
-    and/or its cache class (or factory). Returns the new member, usable in `KVCacheConfig(cache_strategy=...)`.
+    and/or its cache class (or factory). Returns the member, usable in `KVCacheConfig(cache_strategy=...)`.
+
+    The member may exist already (the seed's ``CacheStrategy.CUSTOM = "custom"`` first, or a second call):
+    it is reused. `cache` is a `BaseKVCache` subclass or the seed's factory function (config -> cache), which
+    `create_cache` (and so the engine) calls for every config naming this strategy.
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"strategy name {name!r} must be an identifier such as 'my_policy'")
@@ -57,4 +61,10 @@ def create_cache(config: KVCacheConfig) -> BaseKVCache:
             f"cache_strategy={value!r} has neither a cache class nor a policy registered; "
             f"register it with register_strategy({value!r}, policy=..., cache=...); registered: {', '.join(known)}"
         )
-    return factory(config)
+    cache = factory(config)
+    if not isinstance(cache, BaseKVCache):
+        raise TypeError(
+            f"the cache factory registered for cache_strategy={value!r} ({getattr(factory, '__name__', factory)}) "
+            f"returned {type(cache).__name__}; expected a BaseKVCache"
+        )
+    return cache

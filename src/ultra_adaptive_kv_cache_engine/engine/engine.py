@@ -21,7 +21,6 @@ from ..cache.factory import create_cache
 from ..cache.shared_snapshot import SharedSnapshot
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
-from ..types import TierKind
 from .optimizer import PerformanceOptimizer
 from .requests import require_dict, require_tensor, require_text, resolve_action
 
