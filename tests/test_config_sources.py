@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -261,3 +262,10 @@ def test_toml_output_names_each_source(tmp_path):
     assert lines["cpu_tier_bytes"] == "cpu_tier_bytes = 536870912  # default (512MiB)"
     assert lines["tiers"] == 'tiers = "none"  # default' and lines["enable_metrics"] == "enable_metrics = true  # default"
     assert list(lines) == list(FIELDS)
+
+
+def test_readme_lists_every_field_in_order():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    table = section[section.index("| field | default | meaning |"):]
+    assert re.findall(r"^\| `(\w+)` \|", table, re.M) == list(FIELDS)
