@@ -11,7 +11,16 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .types import CacheStrategy, CodecKind, DeviceKind, DiskLayout, FsyncPolicy, KVDType, TierKind, parse_enum
+from .types import (
+    CacheStrategy,
+    CodecKind,
+    DeviceKind,
+    DiskLayout,
+    FsyncPolicy,
+    KVDType,
+    TierKind,
+    parse_enum,
+)
 
 MAX_BLOCK_SIZE = 1024
 
