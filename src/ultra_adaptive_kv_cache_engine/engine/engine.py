@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,13 +22,24 @@ from ..cache.shared_snapshot import SharedSnapshot
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
 from .optimizer import PerformanceOptimizer
-from .requests import require_dict, require_tensor, require_text, resolve_action
+from .requests import RequestError, require_dict, require_tensor, require_text, resolve_action
+from .stream import StreamChunk
 
 if TYPE_CHECKING:
     from ..model.loaded import LoadedModel
     from .session import ModelSession
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _wants_stream(request: dict[str, Any], action: str) -> bool:
+    """The request's "stream" flag (False when absent); RequestError unless a bool on a `process` request."""
+    value = request.get("stream", False)
+    if not isinstance(value, bool):
+        raise RequestError(f"stream={value!r} must be true or false")
+    if value and action != "process":
+        raise RequestError(f"stream=True applies to the 'process' action only; got action {action!r}")
+    return value
 
 
 class UltraAdaptiveKVCacheEngine:
@@ -69,10 +80,16 @@ class UltraAdaptiveKVCacheEngine:
             return self.cache.retrieve(key)
 
     # ----------------------------------------------------------------- requests
-    async def process_request(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Run one request: {'action': 'store'|'retrieve'|'process', ...}. Raises ValueError on bad input."""
+    async def process_request(self, request: dict[str, Any]) -> Any:
+        """Run one request: {'action': 'store'|'retrieve'|'process', ...}; its result dict. Raises ValueError on
+        bad input. A `process` request with ``"stream": True`` returns the async iterator of `stream(request)`
+        (validated before it is returned)."""
         require_dict(request)
         action = resolve_action(request, sorted(self._actions))
+        if _wants_stream(request, action):
+            self._check_process(request)
+            session = await asyncio.to_thread(self._model_session)
+            return session.stream(request)
         start = time.perf_counter()
         try:
             return await self._actions[action](request)
@@ -89,10 +106,28 @@ class UltraAdaptiveKVCacheEngine:
         return {"action": "retrieve", "value": value, "cache_hit": value is not None}
 
     async def _handle_process(self, request: dict[str, Any]) -> dict[str, Any]:
-        if "messages" not in request:
-            require_text(request)
+        self._check_process(request)
         session = await asyncio.to_thread(self._model_session)
         return await session.process(request)
+
+    def stream(self, request: dict[str, Any]) -> AsyncIterator[StreamChunk]:
+        """The completion of a `process` request as `StreamChunk`s (engine/stream.py states the contract).
+
+        Validates synchronously: a bad request raises `RequestError` here, before iteration (the model is
+        loaded now if it was not). Closing the iterator (``aclose()``, or the consumer going away) cancels the
+        generation and frees its blocks."""
+        require_dict(request)
+        action = resolve_action(request, sorted(self._actions))
+        if action != "process":
+            raise RequestError(f"only the 'process' action streams; got action {action!r}")
+        _wants_stream(request, action)
+        self._check_process(request)
+        return self._model_session().stream(request)
+
+    @staticmethod
+    def _check_process(request: dict[str, Any]) -> None:
+        if "messages" not in request:
+            require_text(request)
 
     def _model_session(self) -> ModelSession:
         """The model session, created on first use (loads the model)."""

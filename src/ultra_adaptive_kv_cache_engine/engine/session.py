@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from ..model.loader import load_model
 from .optimizer import CachedBlock, PerformanceOptimizer
 from .requests import RequestError
 from .sampling import SamplingParams, parse_messages, parse_sampling
+from .stream import StreamChunk
 
 POOL = "pool"  # the tier name of blocks already in the block pool
 
@@ -40,6 +41,19 @@ class _StopOnText(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         done = [any(s in self.decode(row[self.prompt_length :].tolist()) for s in self.stops) for row in input_ids]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _EmitTokens(StoppingCriteria):
+    """Hands each step's new token to `emit` and stops the generation once `cancelled` is set."""
+
+    def __init__(self, prompt_length: int, emit: Callable[[int], None], cancelled: threading.Event) -> None:
+        self.prompt_length, self.emit, self.cancelled = prompt_length, emit, cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if input_ids.shape[1] > self.prompt_length:
+            self.emit(int(input_ids[0, -1]))
+        stop = self.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class ModelSession:
@@ -82,11 +96,57 @@ class ModelSession:
             raise RequestError("the prompt encodes to no tokens; expected at least one")
         return ids
 
-    async def process(self, request: dict[str, Any]) -> dict[str, Any]:
+    def _parse(self, request: dict[str, Any]) -> tuple[list[int], SamplingParams]:
         ids = self.encode_request(request)
         params = parse_sampling(request, self.config.max_new_tokens)
         self._check_context(len(ids), params.max_new_tokens)
+        return ids, params
+
+    async def process(self, request: dict[str, Any]) -> dict[str, Any]:
+        ids, params = self._parse(request)
         return await asyncio.to_thread(self.generate, ids, params)
+
+    def stream(self, request: dict[str, Any]) -> AsyncIterator[StreamChunk]:
+        """The request's completion as `StreamChunk`s (see engine/stream.py). Validates now: RequestError before
+        iteration. Closing the iterator stops the generation."""
+        ids, params = self._parse(request)
+        return self._stream(ids, params)
+
+    async def _stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[StreamChunk]:
+        loop = asyncio.get_running_loop()
+        tokens: asyncio.Queue[int] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(token: int) -> None:
+            loop.call_soon_threadsafe(tokens.put_nowait, token)
+
+        task = asyncio.ensure_future(asyncio.to_thread(self.generate, ids, params, emit, cancelled))
+        codec, sent, emitted = self.loaded.tokenizer, "", []
+        try:
+            while not task.done() or not tokens.empty():
+                getter = asyncio.ensure_future(tokens.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                token = getter.result()
+                if token == codec.eos_token_id:
+                    continue
+                emitted.append(token)
+                text = _cut_at_stop(codec.decode(emitted), params.stop)
+                if text.endswith("\ufffd") or params.stop:
+                    continue  # an incomplete character, or text a stop string may still cut: wait for the end
+                if text.startswith(sent) and len(text) > len(sent):
+                    yield StreamChunk(text[len(sent):], (token,), None, len(ids), 0, len(emitted))
+                    sent = text
+            result = task.result()
+            tail = result["text"][len(sent):] if result["text"].startswith(sent) else ""
+            yield StreamChunk(tail, (), result["finish_reason"], result["prompt_tokens"], result["cached_tokens"],
+                              result["completion_tokens"])
+        finally:
+            cancelled.set()
+            if not task.done():
+                await asyncio.wait({task})
 
     def _plan_load(self, pool_blocks: int, tiers: Sequence[str], prompt_tokens: int) -> int:
         """How many of the next cached blocks (found in `tiers`) to load rather than recompute."""
@@ -114,8 +174,12 @@ class ModelSession:
                 f"of {context} tokens; shorten the prompt or lower max_new_tokens"
             )
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> dict[str, Any]:
-        """Generate for one prompt (blocking); the result dict of the `process` action."""
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[int], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Generate for one prompt (blocking); the result dict of the `process` action. `emit` gets each new
+        token as it is generated; setting `cancelled` stops the generation."""
         codec = self.loaded.tokenizer
         kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "do_sample": not params.greedy,
                                   "pad_token_id": codec.pad_token_id if codec.pad_token_id is not None
@@ -124,8 +188,11 @@ class ModelSession:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
         if codec.eos_token_id is not None:
             kwargs["eos_token_id"] = codec.eos_token_id
-        if params.stop:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnText(codec.decode, len(prompt_ids), params.stop)])
+        criteria = [_StopOnText(codec.decode, len(prompt_ids), params.stop)] if params.stop else []
+        if emit is not None or cancelled is not None:
+            criteria.append(_EmitTokens(len(prompt_ids), emit or (lambda token: None), cancelled or threading.Event()))
+        if criteria:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         start = time.perf_counter()
         with self._lock:
             queued = time.perf_counter() - start
@@ -138,9 +205,14 @@ class ModelSession:
                 self.optimizer.observe_prefill(result.cached_tokens, result.prompt_tokens,
                                                max(result.ttft_s - self._load_s, 1e-6))
         new_ids = result.generated_ids[0].tolist()
+        finish = "length"
         if codec.eos_token_id is not None and codec.eos_token_id in new_ids:
-            new_ids = new_ids[: new_ids.index(codec.eos_token_id)]
+            new_ids, finish = new_ids[: new_ids.index(codec.eos_token_id)], "stop"
         text = _cut_at_stop(codec.decode(new_ids), params.stop)
+        if cancelled is not None and cancelled.is_set():
+            finish = "cancelled"
+        elif len(text) < len(codec.decode(new_ids)):
+            finish = "stop"
         self.counters.add("requests")
         self.counters.add("prompt_tokens", result.prompt_tokens)
         self.counters.add("cached_tokens", result.cached_tokens)
@@ -152,6 +224,7 @@ class ModelSession:
             "cached_tokens": result.cached_tokens,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": len(new_ids),
+            "finish_reason": finish,
             "ttft_ms": (queued + result.ttft_s) * 1e3,
             "latency_ms": (time.perf_counter() - start) * 1e3,
         }
