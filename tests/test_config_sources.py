@@ -220,8 +220,16 @@ def test_typo_in_an_env_name_is_an_error(name, target):
         load_config({}, None, {name: "1"})
 
 
+def test_a_callers_own_env_names_are_not_typos():
+    with _raises("UAKV_MAX_TOKENS_X='8' is not a configuration variable; did you mean UAKV_MAX_TOKENS?"):
+        load_config({}, None, {"UAKV_MAX_TOKENS_X": "8"})
+    r = resolve_config({}, None, {"UAKV_MAX_TOKENS_X": "8"}, other_env={"UAKV_MAX_TOKENS_X"})
+    assert r.config == KVCacheConfig()
+
+
 def test_env_names_that_are_not_fields_are_left_alone():
     env = {"UAKV_CACHE_DIR": "/tmp/c", "UAKV_RESULTS_DIR": "/tmp/r", "UAKV_SOMETHING_ELSE": "x", "HOME": "/h",
+           "UAKV_API_KEY": "k",
            "UAKV_CPU_TIER_BYTES": "1MiB", "UAKV_TIERS": "cpu:1MiB:lru,redis", "UAKV_DTYPE": "none"}
     r = resolve_config({}, None, env)
     assert r.config == KVCacheConfig(cpu_tier_bytes=2**20, tiers=parse_tiers("cpu:1MiB:lru,redis"))

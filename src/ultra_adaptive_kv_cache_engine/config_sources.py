@@ -17,7 +17,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -26,8 +26,9 @@ from .config import KVCacheConfig, TierConfig
 from .types import parse_enum
 
 ENV_PREFIX = "UAKV_"
-# UAKV_* variables that are not fields (the cache root; where benchmarks write): never taken for typos.
-NON_FIELD_ENV = frozenset({"UAKV_CACHE_DIR", "UAKV_RESULTS_DIR"})
+# UAKV_* variables that are not fields (the cache root, where benchmarks write, the server's API key): never
+# taken for typos. A caller with variables of its own passes them as `other_env`.
+NON_FIELD_ENV = frozenset({"UAKV_CACHE_DIR", "UAKV_RESULTS_DIR", "UAKV_API_KEY"})
 # Short options kept from the first `uakv`; each field's full option works too.
 OPTION_ALIASES: dict[str, tuple[str, ...]] = {
     "model_path": ("--model",), "cache_strategy": ("--strategy",), "enable_persistence": ("--persist",),
@@ -252,12 +253,15 @@ def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ValueError(f"config file {os.fspath(path)}: not valid TOML: {exc}") from None
 
 
-def env_values(environ: Mapping[str, str], table: tuple[ConfigField, ...]) -> dict[str, str]:
-    """Field name -> text of each field's UAKV_* variable; another UAKV_* name close to one (a typo) raises."""
+def env_values(environ: Mapping[str, str], table: tuple[ConfigField, ...],
+               other_env: Collection[str] = ()) -> dict[str, str]:
+    """Field name -> text of each field's UAKV_* variable; another UAKV_* name close to one (a typo) raises,
+    unless it is in NON_FIELD_ENV or `other_env`."""
     by_env = {f.env: f.name for f in table}
+    known = NON_FIELD_ENV | set(other_env)
     lookalikes = {f.env: f.env for f in table} | {
         ENV_PREFIX + a.lstrip("-").replace("-", "_").upper(): f.env for f in table for a in f.aliases}
-    for key in sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in by_env and k not in NON_FIELD_ENV):
+    for key in sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in by_env and k not in known):
         close = difflib.get_close_matches(key, list(lookalikes), n=1, cutoff=0.85)
         if close:
             raise ValueError(f"environment variable {key}={environ[key]!r} is not a configuration variable; "
@@ -266,10 +270,12 @@ def env_values(environ: Mapping[str, str], table: tuple[ConfigField, ...]) -> di
 
 
 def resolve_config(flags: Mapping[str, Any], config_file: str | os.PathLike[str] | None,
-                   environ: Mapping[str, str], defaults: Mapping[str, Any] | None = None) -> ResolvedConfig:
+                   environ: Mapping[str, str], defaults: Mapping[str, Any] | None = None,
+                   other_env: Collection[str] = ()) -> ResolvedConfig:
     """The config from `flags` > `environ` (UAKV_*) > the TOML file > `defaults` > the dataclass's defaults.
 
-    `flags` and `defaults` map field names to text (parsed as a variable's) or to values (validated as given).
+    `flags` and `defaults` map field names to text (parsed as a variable's) or to values (validated as given);
+    `other_env` names the caller's own UAKV_* variables (not fields, not typos).
     """
     table = field_table()
     layers = _Layers(table)
@@ -278,7 +284,7 @@ def resolve_config(flags: Mapping[str, Any], config_file: str | os.PathLike[str]
         path = os.fspath(config_file)
         layers.read(read_file(path), lambda key: f"file {path}", lambda key: f"config file {path}, key {key}")
     env = {f.name: f.env for f in table}
-    layers.read(env_values(environ, table), lambda name: f"env {env[name]}",
+    layers.read(env_values(environ, table, other_env), lambda name: f"env {env[name]}",
                 lambda name: f"environment variable {env[name]}")
     option = {f.name: f.option for f in table}
     layers.read(flags, lambda name: f"flag {option[name]}", lambda name: f"option {option.get(name, name)}")
