@@ -18,7 +18,7 @@ import torch
 
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
-from ultra_adaptive_kv_cache_engine.memory import BlockPool, EvictedBlock, KVSpec
+from ultra_adaptive_kv_cache_engine.memory import KVSpec
 from ultra_adaptive_kv_cache_engine.policies import POLICIES, make_policy
 from ultra_adaptive_kv_cache_engine.policies.replay import (
     CompiledTrace,
@@ -40,13 +40,6 @@ def live_cache(strategy: str, num_blocks: int) -> KVCacheManager:
     """The manager of `strategy` over `num_blocks` blocks, its pool driven by its policy."""
     cache = KVCacheManager(KVCacheConfig(block_size=BLOCK, cache_strategy=strategy, device="cpu"), SPEC,
                            num_blocks=num_blocks)
-    if cache.pool.policy is None:  # until the manager hands the policy it builds to its pool
-        def on_evict(evicted: EvictedBlock) -> None:
-            if cache.index.get(evicted.block_hash) == evicted.block_id:
-                cache.index.remove(evicted.block_hash)
-
-        cache.pool.close()
-        cache.pool = BlockPool(SPEC, num_blocks, on_evict=on_evict, policy=cache.policy)
     assert cache.pool.policy is not None and cache.pool.policy.name == strategy
     return cache
 

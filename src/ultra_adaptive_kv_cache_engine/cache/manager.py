@@ -77,6 +77,7 @@ class _Sequence:
     num_kv: int
     num_cached: int
     num_promoted: int = 0
+    refused: bool = False  # the policy refused one of its blocks: the rest of it is never named
 
 
 def default_namespace(config: KVCacheConfig, spec: KVSpec) -> Namespace:
@@ -133,7 +134,7 @@ class KVCacheManager:
         self.budget: PoolBudget = plan_pool(config, spec, num_blocks)
         self._tick = 0
         self.policy = self._make_policy(self.budget.num_blocks)
-        self.pool = BlockPool(spec, self.budget.num_blocks, allocator, on_evict=self._on_evict)  # POLICY-PENDING
+        self.pool = BlockPool(spec, self.budget.num_blocks, allocator, on_evict=self._on_evict, policy=self.policy)
         self.index = PrefixIndex()
         self._sequences: dict[int, _Sequence] = {}
         self._next_seq_id = 0
@@ -373,10 +374,14 @@ class KVCacheManager:
     def commit(self, seq_id: int) -> int:
         """Names every full block of the sequence and enters it in the prefix index; returns how many new.
 
-        A block whose hash already names another block (the same content computed twice) stays unnamed.
+        A block whose hash already names another block (the same content computed twice) stays unnamed. The
+        policy is asked (`admit`) once per new block; a refusal leaves that block and every later block of the
+        sequence unnamed (a child is worthless without its parent).
         """
         with self._lock:
             seq = self._sequence(seq_id)
+            if seq.refused:
+                return 0
             bs = self.block_size
             parent = seq.hashes[-1] if seq.hashes else None
             new_ids: list[int] = []
@@ -384,7 +389,12 @@ class KVCacheManager:
             for i in range(len(seq.hashes), seq.num_kv // bs):
                 parent = hash_block(parent, seq.tokens[i * bs : (i + 1) * bs], self.namespace)
                 block_id = seq.block_ids[i]
-                if self.index.insert(parent, block_id):
+                if parent not in self.index:
+                    if not self.pool.admit(parent):
+                        seq.refused = True
+                        self.counters.add("admission_refused_blocks")
+                        break
+                    self.index.insert(parent, block_id)
                     self.pool.set_block_hash(block_id, parent)
                     new_ids.append(block_id)
                     new_hashes.append(parent)
