@@ -1,7 +1,8 @@
 """L0 enums shared by every layer: strategies, dtypes, devices, codecs, tiers, fsync policies.
 
 `CacheStrategy` is extensible at run time, so that both the registry (`register_strategy`) and the seed's
-own pattern (``CacheStrategy.CUSTOM = "custom"``) add a real member that `CacheStrategy("custom")` finds.
+own pattern (``CacheStrategy.CUSTOM = "custom"``) add a real member that `CacheStrategy("custom")` finds;
+`CodecKind` likewise, for users' compressors registered as codecs.
 """
 
 from __future__ import annotations
@@ -126,8 +127,8 @@ class DeviceKind(str, enum.Enum):
         return torch.device(self.value)
 
 
-class CodecKind(str, enum.Enum):
-    """How a block is encoded in a tier."""
+class CodecKind(str, enum.Enum, metaclass=_ExtensibleEnumMeta):
+    """How a block is encoded in a tier; extensible like `CacheStrategy` (`compression.register_compressor`)."""
 
     IDENTITY = "identity"
     FP8 = "fp8"
