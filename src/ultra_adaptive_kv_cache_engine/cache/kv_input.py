@@ -1,4 +1,5 @@
-"""Checks of what callers hand the cache manager: token ids and per-layer KV tensors; a JSON view of tier usage."""
+"""Checks of what callers hand the cache manager (token ids, per-layer KV), the gather of one layer's KV out of
+pool blocks, and a JSON view of tier usage."""
 
 from __future__ import annotations
 
@@ -65,3 +66,17 @@ def usage_dict(usage: Any) -> dict[str, Any]:
         "last_error": usage.last_error, "counters": dict(usage.counters),
         "children": [usage_dict(c) for c in usage.children],
     }
+
+
+def gather_layer(
+    kv: torch.Tensor, spec: KVSpec, block_ids: list[int], num_tokens: int, layer: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of `layer` in pool blocks `block_ids`, first `num_tokens` tokens: contiguous
+    (num_kv_heads, num_tokens, head_dim) each. ValueError for a layer out of range."""
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.num_layers:
+        raise ValueError(f"layer={layer!r} is out of range; expected an int in [0, {spec.num_layers})")
+    table = torch.tensor(block_ids, dtype=torch.long, device=kv.device)
+    chunk = kv[:, layer].index_select(0, table)  # (blocks, 2, B, H, D)
+    heads, dim = spec.num_kv_heads, spec.head_dim
+    chunk = chunk.permute(1, 3, 0, 2, 4).reshape(2, heads, len(block_ids) * spec.block_size, dim)
+    return chunk[0, :, :num_tokens].contiguous(), chunk[1, :, :num_tokens].contiguous()

@@ -23,6 +23,8 @@ from ..compression import Codec
 from ..config import KVCacheConfig
 from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records
 from ..tiers.block_io import LoadResult
+from ..types import TierKind
+from .tier_controls import BlockSource, TierControl, block_source, tier_controls
 from .tier_list import build_tiers
 
 LoadPlanner = Callable[[int, Sequence[str], int], int]
@@ -97,6 +99,11 @@ class LowerTiers:
         self._located = located
         return list(hashes[: len(located)])
 
+    @property
+    def located(self) -> tuple[str, ...]:
+        """The tier holding each block of the last `choose` (empty when no planner or observer asked to locate)."""
+        return tuple(self._located)
+
     def report(self, records: Sequence[BlockRecord], seconds: float) -> None:
         """Tells the observer what a promotion moved (bytes per tier that held each block) and how long it took."""
         if self.observer is None or not records:
@@ -123,3 +130,16 @@ class LowerTiers:
 
     def usage(self) -> Any:
         return self.store.usage()
+
+    def durable_blocks(self) -> int:
+        """Blocks the disk tiers hold now."""
+        usage = self.store.usage()
+        return sum(c.num_blocks or 0 for c in (usage.children or (usage,)) if c.kind == TierKind.DISK)
+
+    def tier_controls(self) -> list[TierControl]:
+        """One control per resizable tier, fastest first (`tier_controls.tier_controls`)."""
+        return tier_controls(self.store) if isinstance(self.store, TieredStore) else []
+
+    def block_source(self) -> BlockSource | None:
+        """Promotion into the fastest tier through the write-through thread (None for a single bare tier)."""
+        return block_source(self.store, self.transfer) if isinstance(self.store, TieredStore) else None

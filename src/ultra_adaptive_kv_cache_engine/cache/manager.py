@@ -39,16 +39,16 @@ from typing import Any
 import torch
 
 from ..config import KVCacheConfig
-from ..memory import LAYOUT_VERSION, BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBlocksError
+from ..memory import BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBlocksError
 from ..metrics import LOGGER_NAME, Counters
 from ..policies import EvictionPolicy, has_policy, make_policy
 from ..prefix import Namespace, PrefixIndex, hash_block, hash_blocks
 from ..tiers import FlushResult
-from ..types import TierKind
 from .budget import PoolBudget, plan_pool
-from .kv_input import check_kv, token_list, usage_dict
+from .kv_input import check_kv, gather_layer, token_list, usage_dict
 from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
-from .tier_list import namespace_codec
+from .namespaces import check_namespace, default_namespace
+from .tier_controls import BlockSource, TierControl
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,12 @@ class PrefixMatch:
 @dataclass(frozen=True)
 class SequenceHits:
     """Where a sequence's reused prefix came from: `pool_tokens` were in the pool, `tier_tokens` were promoted
-    from the tiers below it (both multiples of the block size)."""
+    from the tiers below it (both multiples of the block size); `tiers` names where each reused block was,
+    in prefix order ("pool", a tier's name, or "lower" when the tier was not located)."""
 
     pool_tokens: int
     tier_tokens: int
+    tiers: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -77,21 +79,8 @@ class _Sequence:
     num_kv: int
     num_cached: int
     num_promoted: int = 0
+    promoted_from: tuple[str, ...] = ()
     refused: bool = False  # the policy refused one of its blocks: the rest of it is never named
-
-
-def default_namespace(config: KVCacheConfig, spec: KVSpec) -> Namespace:
-    """A namespace for a cache whose model identity is not given: blocks match only within it."""
-    return Namespace(
-        model_id="unspecified",
-        weights_fingerprint="",
-        tokenizer_id="",
-        dtype=str(spec.dtype).removeprefix("torch."),
-        block_size=spec.block_size,
-        layout_version=LAYOUT_VERSION,
-        codec=namespace_codec(config),
-        tenant_salt=config.tenant_salt,
-    )
 
 
 class KVCacheManager:
@@ -123,7 +112,7 @@ class KVCacheManager:
         if config.dtype is not None and config.dtype.torch != spec.dtype:
             raise ValueError(f"spec.dtype={spec.dtype} must equal config.dtype={config.dtype.value}")
         namespace = namespace if namespace is not None else default_namespace(config, spec)
-        self._check_namespace(namespace, spec)
+        check_namespace(namespace, spec)
         self.config = config
         self.logger = logging.getLogger(LOGGER_NAME)
         self.counters = Counters()
@@ -157,16 +146,6 @@ class KVCacheManager:
 
     def _request_tick(self) -> float:
         return float(self._tick)
-
-    @staticmethod
-    def _check_namespace(namespace: Namespace, spec: KVSpec) -> None:
-        if not isinstance(namespace, Namespace):
-            raise TypeError(f"namespace={namespace!r} must be a Namespace")
-        dtype_name = str(spec.dtype).removeprefix("torch.")
-        expected = {"block_size": spec.block_size, "dtype": dtype_name, "layout_version": LAYOUT_VERSION}
-        for field, value in expected.items():
-            if getattr(namespace, field) != value:
-                raise ValueError(f"namespace.{field}={getattr(namespace, field)!r} must be {value!r} for this pool")
 
     # -- prefix reuse -------------------------------------------------------------------------------------
     def lookup(self, token_ids: Sequence[int]) -> PrefixMatch:
@@ -209,11 +188,13 @@ class KVCacheManager:
             in_pool = match.num_tokens
             if self.lower is not None and len(match.block_ids) < max_blocks:
                 match = self._promote(tokens, match, max_blocks)
+            promoted = (match.num_tokens - in_pool) // self.block_size
+            where = self.lower.located[:promoted] if promoted and self.lower is not None else ()
             seq_id = self._next_seq_id
             self._next_seq_id += 1
             self._sequences[seq_id] = _Sequence(
                 tokens, list(match.block_ids), list(match.hashes), match.num_tokens, match.num_tokens,
-                match.num_tokens - in_pool,
+                match.num_tokens - in_pool, tuple(where) + ("lower",) * (promoted - len(where)),
             )
             self.counters.add("prefix_query_tokens", len(tokens))
             self.counters.add("prefix_hit_tokens", match.num_tokens)
@@ -255,11 +236,7 @@ class KVCacheManager:
 
     def durable_blocks(self) -> int:
         """Blocks the durable tiers (disk) hold now: what a restart warm-starts from."""
-        if self.lower is None:
-            return 0
-        usage = self.lower.usage()
-        children = usage.children or (usage,)
-        return sum(c.num_blocks or 0 for c in children if c.kind == TierKind.DISK)
+        return self.lower.durable_blocks() if self.lower is not None else 0
 
     def set_load_planner(self, planner: LoadPlanner | None, observer: LoadObserver | None = None) -> None:
         """Compute or load: `planner` decides per request how many blocks found below the pool to load (the rest
@@ -274,6 +251,14 @@ class KVCacheManager:
     def usage(self) -> Any:
         """The tiers' `TierUsage` tree, or None without tiers."""
         return self.lower.usage() if self.lower is not None else None
+
+    def tier_controls(self) -> list[TierControl]:
+        """What the autoscaler resizes: one control per resizable tier, fastest first."""
+        return self.lower.tier_controls() if self.lower is not None else []
+
+    def block_source(self) -> BlockSource | None:
+        """What the prefetcher promotes through (in the write-through thread), or None without tiers."""
+        return self.lower.block_source() if self.lower is not None else None
 
     # -- the pool as kernels and runners see it ----------------------------------------------------------
     @property
@@ -443,21 +428,15 @@ class KVCacheManager:
             return self._gather(list(match.block_ids), match.num_tokens, layer)
 
     def _gather(self, block_ids: list[int], num_tokens: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.spec.num_layers:
-            raise ValueError(f"layer={layer!r} is out of range; expected an int in [0, {self.spec.num_layers})")
-        kv = self.pool.kv
-        table = torch.tensor(block_ids, dtype=torch.long, device=kv.device)
-        chunk = kv[:, layer].index_select(0, table)  # (blocks, 2, B, H, D)
-        heads, dim = self.spec.num_kv_heads, self.spec.head_dim
-        chunk = chunk.permute(1, 3, 0, 2, 4).reshape(2, heads, len(block_ids) * self.block_size, dim)
-        return chunk[0, :, :num_tokens].contiguous(), chunk[1, :, :num_tokens].contiguous()
+        return gather_layer(self.pool.kv, self.spec, block_ids, num_tokens, layer)
 
     # -- inspection ---------------------------------------------------------------------------------------
     def sequence_hits(self, seq_id: int) -> SequenceHits:
         """Where the sequence's reused prefix came from (pool or tiers below it)."""
         with self._lock:
             seq = self._sequence(seq_id)
-            return SequenceHits(seq.num_cached - seq.num_promoted, seq.num_promoted)
+            in_pool = seq.num_cached - seq.num_promoted
+            return SequenceHits(in_pool, seq.num_promoted, ("pool",) * (in_pool // self.block_size) + seq.promoted_from)
 
     def num_cached_tokens(self, seq_id: int) -> int:
         """Leading tokens whose KV the sequence reused when it was created (a multiple of block_size for a

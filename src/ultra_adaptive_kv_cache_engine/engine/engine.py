@@ -170,7 +170,7 @@ class UltraAdaptiveKVCacheEngine:
         result: dict[str, Any] = {"tensor_entries": snap.entries, "tensor_bytes": snap.nbytes,
                                   "tensor_merged": snap.merged, "kv_blocks": 0, "kv_bytes": 0}
         if self._session is not None:
-            flushed = self._session.paged.persist()
+            flushed = self._session.cache.persist()
             if flushed is not None:
                 result.update(kv_blocks=len(flushed.keys), kv_bytes=flushed.nbytes)
         self.logger.info("persisted %s", result)
@@ -199,8 +199,8 @@ class UltraAdaptiveKVCacheEngine:
         """Waits for queued tier writes (so other processes sharing the tiers see them) and stops the writer
         threads. The engine must not be used afterwards. Idempotent."""
         session = self._session
-        if session is not None and session.paged.lower is not None:
-            session.paged.lower.close()
+        if session is not None:
+            session.cache.close()
 
     def __enter__(self) -> UltraAdaptiveKVCacheEngine:
         return self
