@@ -159,6 +159,18 @@ def test_autoscaler_fits_the_working_set_unless_memory_is_short(tmp_path: Path, 
     assert disk.usage().capacity_bytes == 32 * B  # the disk's budget is its own: no use beyond the CPU tier
 
 
+def test_a_lull_in_traffic_does_not_shrink_the_tiers(tmp_path: Path) -> None:
+    cpu, _, store = world(tmp_path, 128, 256)
+    clock = Clock()
+    c = controllers(store, clock, enable_autoscaler=True)
+    hot_loop(c, clock, 48, 6)
+    c.step()
+    clock.now += 300.0  # five minutes without a request: the forecast sees no accesses at all...
+    assert c.predictor is not None and c.predictor.access_rate(10.0) == 0.0
+    c.step()
+    assert cpu.usage().capacity_bytes == 48 * B  # ...but the curve still says 48 blocks buy hits
+
+
 def test_background_thread_runs_rounds_and_stops(tmp_path: Path) -> None:
     _, _, store = world(tmp_path, 4, 8)
     config = KVCacheConfig(**{**OFF, "enable_metrics": True, "controller_interval_s": 0.001})

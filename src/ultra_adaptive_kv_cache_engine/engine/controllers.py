@@ -48,6 +48,8 @@ from .predictor import WorkloadPredictor
 from .prefetcher import CachePrefetcher, PrefetchResult
 
 LOGGER = logging.getLogger(LOGGER_NAME)
+MIN_ACCESS_RATE = 1e-6
+"""Block accesses per second the autoscaler assumes at least (see `_TierCurve`)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,9 @@ class ControlRound:
 
 
 class _TierCurve:
-    """`HitRateModel` of one tier: the predictor's LRU curve at (capacity of the faster tiers + capacity)."""
+    """`HitRateModel` of one tier: the predictor's LRU curve at (capacity of the faster tiers + capacity). Its
+    access rate is never below `MIN_ACCESS_RATE`: a lull (a forecast of no accesses) is no evidence that memory
+    buys nothing, so the curve still decides."""
 
     def __init__(self, predictor: WorkloadPredictor, faster: Sequence[TierControl]) -> None:
         self.predictor, self.faster = predictor, tuple(faster)
@@ -99,7 +103,7 @@ class _TierCurve:
         return self.predictor.hit_rate(base + capacity_bytes)
 
     def access_rate(self, horizon_s: float) -> float:
-        return self.predictor.access_rate(horizon_s)
+        return max(MIN_ACCESS_RATE, self.predictor.access_rate(horizon_s))
 
 
 class Controllers:
