@@ -1,0 +1,82 @@
+"""OpenAI response objects for one generation: the whole answer, the streamed chunks and the usage, for both
+routes. `ResponseShape` is what differs between `/v1/completions` (`text_completion`, choices carry `text`)
+and `/v1/chat/completions` (`chat.completion`, choices carry a `message` or a `delta`)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` is the prompt's reused prefix."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+@dataclass(frozen=True)
+class ResponseShape:
+    """The names one route's objects use."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+        if self.chat:
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+    def delta(self, text: str | None, finish_reason: str | None) -> dict[str, Any]:
+        """A streamed choice: `text` None is the chat's opening delta (the role), "" with a reason the last."""
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        if text is None:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""}
+        else:
+            delta = {"content": text} if text or finish_reason is None else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+CHAT = ResponseShape("chatcmpl-", "chat.completion", "chat.completion.chunk", chat=True)
+COMPLETION = ResponseShape("cmpl-", "text_completion", "text_completion", chat=False)
+
+
+@dataclass
+class ResponseWriter:
+    """Builds the objects of one response; every object of one response shares its id and creation time."""
+
+    shape: ResponseShape
+    model: str
+    include_usage: bool = False
+    id: str = field(default="")
+    created: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{self.shape.id_prefix}{uuid.uuid4().hex}"
+        self.created = self.created or int(time.time())
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, text: str, finish_reason: str, tokens: dict[str, Any]) -> dict[str, Any]:
+        """The non-streamed answer; `tokens` is a `usage(...)` object."""
+        return {**self._head(self.shape.object), "choices": [self.shape.choice(text, finish_reason)],
+                "usage": tokens}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+        """One streamed chunk (see `ResponseShape.delta`); its `usage` is null when the client asked for a
+        usage chunk at the end."""
+        out = {**self._head(self.shape.chunk_object), "choices": [self.shape.delta(text, finish_reason)]}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, tokens: dict[str, Any]) -> dict[str, Any]:
+        """The last chunk before [DONE] when `stream_options.include_usage` is set: no choices, the usage."""
+        return {**self._head(self.shape.chunk_object), "choices": [], "usage": tokens}
