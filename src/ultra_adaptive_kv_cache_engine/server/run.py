@@ -19,13 +19,16 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME
 from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from ..model.loaded import LoadedModel
 
 logger = logging.getLogger(LOGGER_NAME)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -75,13 +78,14 @@ def run_server(app: Any, config: ServerConfig) -> None:
     sock.close()
 
 
-def serve_command(kv_config: KVCacheConfig, server_config: ServerConfig) -> int:
-    """`uakv serve`: model, engine, server, graceful shutdown; returns 0 (see the module docstring)."""
+def serve_command(kv_config: KVCacheConfig, server_config: ServerConfig, model: LoadedModel | None = None) -> int:
+    """`uakv serve`: model, engine, server, graceful shutdown; returns 0 (see the module docstring). `model`: an
+    already loaded model (default: the one `kv_config.model_path` names, loaded now)."""
     from ..engine.engine import UltraAdaptiveKVCacheEngine
     from ..model.loader import load_model
     from .app import create_app
 
-    model = load_model(kv_config)
+    model = model if model is not None else load_model(kv_config)
     engine = UltraAdaptiveKVCacheEngine(kv_config, model=model)
     try:
         run_server(create_app(engine, server_config, model), server_config)
