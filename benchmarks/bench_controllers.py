@@ -10,6 +10,8 @@ Questions (one JSON line answers all):
   half-life, phases last 40 s or more) beat every fixed split it moves between?
 - optimizer: advanced_optimization's measured improvements (memory bytes, latency, throughput time).
 - metrics collector: cost of one event (a lookup), so that it can stay on the hot path.
+- live (`--live` alone, or in every run): the controllers as the engine runs them (`Controllers`), each against
+  all off, on a multi-turn conversation replay through the real cache manager (see controllers_live.py).
 All workloads are seeded and run on a simulated clock; tiers are the real CPUTier and DiskTier.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import random
 import statistics
 import sys
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import torch
 from bench_common import emit
+from controllers_live import bench_live
 
 from ultra_adaptive_kv_cache_engine.cache.tier_controls import ResizableTier, StoreBlockSource
 from ultra_adaptive_kv_cache_engine.compression import make_codec
@@ -250,12 +254,20 @@ def bench_metrics(events: int) -> dict[str, float]:
     for i, k in enumerate(keys):
         collector.record_lookup(k, "cpu" if i % 3 else None)
     per_event = (time.perf_counter() - start) / events
-    return {"lookup_event_us": per_event * 1e6, "exposition_bytes": len(collector.exposition())}
+    requests = AdvancedMetricsCollector()  # what the engine calls: one record_request per request of 32 blocks
+    tiers = ["pool"] * 16 + ["cpu"] * 8 + ["disk"] * 4 + [None] * 4
+    start = time.perf_counter()
+    for i in range(0, events, 32):
+        requests.record_request(keys[i : i + 32], tiers[: len(keys[i : i + 32])], 0.05, 512, 448)
+    per_block = (time.perf_counter() - start) / events
+    return {"lookup_event_us": per_event * 1e6, "request_per_block_us": per_block * 1e6,
+            "exposition_bytes": len(collector.exposition())}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller workloads (under a minute on 2 cores)")
+    parser.add_argument("--live", action="store_true", help="the live section only (results are not saved)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
     parser.add_argument("--threads", type=int, default=1,
@@ -266,19 +278,25 @@ def main() -> None:
     rng = random.Random(args.seed)
     result: dict[str, object] = {"seed": args.seed, "quick": args.quick, "torch_threads": torch.get_num_threads()}
     started = time.perf_counter()
-    log("predictor ...")
-    result["predictor"] = bench_predictor(rng, 600 if args.quick else 1800)
-    log("prefetcher ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        result["prefetcher"] = bench_prefetcher(rng, 60 if args.quick else 200, Path(tmp))
-    log("autoscaler ...")
-    result["autoscaler"] = bench_autoscaler(rng, 4000 if args.quick else 15000)
-    log("optimizer ...")
-    result["optimizer"] = bench_optimizer()
-    result["optimizer"]["compute_or_load"] = "see bench_compute_or_load"
-    result["metrics_collector"] = bench_metrics(20000 if args.quick else 200000)
+    if not args.live:
+        log("predictor ...")
+        result["predictor"] = bench_predictor(rng, 600 if args.quick else 1800)
+        log("prefetcher ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            result["prefetcher"] = bench_prefetcher(rng, 60 if args.quick else 200, Path(tmp))
+        log("autoscaler ...")
+        result["autoscaler"] = bench_autoscaler(rng, 4000 if args.quick else 15000)
+        log("optimizer ...")
+        result["optimizer"] = bench_optimizer()
+        result["optimizer"]["compute_or_load"] = "see bench_compute_or_load"
+        result["metrics_collector"] = bench_metrics(20000 if args.quick else 200000)
+    log("live replay through the cache manager ...")
+    result["live"] = bench_live(random.Random(args.seed), args.quick, args.seed)
     result["seconds"] = time.perf_counter() - started
-    emit("controllers", result, save=not args.no_save)
+    # Only a full run writes benchmarks/results/; a quick or live-only run writes only where UAKV_RESULTS_DIR
+    # points (make's quick target: an ignored folder).
+    partial = args.quick or args.live
+    emit("controllers", result, save=not args.no_save and (not partial or bool(os.environ.get("UAKV_RESULTS_DIR"))))
 
 
 if __name__ == "__main__":

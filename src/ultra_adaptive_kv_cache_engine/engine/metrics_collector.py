@@ -84,6 +84,7 @@ class AdvancedMetricsCollector:
         self.tier_capacity = Gauge(f"{p}tier_capacity_bytes", "Capacity of a tier.", ["tier"], registry=r)
         self.tier_used = Gauge(f"{p}tier_used_bytes", "Bytes a tier holds.", ["tier"], registry=r)
         self.tier_blocks = Gauge(f"{p}tier_blocks", "Blocks a tier holds.", ["tier"], registry=r)
+        self._children: dict[tuple[int, str], Any] = {}  # (metric id, tier) -> its labelled child
         self._last_access: OrderedDict[Hashable, float] = OrderedDict()
         self._inserted: OrderedDict[tuple[str, Hashable], float] = OrderedDict()
         self._lock = threading.Lock()
@@ -118,18 +119,18 @@ class AdvancedMetricsCollector:
             self._inserted[(tier, key)] = now
             if len(self._inserted) > self.max_blocks:
                 self._inserted.popitem(last=False)
-        self.inserts.labels(tier=tier).inc()
+        self._tier(self.inserts, tier).inc()
 
     def record_evict(self, key: Hashable, tier: str) -> float | None:
         """`key` left `tier`; returns its lifetime there (seconds), None if its insert was not seen."""
         now = self.clock()
         with self._lock:
             born = self._inserted.pop((tier, key), None)
-        self.evictions.labels(tier=tier).inc()
+        self._tier(self.evictions, tier).inc()
         if born is None:
             return None
         lifetime = max(0.0, now - born)
-        self.lifetimes.labels(tier=tier).observe(lifetime)
+        self._tier(self.lifetimes, tier).observe(lifetime)
         return lifetime
 
     def record_ttft(self, seconds: float, prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
@@ -143,7 +144,7 @@ class AdvancedMetricsCollector:
         for gauge, value in ((self.tier_capacity, usage.capacity_bytes), (self.tier_used, usage.used_bytes),
                              (self.tier_blocks, usage.num_blocks)):  # fmt: skip
             if value is not None:
-                gauge.labels(tier=usage.name).set(value)
+                self._tier(gauge, usage.name).set(value)
 
     def record_prefetch(self, promoted: int) -> None:
         """`promoted` blocks were promoted into the fast tier ahead of their request."""
@@ -205,7 +206,15 @@ class AdvancedMetricsCollector:
         if tier is None:
             self.block_misses.inc(n)
         else:
-            self.block_hits.labels(tier=str(tier)).inc(n)
+            self._tier(self.block_hits, str(tier)).inc(n)
+
+    def _tier(self, metric: MetricWrapperBase, tier: str) -> Any:
+        """`metric.labels(tier=tier)`, memoised (labels() validates and locks on every call; a child is stable)."""
+        key = (id(metric), tier)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(tier=tier)
+        return child
 
     def _gaps(self, keys: Sequence[Hashable]) -> None:
         """Observe the time since each key's previous lookup, and remember this one."""
