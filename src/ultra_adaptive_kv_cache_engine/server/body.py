@@ -27,8 +27,10 @@ async def read_json(request: Request, limit: int) -> Any:
     if not body:
         raise bad_request("the request body is empty; expected a JSON object")
     try:
-        return json.loads(body)
+        text = body.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259); no guessing of other encodings
     except UnicodeDecodeError as exc:
         raise bad_request(f"the request body is not UTF-8 JSON: {exc}") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
