@@ -1,5 +1,5 @@
-"""`DecodeStep`: one greedy decode step of a `PagedLlama` for a fixed batch size and block-table width, over
-static input buffers, run eagerly or replayed from a CUDA graph.
+"""`DecodeStep`: one decode step of a `PagedLlama` for a fixed batch size and block-table width, over static
+input buffers, run eagerly or replayed from a CUDA graph; it gives the logits and the greedy next ids.
 
 A CUDA graph replays the kernels and addresses it captured, so every step copies its inputs into the same
 tensors (`load`) and reads the next token ids from the same tensor. `capture` (CUDA only) first runs the
@@ -27,7 +27,7 @@ from .paged_llama import DecodeInputs, PagedLlama
 
 
 class DecodeStep:
-    """Static inputs (token ids, positions, block tables) and the greedy next ids of one decode step."""
+    """Static inputs (token ids, positions, block tables), and the logits and greedy next ids of one decode step."""
 
     def __init__(self, model: PagedLlama, pool: Tensor, batch: int, table_width: int) -> None:
         for name, value in (("batch", batch), ("table_width", table_width)):
@@ -43,7 +43,7 @@ class DecodeStep:
             block_tables=torch.zeros((batch, table_width), dtype=torch.int32, device=device),
         )
         self._graph: Any = None
-        self._next_ids: Tensor | None = None
+        self._outputs: tuple[Tensor, Tensor] | None = None
         self.capture_error: str | None = None
 
     @property
@@ -62,8 +62,9 @@ class DecodeStep:
                 raise ValueError(f"block tables {tuple(block_tables.shape)}; expected {(self.batch, self.table_width)}")
             self.inputs.block_tables.copy_(block_tables)
 
-    def _eager(self) -> Tensor:
-        return self.model.decode(self.pool, self.inputs).argmax(dim=-1)
+    def _eager(self) -> tuple[Tensor, Tensor]:
+        logits = self.model.decode(self.pool, self.inputs)
+        return logits, logits.argmax(dim=-1)
 
     def capture(self, mempool: Any = None, warmup: int = 2) -> bool:
         """Capture the step as loaded into a CUDA graph; False (and `capture_error`) when it cannot be."""
@@ -80,7 +81,7 @@ class DecodeStep:
             graph = torch.cuda.CUDAGraph()
             # thread_local: CUDA calls of other threads (a tier's pinned copies) do not break this capture
             with torch.cuda.graph(graph, pool=mempool, capture_error_mode="thread_local"):
-                next_ids = self._eager()
+                outputs = self._eager()
         except Exception as exc:  # any capture failure falls back to eager steps, reported
             self.capture_error = f"{type(exc).__name__}: {exc}"[:500]
             try:
@@ -88,14 +89,18 @@ class DecodeStep:
             except Exception:  # the context reports the same failure again; eager steps will raise if broken
                 pass
             return False
-        self._graph, self._next_ids = graph, next_ids
+        self._graph, self._outputs = graph, outputs
         return True
 
-    def __call__(self) -> Tensor:
-        """Run the loaded step; returns the next token ids (batch,) on the device (a static tensor when
-        captured: read it before the next call)."""
+    def run(self) -> tuple[Tensor, Tensor]:
+        """Run the loaded step; returns the logits (batch, vocab), float32, and the greedy next ids (batch,) on
+        the device (static tensors when captured: read them before the next call)."""
         if self._graph is None:
             return self._eager()
         self._graph.replay()
-        assert self._next_ids is not None
-        return self._next_ids
+        assert self._outputs is not None
+        return self._outputs
+
+    def __call__(self) -> Tensor:
+        """Run the loaded step; returns the greedy next token ids (see `run`)."""
+        return self.run()[1]

@@ -1,0 +1,105 @@
+"""`ChunkStream`: one request's `StreamChunk`s, put by the step thread, read by an asyncio consumer.
+
+The step thread calls `put` (never blocks; it wakes the consumer's event loop with `call_soon_threadsafe`);
+the consumer iterates (`async for`). The stream ends after the chunk with a `finish_reason`, or raises the
+exception the step thread put (a failed step). Closing the stream before its end (`aclose()`, `cancel()`,
+or the object being collected) cancels the request; `aclose()` returns once the step thread has ended it, so
+its blocks are free by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .sequence_state import SequenceState
+from .stream import StreamChunk
+
+Item = StreamChunk | BaseException
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class ChunkStream:
+    """AsyncIterator[StreamChunk] of one request (see the module docstring). `state` is the request's state
+    (read it after the stream ended)."""
+
+    def __init__(self, state: SequenceState, cancel: Callable[[SequenceState], None]) -> None:
+        self.state = state
+        self._cancel = cancel
+        self._lock = threading.Lock()
+        self._items: deque[Item] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.done = False  # the final chunk (or an error) was read
+
+    # -- the step thread ----------------------------------------------------------------------------------
+    def put(self, item: Item) -> bool:
+        """Queues a chunk or an error; False when the consumer's event loop is gone (cancel the request)."""
+        with self._lock:
+            self._items.append(item)
+            waiter, loop, self._waiter = self._waiter, self._loop, None
+        if waiter is None or loop is None:
+            return True
+        try:
+            loop.call_soon_threadsafe(_wake, waiter)
+        except RuntimeError:  # the loop is closed: nobody will read
+            return False
+        return True
+
+    # -- the consumer -------------------------------------------------------------------------------------
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self.done:
+            raise StopAsyncIteration
+        item = await self._get()
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        if item.finish_reason is not None:
+            self.done = True
+        return item
+
+    async def _get(self) -> Item:
+        while True:
+            with self._lock:
+                if self._items:
+                    return self._items.popleft()
+                loop = asyncio.get_running_loop()
+                waiter = loop.create_future()
+                self._waiter, self._loop = waiter, loop
+            try:
+                await waiter
+            finally:
+                with self._lock:
+                    if self._waiter is waiter:
+                        self._waiter = None
+
+    def cancel(self) -> None:
+        """Cancels the request without waiting (no-op once the stream ended)."""
+        if not self.done:
+            self._cancel(self.state)
+
+    async def aclose(self) -> None:
+        """Cancels the request and waits until it ended (its KV released)."""
+        if self.done:
+            return
+        self._cancel(self.state)
+        while not self.done:
+            item = await self._get()
+            self.done = isinstance(item, BaseException) or item.finish_reason is not None
+
+    def __del__(self) -> Any:
+        if not getattr(self, "done", True):
+            try:
+                self._cancel(self.state)
+            except Exception:  # interpreter shutdown: nothing left to cancel
+                pass

@@ -1,0 +1,151 @@
+"""`StepLoop`: the thread that runs the scheduler's steps and hands each request its chunks.
+
+One step: the scheduler plans (`Scheduler.schedule`), the backend computes (`ModelBackend.execute`), the
+sampler picks the sampled rows' tokens, the scheduler applies them (`Scheduler.update`), and each request's
+sink gets a `StreamChunk` when its step released text or ended it. The thread sleeps while there is no work
+and wakes on `submit` and `cancel`. A step that raises fails the requests it was computing (their sinks get
+the exception, their KV is released); the others go on.
+
+`on_finished(state)` is called on the step thread once per request that ended (finished, cancelled or
+failed): the one place per-request figures are recorded. Keep it quick: the next step waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from ..metrics import LOGGER_NAME
+from .sampler import Sampler
+from .scheduler import Scheduler, StepOutput
+from .sequence_state import SequenceState
+from .stream import StreamChunk
+
+logger = logging.getLogger(LOGGER_NAME)
+
+Sink = Callable[[StreamChunk | BaseException], bool]
+
+
+class StepLoop:
+    """Runs steps on one daemon thread, started at the first `submit` (see the module docstring)."""
+
+    def __init__(
+        self, scheduler: Scheduler, sampler: Sampler | None = None,
+        on_finished: Callable[[SequenceState], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.sampler = sampler if sampler is not None else Sampler()
+        self.on_finished = on_finished
+        self._sinks: dict[int, tuple[SequenceState, Sink]] = {}
+        self._emitted: dict[int, int] = {}
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, state: SequenceState, sink: Sink) -> None:
+        """Queues `state`; its chunks go to `sink`. QueueFullError when the waiting queue is full."""
+        self._sinks[id(state)] = (state, sink)
+        try:
+            self.scheduler.add(state)
+        except BaseException:
+            del self._sinks[id(state)]
+            raise
+        self._notify(start=True)
+
+    def cancel(self, state: SequenceState) -> None:
+        self.scheduler.cancel(state)
+        self._notify()
+
+    def close(self) -> None:
+        """Stops the thread after its current step (requests still queued are not served)."""
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify_all()
+
+    def _notify(self, start: bool = False) -> None:
+        with self._wakeup:
+            if start and self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="uakv-step-loop", daemon=True)
+                self._thread.start()
+            self._wakeup.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._closed and not self.scheduler.has_work():
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+            try:
+                progressed = self.step()
+            except Exception as exc:  # a fault outside the model (scheduling, bookkeeping): fail every request
+                logger.exception("the step loop failed; failing every queued request")
+                for state in self.scheduler.drain():
+                    self._deliver_error(state, exc)
+                progressed = True
+            if not progressed:  # work that cannot be scheduled now (no room): wait a little
+                with self._wakeup:
+                    self._wakeup.wait(0.005)
+
+    # -- one step -----------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Runs one step; False when there was nothing to compute or end."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks and not plan.ended:
+            return False
+        start = time.perf_counter()
+        tokens: list[int] = []
+        try:
+            if plan.chunks:
+                logits = self.scheduler.backend.execute(plan.chunks)
+                states = [c.state for c in plan.chunks if c.samples]
+                tokens = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states])
+        except Exception as exc:
+            logger.exception("a step of %d sequences failed", len(plan.chunks))
+            failed = [c.state for c in plan.chunks]
+            self.scheduler.fail(failed)
+            for state in failed:
+                self._deliver_error(state, exc)
+            for state in plan.ended:
+                self._deliver(StepOutput(state, None, state.text.finish(), "cancelled"))
+            return True
+        for output in self.scheduler.update(plan, tokens, time.perf_counter() - start):
+            self._deliver(output)
+        return True
+
+    def _deliver(self, output: StepOutput) -> None:
+        state = output.state
+        entry = self._sinks.get(id(state))
+        if entry is None:
+            return
+        if not output.text and output.finish_reason is None:
+            return  # nothing to show yet (an incomplete character, text a stop string may still cut)
+        completion = state.completion_ids
+        sent = self._emitted.get(id(state), 0)
+        chunk = StreamChunk(
+            text=output.text, token_ids=tuple(completion[sent:]), finish_reason=output.finish_reason,
+            prompt_tokens=len(state.prompt), cached_tokens=state.cached_tokens or 0,
+            completion_tokens=len(completion),
+        )
+        self._emitted[id(state)] = len(completion)
+        if output.finish_reason is not None:
+            self._ended(state)
+        if not entry[1](chunk) and output.finish_reason is None:
+            self.cancel(state)  # the consumer is gone
+
+    def _deliver_error(self, state: SequenceState, exc: BaseException) -> None:
+        entry = self._sinks.get(id(state))
+        self._ended(state)
+        if entry is not None:
+            entry[1](exc)
+
+    def _ended(self, state: SequenceState) -> None:
+        self._sinks.pop(id(state), None)
+        self._emitted.pop(id(state), None)
+        if self.on_finished is not None:
+            try:
+                self.on_finished(state)
+            except Exception:  # figures must never stop the serving loop
+                logger.exception("on_finished failed")
