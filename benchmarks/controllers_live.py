@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager, default_namespace
-from ultra_adaptive_kv_cache_engine.cache.tier_controls import block_source, tier_controls
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig, TierConfig
 from ultra_adaptive_kv_cache_engine.engine.controllers import Controllers
@@ -118,10 +117,10 @@ def hit_tiers(manager: KVCacheManager, source: Any, tokens: list[int], cached_li
 
 def replay(turns: list[Turn], sizes: LiveSizes, switches: dict[str, bool], root: Path, seed: int) -> dict[str, Any]:
     manager, block_bytes = build(root, sizes, switches)
-    store, transfer = manager.lower.store, manager.lower.transfer  # until the manager offers the two methods
-    source = block_source(store, transfer)
+    controls, source = manager.tier_controls(), manager.block_source()  # what the engine hands its controllers
+    assert source is not None and [c.name for c in controls] == ["cpu", "disk"]
     clock = Clock()
-    controllers = Controllers(manager.config, tier_controls(store), source, block_bytes, clock)
+    controllers = Controllers(manager.config, controls, source, block_bytes, clock)
     generator = torch.Generator().manual_seed(seed)
     history: dict[int, list[int]] = {}
     found = {"pool": 0, "cpu": 0, "disk": 0, "computed": 0}
@@ -132,7 +131,7 @@ def replay(turns: list[Turn], sizes: LiveSizes, switches: dict[str, bool], root:
             clock.now = next_round
             controllers.step()
             source.wait()
-            cpu_capacity.append(store.tiers[0].usage().capacity_bytes or 0)
+            cpu_capacity.append(controls[0].usage().capacity_bytes or 0)
             next_round += 1.0
         clock.now = turn.at
         system = list(range(SYSTEM_TOKENS))
