@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager, default_namespace
+from ultra_adaptive_kv_cache_engine.cache.tier_controls import record_bytes
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig, TierConfig
 from ultra_adaptive_kv_cache_engine.engine.controllers import Controllers
 from ultra_adaptive_kv_cache_engine.memory import KVSpec
-from ultra_adaptive_kv_cache_engine.tiers import encode_block
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32)
 VOCAB = 32000
@@ -90,8 +90,7 @@ def build(root: Path, sizes: LiveSizes, switches: dict[str, bool]) -> tuple[KVCa
     )  # fmt: skip
     namespace = default_namespace(config, SPEC)
     manager = KVCacheManager.from_config(config, SPEC, namespace, num_blocks=sizes.pool_blocks)
-    probe = encode_block(bytes(32), namespace.digest, torch.zeros(manager.kv.shape[1:]), make_codec("identity"))
-    return manager, probe.nbytes
+    return manager, record_bytes(namespace.digest, manager.kv.shape[1:], manager.kv.dtype, make_codec("identity"))
 
 
 def random_kv(tokens: int, generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ultra_adaptive_kv_cache_engine.cache.tier_controls import ResizableTier, tier_controls
+from ultra_adaptive_kv_cache_engine.cache.tier_controls import ResizableTier, record_bytes, tier_controls
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.tiers import (
     CPUTier,
@@ -124,3 +124,9 @@ def test_tier_controls_of_a_store_spill_down_the_whole_chain(tmp_path: Path) -> 
     assert list(fast) == [K[3]] and list(middle) == [K[2]] and sorted(disk) == sorted(K[:2])
     with pytest.raises(TypeError, match="TieredStore"):
         tier_controls(fast)  # type: ignore[arg-type]
+
+
+def test_record_bytes_is_the_size_a_tier_counts() -> None:
+    assert record_bytes(NS, (4, 8), torch.float32, CODEC) == SIZE
+    int8 = make_codec("int8")
+    assert record_bytes(NS, (4, 8), torch.float32, int8) == encode_block(K[0], NS, torch.randn(4, 8), int8).nbytes

@@ -6,6 +6,7 @@ Controllers (L4) never reach into a tier: the cache manager hands them these obj
 - `TierControl`: a tier whose capacity can be changed (the autoscaler); `ResizableTier` is one over a real tier.
 - `BlockSource`: where a block lives now, and promotion into the fastest tier (the prefetcher);
   `StoreBlockSource` is one over a `TieredStore`.
+- `record_bytes`: what one block takes in a tier (the controllers' unit).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Protocol, runtime_checkable
 
-from ..tiers import AsyncTransfer, BlockRecord, Tier, TieredStore, TierUsage
+import torch
+
+from ..compression import Codec
+from ..tiers import AsyncTransfer, BlockRecord, Tier, TieredStore, TierUsage, encode_block
 from ..tiers.record import check_key
 
 
@@ -170,3 +174,12 @@ def block_source(store: TieredStore, transfer: AsyncTransfer | None = None) -> S
     """The `BlockSource` of `store`: promotions run in `transfer`'s background thread when given (it must
     target `store`), synchronously otherwise."""
     return StoreBlockSource(store, transfer)
+
+
+def record_bytes(namespace: bytes, block_shape: Sequence[int], dtype: torch.dtype, codec: Codec) -> int:
+    """Bytes one block of `block_shape` and `dtype` takes in a tier when encoded with `codec`: the size of the
+    record of a seeded random block (exact for identity and the fixed-size quantisers; an estimate for zstd,
+    whose size depends on the content)."""
+    generator = torch.Generator().manual_seed(0)
+    block = torch.randn(tuple(block_shape), generator=generator).to(dtype)
+    return encode_block(bytes(32), namespace, block, codec).nbytes
