@@ -90,7 +90,7 @@ def serve_command(kv_config: KVCacheConfig, server_config: ServerConfig, model: 
     try:
         run_server(create_app(engine, server_config, model), server_config)
         if kv_config.enable_persistence:
-            logger.info("persisted on shutdown: %s", engine.persist())
+            print(f"uakv serve: persisted on shutdown: {engine.persist()}", file=sys.stderr, flush=True)
     finally:
         engine.close()
     print("uakv serve: stopped", file=sys.stderr, flush=True)
