@@ -108,6 +108,7 @@ class Scheduler:
             ended = self._end_cancelled()
             preempted: list[SequenceState] = []
             self._preempt_for_priority(preempted)
+            for_priority = len(preempted)
             budget = self.config.max_step_tokens
             chunks: list[Chunk] = []
             for state in list(self.running):
@@ -119,7 +120,7 @@ class Scheduler:
                 if count and self._reserve(state, state.num_computed + count, preempted):
                     chunks.append(Chunk(state, state.num_computed, count))
                     budget -= count
-            while budget > 0 and self.waiting and not preempted:
+            while budget > 0 and self.waiting and len(preempted) == for_priority:  # no admission when short of room
                 state = self.waiting[0]
                 count = self._chunk_size(state, budget, bool(chunks))
                 if not count or not self._admit(state):

@@ -29,12 +29,14 @@ Sink = Callable[[StreamChunk | BaseException], bool]
 
 
 class StepLoop:
-    """Runs steps on one daemon thread, started at the first `submit` (see the module docstring)."""
+    """Runs steps on one daemon thread, started at the first `submit` (see the module docstring). With
+    `threaded=False` no thread is started: the caller drives `step()` / `run_until_idle()` (tests, scripts)."""
 
     def __init__(
         self, scheduler: Scheduler, sampler: Sampler | None = None,
-        on_finished: Callable[[SequenceState], None] | None = None,
+        on_finished: Callable[[SequenceState], None] | None = None, threaded: bool = True,
     ) -> None:
+        self.threaded = threaded
         self.scheduler = scheduler
         self.sampler = sampler if sampler is not None else Sampler()
         self.on_finished = on_finished
@@ -66,7 +68,7 @@ class StepLoop:
 
     def _notify(self, start: bool = False) -> None:
         with self._wakeup:
-            if start and self._thread is None and not self._closed:
+            if start and self.threaded and self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name="uakv-step-loop", daemon=True)
                 self._thread.start()
             self._wakeup.notify_all()
@@ -90,6 +92,18 @@ class StepLoop:
                     self._wakeup.wait(0.005)
 
     # -- one step -----------------------------------------------------------------------------------------
+    def run_until_idle(self, max_steps: int = 100_000) -> int:
+        """Runs steps on the calling thread until no work is left; returns how many ran. RuntimeError when
+        work is left that cannot be scheduled (it would wait forever)."""
+        steps = 0
+        while self.scheduler.has_work():
+            if not self.step():
+                raise RuntimeError("requests are waiting but none can be scheduled")
+            steps += 1
+            if steps >= max_steps:
+                raise RuntimeError(f"still busy after {max_steps} steps")
+        return steps
+
     def step(self) -> bool:
         """Runs one step; False when there was nothing to compute or end."""
         plan = self.scheduler.schedule()
