@@ -150,8 +150,9 @@ class KVCacheConfig:
         "help": "compute or load per request, from measured tier bandwidths and prefill costs"})
     enable_prefetcher: bool = field(default=True, metadata={
         "help": "promote the predicted next turns into the fastest tier"})
-    enable_autoscaler: bool = field(default=True, metadata={
-        "help": "resize tier capacities from hit-rate curves and memory pressure"})
+    enable_autoscaler: bool = field(default=False, metadata={
+        "help": "resize tier capacities from hit-rate curves and memory pressure (off by default: on one "
+                "workload it gives memory back at the cost of hits, see bench_controllers)"})
     enable_metrics: bool = field(default=True, metadata={
         "help": "Prometheus metrics through prometheus-client"})
     controller_interval_s: float = field(default=1.0, metadata={
