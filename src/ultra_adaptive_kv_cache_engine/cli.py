@@ -8,6 +8,7 @@ Commands:
   info      model, cache configuration and sizes
   config    the effective configuration as TOML, each value with its source (default, file, env, flag)
   replay    replay a request trace through the eviction policies (hit rates against Belady's bound)
+  serve     an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics) over the engine
 The commands that build an engine take one option per KVCacheConfig field, generated from the field table of
 `config_sources` (which also reads `UAKV_*` variables and `--config FILE.toml`); none is mapped by hand here.
 """
@@ -199,8 +200,24 @@ def _replay_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", help="write a PNG of hit rate against capacity here")
 
 
-EXTRA_PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"replay": _replay_parser}
-EXTRA_HELP: dict[str, str] = {"replay": "replay a request trace through the policies, against Belady's bound"}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.options import server_config_from_args
+    from .server.run import serve_command
+
+    return serve_command(config_from_args(args), server_config_from_args(args))
+
+
+def _serve_parser(p: argparse.ArgumentParser) -> None:
+    from .server.options import add_server_options
+
+    _add_global_options(p, "serve")
+    add_server_options(p)
+
+
+EXTRA_PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"replay": _replay_parser,
+                                                                       "serve": _serve_parser}
+EXTRA_HELP: dict[str, str] = {"replay": "replay a request trace through the policies, against Belady's bound",
+                              "serve": "an OpenAI-compatible HTTP server over the engine (uakv serve --port 8000)"}
 
 COMMANDS: dict[str, Command] = {
     "demo": cmd_demo,
@@ -209,6 +226,7 @@ COMMANDS: dict[str, Command] = {
     "info": cmd_info,
     "config": cmd_config,
     "replay": cmd_replay,
+    "serve": cmd_serve,
 }
 # argparse keywords per kind of field: a boolean is a switch with a --no- form; every other field takes text.
 OPTION_KWARGS: dict[str, dict[str, Any]] = {"bool": {"action": argparse.BooleanOptionalAction}}

@@ -12,9 +12,10 @@ from typing import Any
 
 from .config import ServerConfig
 
-# How an option's text becomes the field's value, by the field's annotation.
+# How an option's text becomes the field's value, and its metavar, by the field's annotation.
 PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "str | None": str, "int": int, "int | None": int,
                                             "float": float}
+METAVARS = {str: "TEXT", int: "N", float: "X"}
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
         text = f.metadata.get("help", "") + ("" if default is None else f" (default {default!r})")
         text = text.replace("%", "%%")
         group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"server_{f.name}", type=PARSERS[f.type],
-                           default=argparse.SUPPRESS, help=text, metavar=f.type.split(" ")[0].upper())
+                           default=argparse.SUPPRESS, help=text, metavar=METAVARS[PARSERS[f.type]])
 
 
 def server_config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:

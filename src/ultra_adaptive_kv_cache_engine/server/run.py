@@ -4,13 +4,12 @@
   serves until SIGTERM or SIGINT, then shuts down gracefully: the listening socket closes (no new
   connections), in-flight requests finish (up to `drain_timeout_s`, streams included), the engine persists
   its cache when persistence is on, closes, and the command returns 0.
-- `serve_main(argv)`: the same from a command line of its own (`python -m ...server.run --port 8000`).
+- `serve_main(argv)`: the same as `uakv serve` (`python -m ultra_adaptive_kv_cache_engine.server.run ...`).
 - `BackgroundServer`: an app on a loopback port in a daemon thread (tests, benchmarks, notebooks).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import socket
@@ -98,21 +97,10 @@ def serve_command(kv_config: KVCacheConfig, server_config: ServerConfig, model: 
 
 
 def serve_main(argv: list[str] | None = None) -> int:
-    """`uakv serve` as a program of its own: the KVCacheConfig options of the other commands and the
-    ServerConfig options. Bad options exit 2 with the error."""
-    from ..cli import _add_global_options, config_from_args
-    from .options import add_server_options, server_config_from_args
+    """`uakv serve ARGS` (`python -m ultra_adaptive_kv_cache_engine.server.run ARGS`)."""
+    from ..cli import main
 
-    parser = argparse.ArgumentParser(prog="uakv serve", description="an OpenAI-compatible server over the engine")
-    _add_global_options(parser, "serve")
-    add_server_options(parser)
-    args = parser.parse_args(argv)
-    args.command = "serve"
-    try:
-        return serve_command(config_from_args(args), server_config_from_args(args))
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        print(f"uakv serve: error: {exc}", file=sys.stderr)
-        return 2
+    return main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 class BackgroundServer:
