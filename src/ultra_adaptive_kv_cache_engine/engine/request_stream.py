@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,17 @@ class ChunkStream:
         self.done = False  # the final chunk (or an error) was read
 
     # -- the step thread ----------------------------------------------------------------------------------
+    def sink(self) -> Callable[[Item], bool]:
+        """`put` through a weak reference: the step thread must not keep a stream alive that its consumer
+        dropped (collecting it cancels the request); a dropped stream answers False."""
+        ref = weakref.WeakMethod(self.put)
+
+        def put(item: Item) -> bool:
+            method = ref()
+            return method(item) if method is not None else False
+
+        return put
+
     def put(self, item: Item) -> bool:
         """Queues a chunk or an error; False when the consumer's event loop is gone (cancel the request)."""
         with self._lock:

@@ -91,7 +91,7 @@ class ModelSession:
             generator=request_generator(params, self.cache.kv.device),
         )
         stream = ChunkStream(state, self.steps.cancel)
-        self.steps.submit(state, stream.put)
+        self.steps.submit(state, stream.sink())
         return stream
 
     async def process(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,169 @@
+"""`engine.stream(request)` and `process_request({..., "stream": True})` on the tiny random Llama: chunks
+concatenate to the non-streamed text, exactly the last one finishes, bad requests fail before iteration,
+closing the stream cancels and frees the blocks, concurrent requests share steps."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+
+import pytest
+import torch
+
+from ultra_adaptive_kv_cache_engine import KVCacheConfig, UltraAdaptiveKVCacheEngine
+from ultra_adaptive_kv_cache_engine.engine.requests import RequestError
+from ultra_adaptive_kv_cache_engine.engine.scheduler import QueueFullError
+from ultra_adaptive_kv_cache_engine.engine.scheduler_config import SchedulerConfig
+from ultra_adaptive_kv_cache_engine.engine.session import ModelSession
+from ultra_adaptive_kv_cache_engine.engine.stream import StreamChunk
+from ultra_adaptive_kv_cache_engine.model.tiny import build_tiny_llama
+
+CONFIG = KVCacheConfig(max_tokens=4096, block_size=4, max_new_tokens=12, max_memory=2 * 1024**2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield build_tiny_llama()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def engine(tiny):
+    with UltraAdaptiveKVCacheEngine(CONFIG, model=tiny) as engine:
+        yield engine
+
+
+async def collect(stream) -> list[StreamChunk]:
+    return [chunk async for chunk in stream]
+
+
+async def idle(session: ModelSession) -> None:
+    for _ in range(2000):
+        if not session.scheduler.has_work():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the scheduler never went idle")
+
+
+def balanced(session: ModelSession) -> bool:
+    cache = session.cache
+    return cache.stats()["sequences"] == 0 and cache.num_free_blocks == cache.num_blocks
+
+
+@pytest.mark.asyncio
+async def test_stream_chunks_concatenate_to_the_processed_text(engine):
+    for request in ({"text": "Tell me 1", "raw": True, "max_new_tokens": 16},
+                    {"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 10},
+                    {"text": "Tell me 1", "raw": True, "max_new_tokens": 16, "stop": ["/X"]}):
+        whole = await engine.process_request(request)
+        chunks = await collect(engine.stream(request))
+        assert "".join(c.text for c in chunks) == whole["text"]
+        assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        last = chunks[-1]
+        assert last.finish_reason == whole["finish_reason"] and last.completion_tokens == whole["completion_tokens"]
+        assert {(c.prompt_tokens, c.cached_tokens) for c in chunks} == {(whole["prompt_tokens"], last.cached_tokens)}
+        assert sum(len(c.token_ids) for c in chunks) == last.completion_tokens
+        counts = [c.completion_tokens for c in chunks]
+        assert counts == sorted(counts)
+    stopped = await engine.process_request({"text": "Tell me 1", "raw": True, "max_new_tokens": 16, "stop": ["/X"]})
+    assert stopped["finish_reason"] == "stop" and "/X" not in stopped["text"]
+    assert set(stopped) >= {"text", "cache_hit", "cached_tokens", "prompt_tokens", "completion_tokens", "ttft_ms",
+                            "latency_ms", "finish_reason"}
+
+
+@pytest.mark.asyncio
+async def test_process_request_with_stream_returns_the_iterator(engine):
+    stream = await engine.process_request({"text": "hello", "stream": True, "max_new_tokens": 5})
+    chunks = await collect(stream)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 5
+    assert "".join(c.text for c in chunks) == (await engine.process_request({"text": "hello", "max_new_tokens": 5}))[
+        "text"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("request_", "match"),
+    [
+        ({"text": ""}, "field 'text' is empty"),
+        ({"text": "hi", "max_new_tokens": 0}, "max_new_tokens=0 is out of range"),
+        ({"text": "hi", "stream": "yes"}, "stream='yes' must be true or false"),
+        ({"text": "hi", "priority": "high"}, "priority='high' must be an integer"),
+        ({"action": "retrieve", "key": torch.ones(1)}, "only the 'process' action streams"),
+        ({"text": "x" * 600}, "exceeds the model's context of 512 tokens"),
+    ],
+)
+async def test_bad_requests_raise_before_iteration(engine, request_, match):
+    with pytest.raises(RequestError, match=match):
+        engine.stream(request_)
+    if request_.get("action") != "retrieve":
+        with pytest.raises(RequestError, match=match):
+            await engine.process_request({**request_, "stream": request_.get("stream", True)})
+    with pytest.raises(RequestError, match="applies to the 'process' action only"):
+        await engine.process_request({"action": "retrieve", "key": torch.ones(1), "stream": True})
+
+
+@pytest.mark.asyncio
+async def test_closing_the_stream_cancels_and_frees_the_blocks(engine):
+    stream = engine.stream({"text": "a long answer please", "max_new_tokens": 200})
+    first = await stream.__anext__()
+    assert first.finish_reason is None
+    await stream.aclose()
+    session = engine._session
+    assert stream.state.finish_reason == "cancelled" and stream.state.num_tokens < 30 + 200
+    assert balanced(session)
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+    # a consumer that just goes away: the stream is collected, the request cancelled
+    gone = engine.stream({"text": "another long answer", "max_new_tokens": 200})
+    state = gone.state
+    async for _ in gone:
+        break
+    del gone
+    gc.collect()
+    await idle(session)
+    assert state.finish_reason == "cancelled" and len(state.generated) < 200 and balanced(session)
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_awaiting_task_cancels_the_request(engine):
+    task = asyncio.ensure_future(engine.process_request({"text": "cancel me", "max_new_tokens": 300}))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    session = engine._session
+    await idle(session)
+    assert balanced(session)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_requests_share_decode_steps(engine, tiny):
+    prompts = [f"question number {i}" for i in range(5)]
+    with UltraAdaptiveKVCacheEngine(CONFIG, model=tiny) as alone:
+        expected = [(await alone.process_request({"text": p}))["text"] for p in prompts]
+    await engine.process_request({"text": "warm up"})
+    session = engine._session
+    rows: list[int] = []
+    execute = session.backend.execute
+
+    def recording(chunks):
+        rows.append(sum(c.is_decode for c in chunks))
+        return execute(chunks)
+
+    session.backend.execute = recording
+    got = await asyncio.gather(*(engine.process_request({"text": p}) for p in prompts))
+    assert [g["text"] for g in got] == expected
+    assert max(rows) > 1  # batched, not serialized
+    assert engine.get_stats()["model"]["requests"] == 6 and balanced(session)
+
+
+@pytest.mark.asyncio
+async def test_a_full_waiting_queue_raises_queue_full(tiny):
+    session = ModelSession(CONFIG, loaded=tiny, scheduler_config=SchedulerConfig(max_waiting=2))
+    session.steps.close()  # no step runs: requests stay waiting
+    session.stream({"text": "one"})
+    session.stream({"text": "two"})
+    with pytest.raises(QueueFullError, match="max_waiting=2"):
+        session.stream({"text": "three"})
