@@ -150,3 +150,17 @@ def test_a_prompt_limit_needs_the_model_s_tokenizer():
         create_app(engine, ServerConfig(max_prompt_tokens=5))
     with pytest.raises(TypeError, match="config must be a ServerConfig, got dict"):
         create_app(engine, {"port": 1})
+
+
+def test_engine_errors_become_openai_errors():
+    from ultra_adaptive_kv_cache_engine.engine.requests import RequestError
+    from ultra_adaptive_kv_cache_engine.engine.scheduler import QueueFullError
+    from ultra_adaptive_kv_cache_engine.server.generation import engine_error
+
+    full = engine_error(QueueFullError("max_waiting=2 requests already wait"), retry_after_s=4)
+    assert (full.status, full.code, full.headers) == (429, "queue_full", {"Retry-After": "4"})
+    assert "the engine's queue is full: max_waiting=2 requests already wait" in full.message
+    bad = engine_error(RequestError("max_new_tokens=9 is too many"), retry_after_s=4)
+    assert (bad.status, bad.message) == (400, "max_tokens=9 is too many")
+    crash = engine_error(KeyError("boom"), retry_after_s=4)
+    assert (crash.status, crash.type) == (500, "server_error") and "KeyError" in crash.message

@@ -15,14 +15,12 @@ from typing import Any
 import anyio
 
 from ..engine.requests import RequestError
+from ..engine.scheduler import QueueFullError
 from ..engine.stream import StreamChunk
 from ..metrics import LOGGER_NAME
 from .errors import APIError, bad_request, internal
 
 logger = logging.getLogger(LOGGER_NAME)
-
-QUEUE_FULL_ERROR = "QueueFullError"  # the engine's exception for a full waiting queue, matched by class name
-
 
 def engine_chunks(engine: Any, request: dict[str, Any], retry_after_s: int) -> AsyncIterator[StreamChunk]:
     """`engine.stream(request)`: the engine validates the request now (its errors mapped as in
@@ -33,15 +31,11 @@ def engine_chunks(engine: Any, request: dict[str, Any], retry_after_s: int) -> A
         raise engine_error(exc, retry_after_s) from exc
 
 
-def _is_queue_full(exc: BaseException) -> bool:
-    return any(cls.__name__ == QUEUE_FULL_ERROR for cls in type(exc).__mro__)
-
-
 def engine_error(exc: Exception, retry_after_s: int) -> APIError:
     """The OpenAI error for an exception the engine raised."""
     if isinstance(exc, APIError):
         return exc
-    if _is_queue_full(exc):
+    if isinstance(exc, QueueFullError):
         return APIError(429, f"the engine's queue is full: {exc}; retry after {retry_after_s} s",
                         type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry_after_s)})
     if isinstance(exc, RequestError):  # the engine names its own field; the client sent max_tokens
