@@ -10,7 +10,7 @@ whoever built the engine closes it (run.py does, after draining).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -30,20 +30,21 @@ from .protocol import parse_chat, parse_completion
 from .responses import CHAT, COMPLETION
 from .service import CompletionService, PromptLimit
 
+if TYPE_CHECKING:
+    from ..engine.engine import UltraAdaptiveKVCacheEngine
 
-def engine_exposition(engine: Any) -> bytes | None:
+
+def engine_exposition(engine: UltraAdaptiveKVCacheEngine) -> bytes | None:
     """The engine collector's Prometheus text, when the engine exposes a collector as `engine.metrics`."""
     exposition = getattr(getattr(engine, "metrics", None), "exposition", None)
     return exposition() if callable(exposition) else None
 
 
-def served_model_name(engine: Any, config: ServerConfig, model: LoadedModel | None) -> str:
-    """The configured name, else the model's id (asking the engine loads its model)."""
-    if config.model_name is not None:
-        return config.model_name
-    if model is not None:
-        return model.model_id
-    return str(engine.describe()["model"]["id"])
+def served_model_name(engine: UltraAdaptiveKVCacheEngine, config: ServerConfig) -> str:
+    """The configured name, else the engine's model id. Asking the engine opens its model session (loads the
+    model), so the first request does not pay for it on the event loop."""
+    described = engine.describe()
+    return config.model_name if config.model_name is not None else str(described["model"]["id"])
 
 
 def _error_response(error: APIError, metrics: ServerMetrics) -> JSONResponse:
@@ -51,15 +52,15 @@ def _error_response(error: APIError, metrics: ServerMetrics) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-def create_app(engine: Any, config: ServerConfig, model: LoadedModel | None = None) -> FastAPI:
-    """The app serving `engine`. `model` (the LoadedModel the engine was built with) is needed only for
-    `config.max_prompt_tokens` (its tokenizer counts prompts before they reach the engine)."""
+def create_app(engine: UltraAdaptiveKVCacheEngine, config: ServerConfig, model: LoadedModel | None = None) -> FastAPI:
+    """The app serving `engine`, whose model is loaded now. `model` (the LoadedModel the engine was built with)
+    is needed only for `config.max_prompt_tokens` (its tokenizer counts prompts before they reach the engine)."""
     if not isinstance(config, ServerConfig):
         raise TypeError(f"config must be a ServerConfig, got {type(config).__name__}")
     if config.max_prompt_tokens is not None and model is None:
         raise ValueError(f"ServerConfig.max_prompt_tokens={config.max_prompt_tokens} needs the model's tokenizer; "
                          "pass the LoadedModel: create_app(engine, config, model=...)")
-    name = served_model_name(engine, config, model)
+    name = served_model_name(engine, config)
     metrics = ServerMetrics(engine_exposition=lambda: engine_exposition(engine))
     admission = Admission(config.max_queue, config.retry_after_s, metrics)
     limit = (PromptLimit(model.tokenizer, config.max_prompt_tokens)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -20,9 +20,12 @@ from ..engine.stream import StreamChunk
 from ..metrics import LOGGER_NAME
 from .errors import APIError, bad_request, internal
 
+if TYPE_CHECKING:
+    from ..engine.engine import UltraAdaptiveKVCacheEngine
+
 logger = logging.getLogger(LOGGER_NAME)
 
-def engine_chunks(engine: Any, request: dict[str, Any], retry_after_s: int) -> AsyncIterator[StreamChunk]:
+def engine_chunks(engine: UltraAdaptiveKVCacheEngine, request: dict[str, Any], retry_after_s: int) -> AsyncIterator[StreamChunk]:
     """`engine.stream(request)`: the engine validates the request now (its errors mapped as in
     `engine_error`); the generation starts when the first chunk is asked for."""
     try:

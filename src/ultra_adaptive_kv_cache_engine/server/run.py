@@ -70,7 +70,7 @@ def run_server(app: Any, config: ServerConfig) -> None:
     sock = bind_socket(config.host, config.port)
     if not config.is_loopback and config.api_key is None:
         logger.warning("serving on %s without an API key: anyone who can reach it can use it", config.host)
-    uv = uvicorn.Config(app, timeout_graceful_shutdown=max(1, round(config.drain_timeout_s)), log_level="info")
+    uv = uvicorn.Config(app, timeout_graceful_shutdown=config.drain_timeout_s, log_level="info")  # type: ignore[arg-type]
     print(f"uakv serve: {app.state.service.model_name} on {_url(sock)}", file=sys.stderr, flush=True)
     with _signals_absorbed():
         uvicorn.Server(uv).run(sockets=[sock])
@@ -107,11 +107,12 @@ class BackgroundServer:
     """`app` served on `host`:`port` (0: a free port) by uvicorn in a daemon thread:
     `with BackgroundServer(app) as server: ... server.url ...`. Leaving the block drains and stops it."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, drain_timeout_s: int = 10,
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, drain_timeout_s: float = 10.0,
                  start_timeout_s: float = 60.0) -> None:
         self.sock = bind_socket(host, port)
         self.url = _url(self.sock)
-        config = uvicorn.Config(app, timeout_graceful_shutdown=drain_timeout_s, log_level="warning")
+        config = uvicorn.Config(app, timeout_graceful_shutdown=drain_timeout_s,  # type: ignore[arg-type]
+                                log_level="warning")
         self.server = uvicorn.Server(config)
         self.start_timeout_s = start_timeout_s
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,

@@ -9,7 +9,7 @@ on every path.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import JSONResponse, Response
 
@@ -22,6 +22,9 @@ from .generation import close_chunks, engine_chunks, next_chunk
 from .protocol import ParsedRequest
 from .responses import ResponseShape, ResponseWriter, usage
 from .sse import EventStreamResponse, StreamState, sse_events
+
+if TYPE_CHECKING:
+    from ..engine.engine import UltraAdaptiveKVCacheEngine
 
 
 class PromptLimit:
@@ -47,7 +50,7 @@ class PromptLimit:
 class CompletionService:
     """Runs requests for the one served model (see the module docstring)."""
 
-    def __init__(self, engine: Any, config: ServerConfig, model_name: str, admission: Admission,
+    def __init__(self, engine: UltraAdaptiveKVCacheEngine, config: ServerConfig, model_name: str, admission: Admission,
                  prompt_limit: PromptLimit | None) -> None:
         self.engine, self.config, self.model_name = engine, config, model_name
         self.admission, self.prompt_limit = admission, prompt_limit
