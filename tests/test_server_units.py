@@ -41,6 +41,7 @@ def test_api_key_from_the_environment_unless_given():
     assert ServerConfig().with_env({"UAKV_API_KEY": "env-key"}).api_key == "env-key"
     assert ServerConfig(api_key="flag").with_env({"UAKV_API_KEY": "env-key"}).api_key == "flag"
     assert ServerConfig().with_env({"UAKV_API_KEY": ""}).api_key is None
+    assert "flag" not in repr(ServerConfig(api_key="flag"))  # a logged config does not leak the key
 
 
 def test_one_option_per_config_field():

@@ -26,7 +26,7 @@ class ServerConfig:
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback by default)"})
     port: int = field(default=8000, metadata={"help": "TCP port (0: any free port)"})
-    api_key: str | None = field(default=None, metadata={
+    api_key: str | None = field(default=None, repr=False, metadata={
         "help": f"clients must send 'Authorization: Bearer KEY' (every route but /health); env {API_KEY_ENV}"})
     model_name: str | None = field(default=None, metadata={
         "help": "the model id clients name (default: the engine's model id)"})
