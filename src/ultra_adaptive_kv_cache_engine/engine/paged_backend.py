@@ -1,12 +1,14 @@
 """`PagedLlamaBackend`: Llama-family models on our own paged forward (`PagedLlama`) over the cache's pool.
 
-A step's chunks run in two kinds of forward:
-- decode chunks (one token after all the sequence's KV) in ONE batched `PagedLlama.decode` through a
-  `DecodeStep` per batch size (per-row block tables and positions). On CUDA the batch is padded to a bucket
-  size (padding rows repeat row 0: same token, position and slot, so they write the same values to the same
-  place) and the step is captured as a CUDA graph on its first use, then replayed; eagerly elsewhere.
-- prefill chunks, one `PagedLlama.prefill` each (causal SDPA for a chunk from position 0, the paged prefill
-  kernel over the cached prefix otherwise); the reference kernels on CPU, Triton on CUDA.
+On CPU a step is ONE forward: every chunk, prefill pieces and decode tokens alike, packed together
+(`PagedLlama.forward_packed`, the reference kernels), so the weights are read once per step.
+On CUDA (Triton kernels):
+- decode chunks (one token after all the sequence's KV) run in one batched `PagedLlama.decode` through a
+  `DecodeStep` per batch size (per-row block tables and positions), the batch padded to a bucket size and
+  captured as a CUDA graph on its first use, then replayed. Padding rows write into pad blocks of their own
+  (taken from the pool while sequences are open, given back when none is);
+- prefill chunks run packed in one forward, or, when there is one, through `PagedLlama.prefill`, which picks
+  causal SDPA (FlashAttention) from position 0 and the paged or gathered path over a cached prefix.
 Each sequence's KV lives in pool blocks taken through `SequenceBlocks` (the cache façade only); its opened
 tokens are committed (named, reusable) as soon as their KV is computed.
 """
@@ -21,9 +23,10 @@ import torch
 from torch import Tensor
 
 from ..cache.manager import KVCacheManager
+from ..memory import OutOfBlocksError
 from ..model.decode_step import DecodeStep
 from ..model.loaded import LoadedModel
-from ..model.paged_llama import PagedLlama
+from ..model.paged_llama import PackedInputs, PagedLlama
 from .backend import ModelBackend
 from .scheduler_config import SchedulerConfig
 from .sequence_blocks import PooledSequence, SequenceBlocks
@@ -50,9 +53,12 @@ class PagedLlamaBackend(ModelBackend):
         self.blocks = SequenceBlocks(cache)
         self.table_width = math.ceil(model.max_positions / cache.block_size)
         config = config if config is not None else SchedulerConfig()
-        self.cuda_graphs = config.cuda_graphs and cache.kv.device.type == "cuda"
+        self.on_cuda = cache.kv.device.type == "cuda"
+        self.cuda_graphs = config.cuda_graphs and self.on_cuda
         self._steps: dict[int, DecodeStep] = {}
         self._graph_pool: Any = None
+        self._pad_blocks: list[int] = []
+        self._open = 0  # sequences open (pad blocks are given back when none is)
 
     @classmethod
     def unsupported(cls, loaded: LoadedModel, cache: KVCacheManager) -> str | None:
@@ -82,6 +88,7 @@ class PagedLlamaBackend(ModelBackend):
 
     def open(self, state: SequenceState) -> None:
         seq = self.blocks.open(state.tokens())
+        self._open += 1
         state.kv, state.num_computed = seq, seq.cached
         if state.cached_tokens is None:
             state.cached_tokens = seq.cached
@@ -97,19 +104,27 @@ class PagedLlamaBackend(ModelBackend):
                 self.blocks.write_back(seq, state.tokens(seq.opened, max(seq.opened, state.num_computed)))
         finally:
             self.blocks.release(seq)
+            self._open -= 1
+            if not self._open and self._pad_blocks:
+                self._cache.free_scratch(self._pad_blocks)
+                self._pad_blocks = []
 
     # -- the step -----------------------------------------------------------------------------------------
     def execute(self, chunks: Sequence[Chunk]) -> Tensor:
         rows: list[Tensor | None] = [None] * len(chunks)
-        decodes = [i for i, c in enumerate(chunks) if c.is_decode]
+        decodes = [i for i, c in enumerate(chunks) if c.is_decode] if self.on_cuda else []
         if decodes:
             logits = self._decode([chunks[i] for i in decodes])
             for k, i in enumerate(decodes):
                 rows[i] = logits[k]
-        for i, chunk in enumerate(chunks):
-            if not chunk.is_decode:
-                out = self._prefill(chunk)
-                rows[i] = out if chunk.samples else None
+        rest = [i for i, c in enumerate(chunks) if not (self.on_cuda and c.is_decode)]
+        if len(rest) == 1 and self.on_cuda:
+            rows[rest[0]] = self._prefill(chunks[rest[0]])
+        elif rest:
+            logits = self._packed([chunks[i] for i in rest])
+            for k, i in enumerate(rest):
+                rows[i] = logits[k]
+        rows = [row if chunk.samples else None for row, chunk in zip(rows, chunks, strict=True)]
         for chunk in chunks:
             seq: PooledSequence = chunk.state.kv
             if not seq.committed and chunk.start + chunk.count >= seq.opened:
@@ -118,6 +133,11 @@ class PagedLlamaBackend(ModelBackend):
         if not sampled:
             return torch.empty((0, self.model.shape.vocab_size), device=self.model.device)
         return torch.stack(sampled)
+
+    def _packed(self, chunks: list[Chunk]) -> Tensor:
+        inputs = PackedInputs.pack([(c.token_ids(), c.start, c.state.kv.table) for c in chunks], self.model.device,
+                                   self._cache.block_size)
+        return self.model.forward_packed(self._cache.kv, inputs)
 
     def _prefill(self, chunk: Chunk) -> Tensor:
         device = self.model.device
@@ -129,6 +149,8 @@ class PagedLlamaBackend(ModelBackend):
     def _decode(self, chunks: list[Chunk]) -> Tensor:
         n = len(chunks)
         batch = _bucket(n) if self.cuda_graphs else n
+        pads = self._pad_rows(batch - n) if batch > n else []
+        batch = batch if pads else n  # no pad blocks to be had: an unpadded step of its own
         step = self._steps.get(batch)
         if step is None:
             step = self._steps[batch] = DecodeStep(self.model, self._cache.kv, batch, self.table_width)
@@ -138,10 +160,10 @@ class PagedLlamaBackend(ModelBackend):
             tables[r, : len(table)] = torch.tensor(table, dtype=torch.int32)
         tokens = [c.token_ids()[0] for c in chunks]
         positions = [c.start for c in chunks]
-        if batch > n:  # padding rows repeat row 0
-            tables[n:] = tables[0]
-            tokens += [tokens[0]] * (batch - n)
-            positions += [positions[0]] * (batch - n)
+        if batch > n:  # padding row j writes position j of the pad blocks
+            tables[n:, : len(pads)] = torch.tensor(pads, dtype=torch.int32)
+            tokens += [0] * (batch - n)
+            positions += range(batch - n)
         step.load(tokens, positions, tables)
         if self.cuda_graphs and not step.captured and step.capture_error is None:
             if self._graph_pool is None:
@@ -149,3 +171,14 @@ class PagedLlamaBackend(ModelBackend):
             step.capture(self._graph_pool)
         logits, _ = step.run()
         return logits[:n]
+
+    def _pad_rows(self, count: int) -> list[int]:
+        """Pad blocks holding `count` padding rows (taken from the pool while sequences are open); [] when the
+        pool has none to spare."""
+        missing = -(-count // self._cache.block_size) - len(self._pad_blocks)
+        if missing > 0:
+            try:
+                self._pad_blocks += self._cache.allocate_scratch(missing)
+            except OutOfBlocksError:
+                return []
+        return self._pad_blocks

@@ -14,6 +14,9 @@ forward writes the new tokens' keys and values into their slots with the backend
   the backend's paged prefill kernel attends over the cached prefix in the pool and the new tokens, or, when
   few new tokens attend to a long prefix (`GatherRule`, or the caller's `PrefillPath`), SDPA over the
   sequence's blocks gathered per layer (`gathered_prefill`).
+- `forward_packed`: the new tokens of SEVERAL sequences (prefill chunks and single decode tokens alike) packed
+  into one forward (`PackedInputs`): one pass over the weights for all of them, the backend's paged prefill
+  kernel attending per sequence over its cached prefix and its new tokens (varlen, causal among the new).
 - `decode`: one token per sequence for a batch, with the backend's paged decode kernel. It reads only the
   tensors of its `DecodeInputs` (slots and lengths are derived on the device), never synchronises with the
   host and allocates only through the caching allocator, so a CUDA graph can capture it (`DecodeStep`).
@@ -98,6 +101,53 @@ class DecodeInputs:
     token_ids: Tensor
     positions: Tensor
     block_tables: Tensor
+
+
+@dataclass(frozen=True)
+class PackedInputs:
+    """The new tokens of several sequences, packed (`PagedLlama.forward_packed`); build with `pack`.
+
+    token_ids and positions are (total,) int64; query_start (n + 1,) and seq_lens (n,) int32; block_tables
+    (n, width) int32; sequence b owns rows ``query_start[b] .. query_start[b + 1] - 1``, the tokens at
+    positions ``seq_lens[b] - q_len_b .. seq_lens[b] - 1``. `max_query_len` and `max_seq_len` are host bounds.
+    """
+
+    token_ids: Tensor
+    positions: Tensor
+    query_start: Tensor
+    seq_lens: Tensor
+    block_tables: Tensor
+    max_query_len: int
+    max_seq_len: int
+
+    @classmethod
+    def pack(
+        cls, chunks: list[tuple[list[int], int, list[int]]], device: torch.device, block_size: int
+    ) -> PackedInputs:
+        """From (token ids, start position, block table) per sequence; ValueError when a table is too short."""
+        width = max(len(table) for _, _, table in chunks)
+        tables = torch.zeros((len(chunks), width), dtype=torch.int32)
+        ids: list[int] = []
+        positions: list[int] = []
+        starts, lens = [0], []
+        for b, (tokens, start, table) in enumerate(chunks):
+            end = start + len(tokens)
+            if not tokens or start < 0 or len(table) * block_size < end:
+                raise ValueError(f"sequence {b}: {len(tokens)} tokens from {start} with a {len(table)}-block table")
+            tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            ids += tokens
+            positions += range(start, end)
+            starts.append(len(ids))
+            lens.append(end)
+        return cls(
+            token_ids=torch.tensor(ids, dtype=torch.int64).to(device, non_blocking=True),
+            positions=torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True),
+            query_start=torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
+            seq_lens=torch.tensor(lens, dtype=torch.int32).to(device, non_blocking=True),
+            block_tables=tables.to(device, non_blocking=True),
+            max_query_len=max(len(t) for t, _, _ in chunks),
+            max_seq_len=max(lens),
+        )
 
 
 def _cat(parts: list[Tensor | None]) -> Tensor | None:
@@ -293,6 +343,30 @@ class PagedLlama:
             q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], is_causal=True, scale=self.scale
         )
         return out[0].transpose(0, 1)
+
+    @torch.no_grad()
+    def forward_packed(self, pool: Tensor, inputs: PackedInputs) -> Tensor:
+        """Runs the packed new tokens of several sequences; returns each sequence's last token's logits
+        (n, vocab) in float32."""
+        if inputs.max_seq_len > self.max_positions:
+            raise ValueError(f"a sequence reaches position {inputs.max_seq_len - 1}; expected below {self.max_positions}")
+        bs = int(pool.shape[3])
+        positions, tables = inputs.positions, inputs.block_tables
+        q_lens = (inputs.query_start[1:] - inputs.query_start[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(tables.shape[0], device=tables.device), q_lens,
+                                       output_size=int(positions.shape[0]))
+        slots = tables[rows, positions // bs].long() * bs + positions % bs
+
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            kv = PagedKV.from_pool(pool, i, tables, inputs.seq_lens, max_seq_len=inputs.max_seq_len)
+            return self.backend.prefill_attention(q, inputs.query_start, kv, max_query_len=inputs.max_query_len,
+                                                  scale=self.scale)
+
+        h = F.embedding(inputs.token_ids, self.embed)
+        rope = self._rope(positions)
+        for i in range(self.shape.num_layers):
+            h = self._layer(h, i, pool, slots, rope, attend)
+        return self._logits(h[inputs.query_start[1:].long() - 1])
 
     @torch.no_grad()
     def decode(self, pool: Tensor, inputs: DecodeInputs) -> Tensor:
