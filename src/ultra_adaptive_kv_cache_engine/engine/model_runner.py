@@ -1,11 +1,11 @@
 """`ModelRunner`: greedy generation for a batch of prompts with our own paged Llama over a `KVCacheManager`.
 
 Per call (`generate`):
-1. Each prompt opens a sequence in the cache (`new_sequence`, capped at ``len(prompt) - 1`` so the last
-   prompt token is always computed): the longest cached prefix is reused, from the pool or promoted from the
-   cache's lower tiers. The remaining prompt tokens get their blocks by appending placeholder (zero) KV,
-   which the prefill then overwrites in place before anything names those blocks. The blocks that decoding
-   will fill are taken from the pool as scratch.
+1. Each prompt opens a sequence in the cache through `SequenceBlocks` (the scheduler's backend uses the same
+   piece): the longest cached prefix is reused (capped at ``len(prompt) - 1`` so the last prompt token is
+   always computed), from the pool or promoted from the cache's lower tiers; the remaining prompt tokens get
+   placeholder KV that the prefill overwrites in place. The blocks that decoding will fill are taken from the
+   pool as scratch, all at once.
 2. Prefill, prompt by prompt (optionally in chunks of `prefill_chunk` tokens), gives the first token; then
    the prompt's full blocks are committed (named, indexed, written through to lower tiers), so the next
    prompts of the same call already reuse them.
@@ -40,6 +40,7 @@ from ..metrics import LOGGER_NAME
 from ..model.decode_step import DecodeStep
 from ..model.gathered_prefill import PrefillPath
 from ..model.paged_llama import PagedLlama
+from .sequence_blocks import PooledSequence, SequenceBlocks
 
 logger = logging.getLogger(LOGGER_NAME)
 
@@ -98,10 +99,7 @@ class RunResult:
 @dataclass
 class _Row:
     prompt: list[int]
-    seq_id: int
-    cached: int
-    table: list[int]  # the cache's blocks of the sequence, then scratch blocks
-    scratch: list[int] = field(default_factory=list)
+    seq: PooledSequence  # its table: the cache's blocks of the sequence, then scratch blocks
     generated: list[int] = field(default_factory=list)
     finished: bool = False
 
@@ -128,6 +126,7 @@ class ModelRunner:
             raise TypeError(f"cache must be a KVCacheManager, got {type(cache).__name__}")
         model.check_pool(cache.kv)
         self.model, self.cache = model, cache
+        self.blocks = SequenceBlocks(cache)
         self.config = config if config is not None else RunnerConfig()
         self.block_size = cache.block_size
         self.table_width = math.ceil(self.config.max_context / self.block_size)
@@ -151,7 +150,7 @@ class ModelRunner:
                 row.generated.append(self._prefill(row))
                 row.finished = row.generated[-1] == eos_token_id or max_new_tokens == 1
                 ttft.append(time.perf_counter() - start)
-                committed += self.cache.commit(row.seq_id)
+                committed += self.blocks.commit_opened(row.seq)
             prefill_s = time.perf_counter() - start
             steps, mode, error = self._decode(rows, max_new_tokens, eos_token_id)
             decode_s = time.perf_counter() - start - prefill_s
@@ -161,7 +160,7 @@ class ModelRunner:
             for row in rows:
                 self._release(row)
         return RunResult(
-            tokens=tuple(tuple(r.generated) for r in rows), cached_tokens=tuple(r.cached for r in rows),
+            tokens=tuple(tuple(r.generated) for r in rows), cached_tokens=tuple(r.seq.cached for r in rows),
             ttft_s=tuple(ttft), prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
             decode_tokens=sum(len(r.generated) - 1 for r in rows), decode_mode=mode, graph_error=error,
             committed_blocks=committed,
@@ -192,68 +191,37 @@ class ModelRunner:
 
     # -- one row ------------------------------------------------------------------------------------------
     def _open(self, prompt: list[int], max_new_tokens: int) -> _Row:
-        """Open the sequence, give its uncached prompt tokens their blocks, take decode scratch blocks."""
-        cache, spec = self.cache, self.cache.spec
-        seq_id = cache.new_sequence(prompt, max_cached_tokens=len(prompt) - 1)
-        try:
-            cached = cache.num_cached_tokens(seq_id)
-            count = len(prompt) - cached
-            zeros = torch.zeros((spec.num_kv_heads, count, spec.head_dim), dtype=spec.dtype, device=spec.device)
-            cache.append(seq_id, prompt[cached:], [zeros] * spec.num_layers, [zeros] * spec.num_layers)
-            table = list(cache.block_table(seq_id))
-            need = math.ceil((len(prompt) + max_new_tokens - 1) / self.block_size) - len(table)
-            scratch = self._take_blocks(need) if need > 0 else []
-        except BaseException:
-            cache.free(seq_id)
-            raise
-        return _Row(prompt, seq_id, cached, table + scratch, scratch)
-
-    def _take_blocks(self, count: int) -> list[int]:
-        """Scratch blocks for decoding, from the cache (OutOfBlocksError, nothing taken, when it lacks them)."""
-        return self.cache.allocate_scratch(count)
+        """Open the sequence and take the scratch blocks decoding will fill (OutOfBlocksError, nothing held)."""
+        seq = self.blocks.open(prompt)
+        if not self.blocks.grow(seq, len(prompt) + max_new_tokens - 1):
+            self.blocks.release(seq)
+            raise OutOfBlocksError(
+                f"{len(prompt)} prompt tokens + max_new_tokens={max_new_tokens} need more blocks of "
+                f"{self.block_size} tokens than the pool has free ({self.cache.num_free_blocks} of "
+                f"{self.cache.num_blocks}); free sequences, enlarge the pool or lower max_new_tokens"
+            )
+        return _Row(prompt, seq)
 
     def _prefill(self, row: _Row) -> int:
         """Runs the uncached prompt tokens; returns the first new token."""
         device = self.model.device
+        cached = row.seq.cached
         # non_blocking: no stream sync here, so the host queues the prefill while promoted blocks still copy
-        ids = torch.tensor(row.prompt[row.cached :], dtype=torch.int64).to(device, non_blocking=True)
-        table = torch.tensor(row.table, dtype=torch.int32).to(device, non_blocking=True)
+        ids = torch.tensor(row.prompt[cached:], dtype=torch.int64).to(device, non_blocking=True)
+        table = torch.tensor(row.seq.table, dtype=torch.int32).to(device, non_blocking=True)
         chunk = self.config.prefill_chunk or len(ids)
         logits = None
         for a in range(0, len(ids), chunk):
-            logits = self.model.prefill(
-                self.cache.kv, ids[a : a + chunk], row.cached + a, table, self.config.prefill_path
-            )
+            logits = self.model.prefill(self.cache.kv, ids[a : a + chunk], cached + a, table, self.config.prefill_path)
         assert logits is not None  # at least one uncached token: the cap of new_sequence
         return int(logits.argmax())
 
     def _write_back(self, row: _Row) -> int:
         """Appends the generated tokens' KV (all but the last token, which has none) and commits."""
-        count = len(row.generated) - 1
-        if count <= 0:
-            return 0
-        kv = self.cache.kv
-        positions = torch.arange(len(row.prompt), len(row.prompt) + count, device=kv.device)
-        table = torch.tensor(row.table, dtype=torch.int64, device=kv.device)
-        tokens = kv[table[positions // self.block_size], :, :, positions % self.block_size]  # (T, L, 2, H, D)
-        keys = [tokens[:, layer, 0].transpose(0, 1) for layer in range(kv.shape[1])]
-        values = [tokens[:, layer, 1].transpose(0, 1) for layer in range(kv.shape[1])]
-        self._free_scratch(row)  # the copies above are taken: the append may reuse these blocks
-        try:
-            self.cache.append(row.seq_id, row.generated[:count], keys, values)
-        except OutOfBlocksError as exc:  # keep what is cached; the generated tail is just not reusable
-            logger.warning("generated tokens not written back: %s", exc)
-            return 0
-        return self.cache.commit(row.seq_id)
-
-    def _free_scratch(self, row: _Row) -> None:
-        if row.scratch:
-            self.cache.free_scratch(row.scratch)
-            row.scratch = []
+        return self.blocks.write_back(row.seq, row.generated[: len(row.generated) - 1])
 
     def _release(self, row: _Row) -> None:
-        self._free_scratch(row)
-        self.cache.free(row.seq_id)
+        self.blocks.release(row.seq)
 
     # -- decode -------------------------------------------------------------------------------------------
     def _step_for(self, batch: int) -> DecodeStep:
@@ -266,7 +234,7 @@ class ModelRunner:
     def _tables(self, rows: list[_Row]) -> torch.Tensor:
         tables = torch.zeros((len(rows), self.table_width), dtype=torch.int32)
         for r, row in enumerate(rows):
-            tables[r, : len(row.table)] = torch.tensor(row.table, dtype=torch.int32)
+            tables[r, : len(row.seq.table)] = torch.tensor(row.seq.table, dtype=torch.int32)
         return tables
 
     def _decode(self, rows: list[_Row], max_new_tokens: int, eos: int | None) -> tuple[int, DecodeMode, str | None]:
