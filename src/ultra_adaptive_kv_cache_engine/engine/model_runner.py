@@ -103,6 +103,14 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     finished: bool = False
 
+    @property
+    def cached(self) -> int:
+        return self.seq.cached
+
+    @property
+    def table(self) -> list[int]:
+        return self.seq.table
+
 
 def _token_ids(prompt: object) -> list[int] | None:
     """`prompt` as a list of ints, or None if it is not a sequence (or 1-D tensor) of integers."""
@@ -160,7 +168,7 @@ class ModelRunner:
             for row in rows:
                 self._release(row)
         return RunResult(
-            tokens=tuple(tuple(r.generated) for r in rows), cached_tokens=tuple(r.seq.cached for r in rows),
+            tokens=tuple(tuple(r.generated) for r in rows), cached_tokens=tuple(r.cached for r in rows),
             ttft_s=tuple(ttft), prefill_s=prefill_s, decode_s=decode_s, decode_steps=steps,
             decode_tokens=sum(len(r.generated) - 1 for r in rows), decode_mode=mode, graph_error=error,
             committed_blocks=committed,
@@ -205,10 +213,10 @@ class ModelRunner:
     def _prefill(self, row: _Row) -> int:
         """Runs the uncached prompt tokens; returns the first new token."""
         device = self.model.device
-        cached = row.seq.cached
+        cached = row.cached
         # non_blocking: no stream sync here, so the host queues the prefill while promoted blocks still copy
         ids = torch.tensor(row.prompt[cached:], dtype=torch.int64).to(device, non_blocking=True)
-        table = torch.tensor(row.seq.table, dtype=torch.int32).to(device, non_blocking=True)
+        table = torch.tensor(row.table, dtype=torch.int32).to(device, non_blocking=True)
         chunk = self.config.prefill_chunk or len(ids)
         logits = None
         for a in range(0, len(ids), chunk):
@@ -234,7 +242,7 @@ class ModelRunner:
     def _tables(self, rows: list[_Row]) -> torch.Tensor:
         tables = torch.zeros((len(rows), self.table_width), dtype=torch.int32)
         for r, row in enumerate(rows):
-            tables[r, : len(row.seq.table)] = torch.tensor(row.seq.table, dtype=torch.int32)
+            tables[r, : len(row.table)] = torch.tensor(row.table, dtype=torch.int32)
         return tables
 
     def _decode(self, rows: list[_Row], max_new_tokens: int, eos: int | None) -> tuple[int, DecodeMode, str | None]:
