@@ -25,18 +25,16 @@ def _component(module_parts: list[str]) -> str | None:
     return module_parts[0] if module_parts else None
 
 
-def _imported_components(path: Path) -> set[str]:
+def _imports(path: Path) -> list[tuple[list[str], str]]:
+    """(module path inside the package, imported name) for every import of a package module in `path`; a plain
+    `import pkg.a.b` gives (['a', 'b'], '')."""
     rel = path.relative_to(ROOT).with_suffix("").parts
-    package_parts = list(rel[:-1]) if rel[-1] != "__init__" else list(rel[:-1])
-    if rel[-1] == "__init__":
-        package_parts = list(rel[:-1])
+    package_parts = list(rel[:-1])
     tree = ast.parse(path.read_text(), filename=str(path))
-    found: set[str] = set()
+    found: list[tuple[list[str], str]] = []
     for node in ast.walk(tree):
-        targets: list[list[str]] = []
         if isinstance(node, ast.Import):
-            targets = [a.name.split(".") for a in node.names]
-            targets = [t[1:] for t in targets if t[0] == PACKAGE]
+            found += [(parts[1:], "") for parts in (a.name.split(".") for a in node.names) if parts[0] == PACKAGE]
         elif isinstance(node, ast.ImportFrom):
             mod = (node.module or "").split(".") if node.module else []
             if node.level == 0:
@@ -44,13 +42,17 @@ def _imported_components(path: Path) -> set[str]:
                     continue
                 base = mod[1:]
             else:
-                up = package_parts[: len(package_parts) - (node.level - 1)]
-                base = up + mod
-            targets = [base + [a.name] if not base else base for a in node.names]
-        for t in targets:
-            comp = _component(t)
-            if comp is not None:
-                found.add(comp)
+                base = package_parts[: len(package_parts) - (node.level - 1)] + mod
+            found += [(base, a.name) for a in node.names]
+    return found
+
+
+def _imported_components(path: Path) -> set[str]:
+    found: set[str] = set()
+    for base, name in _imports(path):
+        comp = _component(base if base else [name])
+        if comp is not None:
+            found.add(comp)
     return found
 
 
@@ -89,26 +91,11 @@ INTERFACE_NAMES = {"KVSpec", "LAYOUT_VERSION", "OutOfBlocksError", "TierUsage"}
 
 def _internal_imports(path: Path) -> list[str]:
     """'memory.X' / 'tiers.X' names imported by `path` that are not interface value types."""
-    rel = path.relative_to(ROOT).with_suffix("").parts
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found: list[str] = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            mod = (node.module or "").split(".") if node.module else []
-            if node.level == 0:
-                if not mod or mod[0] != PACKAGE:
-                    continue
-                base = mod[1:]
-            else:
-                base = list(rel[:-1])[: len(rel) - node.level] + mod
-            if base and base[0] in ("memory", "tiers"):
-                found += [f"{'.'.join(base)}.{a.name}" for a in node.names if a.name not in INTERFACE_NAMES]
-        elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == PACKAGE and len(parts) > 1 and parts[1] in ("memory", "tiers"):
-                    found.append(alias.name)
-    return found
+    return [
+        ".".join(base) + (f".{name}" if name else "")
+        for base, name in _imports(path)
+        if base and base[0] in ("memory", "tiers") and name not in INTERFACE_NAMES
+    ]
 
 
 @pytest.mark.parametrize(
