@@ -58,6 +58,7 @@ class PagedLlamaBackend(ModelBackend):
         self._steps: dict[int, DecodeStep] = {}
         self._graph_pool: Any = None
         self._pad_blocks: list[int] = []
+        self._rows: dict[int, tuple[Tensor, int]] = {}  # seq_id -> (host table row, entries filled)
         self._open = 0  # sequences open (pad blocks are given back when none is)
 
     @classmethod
@@ -103,6 +104,7 @@ class PagedLlamaBackend(ModelBackend):
             if keep:
                 self.blocks.write_back(seq, state.tokens(seq.opened, max(seq.opened, state.num_computed)))
         finally:
+            self._rows.pop(seq.seq_id, None)
             self.blocks.release(seq)
             self._open -= 1
             if not self._open and self._pad_blocks:
@@ -113,6 +115,10 @@ class PagedLlamaBackend(ModelBackend):
     def execute(self, chunks: Sequence[Chunk]) -> Tensor:
         rows: list[Tensor | None] = [None] * len(chunks)
         decodes = [i for i, c in enumerate(chunks) if c.is_decode] if self.on_cuda else []
+        if decodes and len(decodes) == len(chunks):  # decode only: the logits rows are the result as they are
+            logits = self._decode(list(chunks))
+            self._commit_computed(chunks)
+            return logits
         if decodes:
             logits = self._decode([chunks[i] for i in decodes])
             for k, i in enumerate(decodes):
@@ -125,14 +131,18 @@ class PagedLlamaBackend(ModelBackend):
             for k, i in enumerate(rest):
                 rows[i] = logits[k]
         rows = [row if chunk.samples else None for row, chunk in zip(rows, chunks, strict=True)]
-        for chunk in chunks:
-            seq: PooledSequence = chunk.state.kv
-            if not seq.committed and chunk.start + chunk.count >= seq.opened:
-                self.blocks.commit_opened(seq)
+        self._commit_computed(chunks)
         sampled = [r for r in rows if r is not None]
         if not sampled:
             return torch.empty((0, self.model.shape.vocab_size), device=self.model.device)
         return torch.stack(sampled)
+
+    def _commit_computed(self, chunks: Sequence[Chunk]) -> None:
+        """Names the opened tokens' blocks of every sequence whose opened tokens all have KV now."""
+        for chunk in chunks:
+            seq: PooledSequence = chunk.state.kv
+            if not seq.committed and chunk.start + chunk.count >= seq.opened:
+                self.blocks.commit_opened(seq)
 
     def _packed(self, chunks: list[Chunk]) -> Tensor:
         inputs = PackedInputs.pack([(c.token_ids(), c.start, c.state.kv.table) for c in chunks], self.model.device,
@@ -154,10 +164,8 @@ class PagedLlamaBackend(ModelBackend):
         step = self._steps.get(batch)
         if step is None:
             step = self._steps[batch] = DecodeStep(self.model, self._cache.kv, batch, self.table_width)
-        tables = torch.zeros((batch, self.table_width), dtype=torch.int32)
-        for r, chunk in enumerate(chunks):
-            table = chunk.state.kv.table
-            tables[r, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        rows = [self._table_row(c.state.kv) for c in chunks]
+        tables = torch.stack(rows + [torch.zeros_like(rows[0])] * (batch - n))
         tokens = [c.token_ids()[0] for c in chunks]
         positions = [c.start for c in chunks]
         if batch > n:  # padding row j writes position j of the pad blocks
@@ -171,6 +179,17 @@ class PagedLlamaBackend(ModelBackend):
             step.capture(self._graph_pool)
         logits, _ = step.run()
         return logits[:n]
+
+    def _table_row(self, seq: PooledSequence) -> Tensor:
+        """The sequence's block table as a host int32 row of `table_width`, updated only where it grew (a
+        step's tables are then one stack, not one list conversion per row)."""
+        row, filled = self._rows.get(seq.seq_id, (None, 0))
+        if row is None:
+            row = torch.zeros(self.table_width, dtype=torch.int32)
+        if filled != len(seq.table):
+            row[filled : len(seq.table)] = torch.tensor(seq.table[filled:], dtype=torch.int32)
+            self._rows[seq.seq_id] = (row, len(seq.table))
+        return row
 
     def _pad_rows(self, count: int) -> list[int]:
         """Pad blocks holding `count` padding rows (taken from the pool while sequences are open); [] when the
