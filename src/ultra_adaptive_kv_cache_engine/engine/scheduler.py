@@ -28,6 +28,7 @@ import bisect
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ class Scheduler:
         self.running: list[SequenceState] = []  # sorted by sort_key
         self._lock = threading.Lock()
         self._arrivals = itertools.count()
-        self._cancelled: list[SequenceState] = []
+        self._cancelled: deque[SequenceState] = deque()
         self.num_preemptions = 0
         cache = backend.cache
         self._headroom = int(cache.num_blocks * self.config.admission_headroom)
@@ -91,11 +92,12 @@ class Scheduler:
             bisect.insort(self.waiting, state, key=_key)
 
     def cancel(self, state: SequenceState) -> None:
-        """Asks for `state` to end with "cancelled" at the next step boundary (no-op once finished)."""
-        with self._lock:
-            if state.status is not SequenceStatus.FINISHED and not state.cancel_requested:
-                state.cancel_requested = True
-                self._cancelled.append(state)
+        """Asks for `state` to end with "cancelled" at the next step boundary (no-op once finished). Takes no
+        lock (a deque append), so a finalizer may call it from any thread at any point, the step thread
+        inside `schedule` included."""
+        if state.status is not SequenceStatus.FINISHED and not state.cancel_requested:
+            state.cancel_requested = True
+            self._cancelled.append(state)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -165,7 +167,8 @@ class Scheduler:
                     pass
             for state in self.waiting:
                 state.status, state.finish_reason = SequenceStatus.FINISHED, "cancelled"
-            self.waiting, self._cancelled = [], []
+            self.waiting = []
+            self._cancelled.clear()
             return states
 
     # -- helpers (lock held) ------------------------------------------------------------------------------
@@ -179,7 +182,8 @@ class Scheduler:
 
     def _end_cancelled(self) -> list[SequenceState]:
         ended = []
-        for state in self._cancelled:
+        while self._cancelled:
+            state = self._cancelled.popleft()
             if state.status is SequenceStatus.FINISHED:
                 continue
             if state.status is SequenceStatus.WAITING:
@@ -189,7 +193,6 @@ class Scheduler:
             else:
                 self._end(state, "cancelled", keep=False)
             ended.append(state)
-        self._cancelled.clear()
         return ended
 
     def _preempt_for_priority(self, preempted: list[SequenceState]) -> None:
