@@ -44,7 +44,9 @@ class Sampler:
             top_p = torch.tensor([params[i].top_p for i in sampled], device=logits.device)
             probs = _nucleus(torch.softmax(logits[rows].float() / temps[:, None], dim=-1), top_p)
             for k, i in enumerate(sampled):
-                tokens[i] = torch.multinomial(probs[k], 1, generator=generators[i])[0]
+                generator = generators[i]
+                row = probs[k] if generator is None else probs[k].to(generator.device)
+                tokens[i] = torch.multinomial(row, 1, generator=generator)[0]
         return tokens.tolist()
 
 
