@@ -10,7 +10,7 @@ from ultra_adaptive_kv_cache_engine import KVCacheConfig, UltraAdaptiveKVCacheEn
 from ultra_adaptive_kv_cache_engine.model.tiny import build_tiny_llama
 
 FIELDS = {"action", "text", "cache_hit", "cached_tokens", "prompt_tokens", "completion_tokens", "ttft_ms",
-          "latency_ms"}
+          "latency_ms", "finish_reason"}
 
 
 @pytest.fixture(scope="module")

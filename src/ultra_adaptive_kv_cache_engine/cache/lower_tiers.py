@@ -21,10 +21,11 @@ import torch
 
 from ..compression import Codec
 from ..config import KVCacheConfig
+from ..memory import KVSpec
 from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records
 from ..tiers.block_io import LoadResult
 from ..types import TierKind
-from .tier_controls import BlockSource, TierControl, block_source, tier_controls
+from .tier_controls import BlockSource, TierControl, block_source, record_bytes, tier_controls
 from .tier_list import build_tiers
 
 LoadPlanner = Callable[[int, Sequence[str], int], int]
@@ -139,6 +140,10 @@ class LowerTiers:
     def tier_controls(self) -> list[TierControl]:
         """One control per resizable tier, fastest first (`tier_controls.tier_controls`)."""
         return tier_controls(self.store) if isinstance(self.store, TieredStore) else []
+
+    def record_bytes(self, spec: KVSpec) -> int:
+        """Bytes one block of `spec` takes in a tier under the write codec."""
+        return record_bytes(self.store.namespace, spec.block_shape, spec.dtype, self.codec)
 
     def block_source(self) -> BlockSource | None:
         """Promotion into the fastest tier through the write-through thread (None for a single bare tier)."""

@@ -256,6 +256,10 @@ class KVCacheManager:
         """What the autoscaler resizes: one control per resizable tier, fastest first."""
         return self.lower.tier_controls() if self.lower is not None else []
 
+    def block_record_bytes(self) -> int:
+        """What one block takes in the tiers (its record under the write codec; the pool's bytes without tiers)."""
+        return self.lower.record_bytes(self.spec) if self.lower is not None else self.spec.bytes_per_block
+
     def block_source(self) -> BlockSource | None:
         """What the prefetcher promotes through (in the write-through thread), or None without tiers."""
         return self.lower.block_source() if self.lower is not None else None

@@ -21,6 +21,7 @@ from ..cache.factory import create_cache
 from ..cache.shared_snapshot import SharedSnapshot
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
+from .metrics_collector import AdvancedMetricsCollector
 from .optimizer import PerformanceOptimizer
 from .requests import RequestError, require_dict, require_tensor, require_text, resolve_action
 from .stream import StreamChunk
@@ -200,7 +201,7 @@ class UltraAdaptiveKVCacheEngine:
         threads. The engine must not be used afterwards. Idempotent."""
         session = self._session
         if session is not None:
-            session.cache.close()
+            session.close()
 
     def __enter__(self) -> UltraAdaptiveKVCacheEngine:
         return self
@@ -209,6 +210,12 @@ class UltraAdaptiveKVCacheEngine:
         self.close()
 
     # ----------------------------------------------------------------- introspection
+    @property
+    def metrics(self) -> AdvancedMetricsCollector | None:
+        """The Prometheus collector of the live cache (`exposition()`: its text), once the model session is open
+        and unless `enable_metrics` is off."""
+        return self._session.controllers.metrics if self._session is not None else None
+
     def get_stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {"cache": self.cache.stats()}
         if self._session is not None:

@@ -92,7 +92,7 @@ class PagedLlamaBackend(ModelBackend):
         self._open += 1
         state.kv, state.num_computed = seq, seq.cached
         if state.cached_tokens is None:
-            state.cached_tokens = seq.cached
+            state.cached_tokens, state.hit_tiers = seq.cached, seq.hit_tiers
 
     def reserve(self, state: SequenceState, total_tokens: int) -> bool:
         return self.blocks.grow(state.kv, total_tokens)

@@ -39,6 +39,7 @@ class PooledSequence:
     table: list[int]
     scratch: list[int] = field(default_factory=list)
     committed: bool = False
+    hit_tiers: tuple[str, ...] = ()  # where each reused block was ("pool" or a tier's name)
 
 
 class SequenceBlocks:
@@ -66,7 +67,7 @@ class SequenceBlocks:
         except BaseException:
             cache.free(seq_id)
             raise
-        return PooledSequence(seq_id, len(tokens), cached, table)
+        return PooledSequence(seq_id, len(tokens), cached, table, hit_tiers=cache.sequence_hits(seq_id).tiers)
 
     def grow(self, seq: PooledSequence, total_tokens: int) -> bool:
         """Makes `seq.table` cover `total_tokens` tokens with scratch blocks; False (nothing taken) if the pool

@@ -52,6 +52,8 @@ class SequenceState:
     finished_s: float | None = None
     prefill_s: float = 0.0  # this sequence's share of the steps that computed its prompt
     preemptions: int = 0
+    conversation: str | None = None  # the conversation the request continues (controllers.conversation_key)
+    hit_tiers: tuple[str, ...] = ()  # where each reused block was at the first admission ("pool", a tier)
 
     @property
     def sort_key(self) -> tuple[int, int]:

@@ -20,6 +20,7 @@ from ..metrics import Counters, Profiler
 from ..model.loaded import LoadedModel
 from ..model.loader import load_model
 from .backend_registry import make_backend
+from .controllers import Controllers, conversation_key
 from .incremental_text import IncrementalText
 from .optimizer import CachedBlock, PerformanceOptimizer
 from .request_stream import ChunkStream
@@ -60,6 +61,10 @@ class ModelSession:
         self.backend = make_backend(self.scheduler_config.backend, self.loaded, self.cache, self.scheduler_config)
         self.scheduler = Scheduler(self.backend, self.scheduler_config)
         self.steps = StepLoop(self.scheduler, on_finished=self._finished)
+        self.controllers = Controllers(config, self.cache.tier_controls(), self.cache.block_source(),
+                                       self.cache.block_record_bytes())
+        if self.controllers.enabled:
+            self.controllers.start()
 
     # ----------------------------------------------------------------- requests
     def encode_request(self, request: dict[str, Any]) -> list[int]:
@@ -88,7 +93,7 @@ class ModelSession:
         state = SequenceState(
             prompt=ids, params=params, text=IncrementalText(codec.decode, params.stop),
             eos_token_id=codec.eos_token_id, priority=_priority(request),
-            generator=request_generator(params, self.cache.kv.device),
+            generator=request_generator(params, self.cache.kv.device), conversation=conversation_key(request),
         )
         stream = ChunkStream(state, self.steps.cancel)
         self.steps.submit(state, stream.sink())
@@ -129,6 +134,17 @@ class ModelSession:
             self.profiler.record("process.ttft", state.first_token_s - state.arrival_s)
         if len(state.prompt) > cached and state.prefill_s > 0 and state.preemptions == 0:
             self.optimizer.observe_prefill(cached, len(state.prompt), state.prefill_s)
+        self._tell_controllers(state, cached)
+
+    def _tell_controllers(self, state: SequenceState, cached: int) -> None:
+        """The predictor, prefetcher and metrics hear of every request: its blocks and where each was found."""
+        if not self.controllers.enabled:
+            return
+        hashes = self.cache.hash_prompt(state.prompt)
+        found = state.hit_tiers or (POOL,) * (cached // self.cache.block_size)  # backends that do not locate
+        tiers: list[str | None] = [*found[: len(hashes)], *[None] * (len(hashes) - len(found))]
+        ttft = state.first_token_s - state.arrival_s if state.first_token_s is not None else None
+        self.controllers.on_request(state.conversation, hashes, tiers, ttft, len(state.prompt), cached)
 
     def _plan_load(self, pool_blocks: int, tiers: Sequence[str], prompt_tokens: int) -> int:
         """How many of the next cached blocks (found in `tiers`) to load rather than recompute."""
@@ -156,8 +172,11 @@ class ModelSession:
             )
 
     def close(self) -> None:
-        """Stops the step thread (queued requests are not served)."""
+        """Stops the step thread (queued requests are not served) and the controllers' thread, then waits for
+        queued tier writes and stops the writer threads."""
         self.steps.close()
+        self.controllers.stop()
+        self.cache.close()
 
     # ----------------------------------------------------------------- introspection
     def stats(self) -> dict[str, Any]:
@@ -166,7 +185,8 @@ class ModelSession:
         return {**self.cache.stats(), "requests": c.get("requests", 0), "prompt_tokens": prompt,
                 "cached_tokens": c.get("cached_tokens", 0),
                 "token_hit_rate": c.get("cached_tokens", 0) / prompt if prompt else 0.0,
-                "backend": self.backend.name, "preemptions": c.get("preemptions", 0)}
+                "backend": self.backend.name, "preemptions": c.get("preemptions", 0),
+                "controllers": self.controllers.stats()}
 
     def describe(self) -> dict[str, Any]:
         spec = self.cache.spec
