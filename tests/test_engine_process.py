@@ -107,3 +107,13 @@ def test_describe_names_model_and_sizes(engine):
     # 2 MiB of 2 KiB blocks: the pool is sized by max_memory; max_tokens is the tensor store's alone
     assert info["kv"]["pool_blocks"] == 1024 and info["kv"]["bytes_per_block"] == 2048
     assert info["config"]["max_tokens"] == 4096
+
+
+def test_scheduler_sizes_come_from_the_config(tiny):
+    config = KVCacheConfig(block_size=4, max_new_tokens=3, max_memory=2 * 1024**2, max_running=3, max_step_tokens=40,
+                           max_waiting=5, model_backend="paged_llama", cuda_graphs=False)
+    with UltraAdaptiveKVCacheEngine(config, model=tiny) as engine:
+        assert run(engine, {"text": "hello"})["completion_tokens"] == 3
+        sc = engine._session.scheduler_config
+        assert (sc.max_running, sc.max_step_tokens, sc.max_waiting, sc.backend, sc.cuda_graphs) == (3, 40, 5, "paged_llama", False)
+        assert engine.get_stats()["model"]["backend"] == "paged_llama"

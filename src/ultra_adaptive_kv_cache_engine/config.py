@@ -157,6 +157,18 @@ class KVCacheConfig:
         "help": "Prometheus metrics through prometheus-client"})
     controller_interval_s: float = field(default=1.0, metadata={
         "help": "seconds between two rounds of the prefetcher and the autoscaler, in a background thread"})
+    # Scheduler (continuous batching).
+    max_running: int = field(default=64, metadata={
+        "help": "requests in the running batch at once (decoding or prefilling)"})
+    max_step_tokens: int = field(default=512, metadata={
+        "help": "tokens one scheduler step computes: one per decoding request plus prefill chunks"})
+    max_waiting: int = field(default=1024, metadata={
+        "help": "requests waiting for admission; one more is refused (HTTP 429)"})
+    model_backend: str | None = field(default=None, metadata={
+        "help": "model backend: paged_llama (our paged Llama forward) or hf_generate (transformers' generate); none: the "
+                "first that supports the model"})
+    cuda_graphs: bool = field(default=True, metadata={
+        "help": "replay decode steps from CUDA graphs on CUDA"})
     # Model.
     model_path: str | None = field(default=None, metadata={
         "help": "a local Hugging Face folder, .safetensors or .gguf file (none: the embedded "
@@ -172,6 +184,9 @@ class KVCacheConfig:
         _require_int("cpu_tier_bytes", self.cpu_tier_bytes, 0)
         _require_int("disk_tier_bytes", self.disk_tier_bytes, 0)
         _require_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
+        for name in ("max_running", "max_step_tokens", "max_waiting"):
+            _require_int(name, getattr(self, name), 1)
+        _require_optional_str("model_backend", self.model_backend)
         if self.max_memory is not None:
             _require_int("max_memory", self.max_memory, 1)
         _require_fraction("gpu_memory_utilization", self.gpu_memory_utilization)
@@ -179,7 +194,7 @@ class KVCacheConfig:
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval < float("inf"):
             raise ValueError(f"controller_interval_s={interval!r} must be a positive number of seconds")
         for name in ("enable_persistence", "enable_profiling", "reject_non_finite", "enable_optimizer",
-                     "enable_prefetcher", "enable_autoscaler", "enable_metrics"):
+                     "enable_prefetcher", "enable_autoscaler", "enable_metrics", "cuda_graphs"):
             _require_bool(name, getattr(self, name))
         for name in ("persistence_path", "redis_url", "model_path", "model_cache_dir"):
             _require_optional_str(name, getattr(self, name))

@@ -1,8 +1,13 @@
-"""`SchedulerConfig`: the sizes of the continuous-batching scheduler (the only place their defaults live)."""
+"""`SchedulerConfig`: the sizes of the continuous-batching scheduler. Its defaults are `KVCacheConfig`'s (the one
+place defaults live); `from_config` maps an engine's config onto it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from ..config import KVCacheConfig
+
+_DEFAULTS = {f.name: f.default for f in fields(KVCacheConfig)}
 
 
 def _positive(name: str, value: object) -> None:
@@ -25,12 +30,18 @@ class SchedulerConfig:
     - `cuda_graphs`: replay decode steps from CUDA graphs on CUDA (one per padded batch size).
     """
 
-    max_running: int = 64
-    max_step_tokens: int = 512
-    max_waiting: int = 1024
+    max_running: int = _DEFAULTS["max_running"]
+    max_step_tokens: int = _DEFAULTS["max_step_tokens"]
+    max_waiting: int = _DEFAULTS["max_waiting"]
     admission_headroom: float = 0.01
-    backend: str | None = None
-    cuda_graphs: bool = True
+    backend: str | None = _DEFAULTS["model_backend"]
+    cuda_graphs: bool = _DEFAULTS["cuda_graphs"]
+
+    @classmethod
+    def from_config(cls, config: KVCacheConfig) -> SchedulerConfig:
+        """The scheduler an engine of `config` runs."""
+        return cls(max_running=config.max_running, max_step_tokens=config.max_step_tokens,
+                   max_waiting=config.max_waiting, backend=config.model_backend, cuda_graphs=config.cuda_graphs)
 
     def __post_init__(self) -> None:
         for name in ("max_running", "max_step_tokens", "max_waiting"):

@@ -57,7 +57,7 @@ class ModelSession:
         if config.enable_optimizer:  # compute or load, per request, from measured costs
             self.cache.set_load_planner(self._plan_load, self._observe_load)
         self.counters = Counters()
-        self.scheduler_config = scheduler_config if scheduler_config is not None else SchedulerConfig()
+        self.scheduler_config = scheduler_config if scheduler_config is not None else SchedulerConfig.from_config(config)
         self.backend = make_backend(self.scheduler_config.backend, self.loaded, self.cache, self.scheduler_config)
         self.scheduler = Scheduler(self.backend, self.scheduler_config)
         self.steps = StepLoop(self.scheduler, on_finished=self._finished)
