@@ -100,12 +100,16 @@ def test_redis_killed_mid_run_gives_misses_then_reconnects(server: RedisServer, 
     assert not usage.healthy and "ConnectionError" in usage.last_error
     assert (usage.counters["errors"], usage.counters["unavailable"]) == (1, 5)
     now[0] = 6.0
-    assert tier.get(K[0]) is None and tier.usage().counters["errors"] == 2  # tried again, still down
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == LOGGER]
-    assert len(warnings) == 1 and "serving misses" in warnings[0].getMessage()
+    assert tier.get(K[0]) is None  # breaker still open: a miss at once; a background probe tries again
+    tier._prober.join(5)
+    assert tier.usage().counters["errors"] == 2  # the probe failed: still down
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == LOGGER]
+    assert sum("serving misses" in w for w in warnings) == 1
     server.restart()  # same port, empty (no persistence configured)
     now[0] = 12.0
-    assert tier.get(K[0]) is None  # reachable again: a true miss
+    assert tier.get(K[0]) is None  # the request never waits on the probe
+    tier._prober.join(5)
+    assert tier.get(K[0]) is None and tier.usage().counters["misses"] >= 1  # reachable again: a true miss
     assert tier.put(K[0], R[0]).stored and torch.equal(tier.get(K[0]).tensor(), R[0].tensor())
     usage = tier.usage()
     assert usage.healthy and usage.counters["reconnects"] == 1

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .types import (
     CacheStrategy,
@@ -23,6 +24,38 @@ from .types import (
 )
 
 MAX_BLOCK_SIZE = 1024
+MAX_STORE_TOKENS = 1 << 32
+"""`max_tokens` at most: the tensor store counts tokens in Python ints, but a larger bound is a typo."""
+MIN_SECRET_BYTES = 16
+_TRUE = {"1", "true", "yes", "on"}
+SCHEMES = ("redis", "rediss", "unix")
+
+
+def parse_redis_url(url: object) -> tuple[str, bool]:
+    """(url for redis-py without its `cluster` query parameter, whether it asked for cluster mode); ValueError
+    naming what is wrong for a URL that can only fail later (no host, a port out of range, no socket path)."""
+    if not isinstance(url, str) or urlsplit(url).scheme not in SCHEMES or "://" not in url:
+        raise ValueError(f"redis_url={url!r} must start with redis://, rediss:// or unix:// (e.g. "
+                         "redis://127.0.0.1:6379/0 or unix:///run/redis.sock)")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"redis_url={url!r}: the port must be an integer in 1..65535") from None
+    if parts.scheme == "unix":
+        if not parts.path or parts.path == "/":
+            raise ValueError(f"redis_url={url!r}: unix:// needs a socket path, e.g. unix:///run/redis.sock")
+    elif not parts.hostname:
+        raise ValueError(f"redis_url={url!r} names no host; expected e.g. redis://127.0.0.1:6379/0")
+    elif port == 0:
+        raise ValueError(f"redis_url={url!r}: the port must be an integer in 1..65535")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    cluster = any(v.lower() in _TRUE for k, v in query if k == "cluster")
+    if cluster and parts.scheme == "unix":
+        raise ValueError(f"redis_url={url!r}: a Redis Cluster is reached over TCP, not a unix socket")
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    base = url.split("?", 1)[0].split("#", 1)[0]
+    return (f"{base}?{rest}" if rest else base), cluster
 
 
 def default_cache_root() -> Path:
@@ -40,6 +73,36 @@ def _require_int(name: str, value: Any, minimum: int, maximum: int | None = None
     if value < minimum or (maximum is not None and value > maximum):
         upper = f" and <= {maximum}" if maximum is not None else ""
         raise ValueError(f"{name}={value!r} is out of range; expected an integer >= {minimum}{upper}")
+
+
+def _require_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ValueError(f"{name}={value!r} must be a positive number of seconds")
+
+
+def _require_writable_folder(name: str, folder: Path) -> None:
+    """ValueError unless `folder` is, or can be created as, a folder this process can write into."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{name}={os.fspath(folder)!r}: {os.fspath(probe)!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK) or not _statvfs_writable(probe):
+        raise ValueError(f"{name}={os.fspath(folder)!r}: folder {os.fspath(probe)!r} is not writable")
+
+
+def _statvfs_writable(folder: Path) -> bool:
+    try:
+        return not os.statvfs(folder).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
+
+
+def _require_cuda() -> None:
+    import torch  # only when CUDA is asked for: the config stays cheap to build
+
+    if not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA device is available; use device='auto' or 'cpu'")
 
 
 def _require_bool(name: str, value: Any) -> None:
@@ -111,6 +174,8 @@ class KVCacheConfig:
         "help": "folder of the disk tier and the tensor-store snapshot (none: <cache root>/blocks)"})
     enable_profiling: bool = field(default=False, metadata={
         "help": "record per-operation latencies (get_profiling_data())"})
+    max_store_bytes: int = field(default=1024**3, metadata={
+        "help": "bytes the seed's tensor store holds at most (values' storage), besides max_tokens"})
     # Core: blocks and the accelerator pool.
     block_size: int = field(default=16, metadata={
         "help": "tokens per KV block (1 to 1024)"})
@@ -130,6 +195,13 @@ class KVCacheConfig:
     redis_url: str | None = field(default=None, metadata={
         "help": "a shared Redis/Valkey tier: redis://host:port/db (?cluster=true for a cluster), rediss:// or "
                 "unix://"})
+    tier_secret: str | None = field(default=None, repr=False, metadata={
+        "help": "secret (16+ bytes) that names and authenticates blocks in shared tiers (redis); none: "
+                "$UAKV_TIER_SECRET, else unauthenticated with a warning", "secret": True})
+    tier_read_timeout_s: float = field(default=0.5, metadata={
+        "help": "deadline of one read from a shared tier on the request path, in seconds (then: a miss)"})
+    write_through_delay_s: float = field(default=0.5, metadata={
+        "help": "seconds within which a committed block reaches every durable or shared tier (disk, redis)"})
     fsync_policy: FsyncPolicy | str = field(default=FsyncPolicy.BATCH, metadata={
         "help": "when the disk tier fsyncs: always (every block), batch (at persist()), never (the OS decides)"})
     disk_layout: DiskLayout | str = field(default=DiskLayout.FILES, metadata={
@@ -179,7 +251,14 @@ class KVCacheConfig:
         "help": "tokens generated per request unless the request says otherwise"})
 
     def __post_init__(self) -> None:
-        _require_int("max_tokens", self.max_tokens, 1)
+        _require_int("max_tokens", self.max_tokens, 1, MAX_STORE_TOKENS)
+        _require_int("max_store_bytes", self.max_store_bytes, 1)
+        for name in ("tier_read_timeout_s", "write_through_delay_s"):
+            _require_seconds(name, getattr(self, name))
+        if self.tier_secret is not None and (not isinstance(self.tier_secret, str)
+                                             or len(self.tier_secret.encode()) < MIN_SECRET_BYTES):
+            raise ValueError(f"tier_secret must be a string of at least {MIN_SECRET_BYTES} bytes (got "
+                             f"{type(self.tier_secret).__name__} of length {len(str(self.tier_secret))})")
         _require_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
         _require_int("cpu_tier_bytes", self.cpu_tier_bytes, 0)
         _require_int("disk_tier_bytes", self.disk_tier_bytes, 0)
@@ -200,8 +279,8 @@ class KVCacheConfig:
             _require_optional_str(name, getattr(self, name))
         if not isinstance(self.tenant_salt, str):
             raise ValueError(f"tenant_salt={self.tenant_salt!r} must be a string")
-        if self.redis_url is not None and not str(self.redis_url).startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url={self.redis_url!r} must start with redis://, rediss:// or unix://")
+        if self.redis_url is not None:
+            parse_redis_url(self.redis_url)
         set_ = object.__setattr__  # normalising the given value, not deriving a new one
         set_(self, "cache_strategy", CacheStrategy.parse(self.cache_strategy))
         set_(self, "device", parse_enum(DeviceKind, "device", self.device))
@@ -218,6 +297,10 @@ class KVCacheConfig:
             value = getattr(self, name)
             if value is not None:
                 set_(self, name, os.fspath(value))
+        if self.enable_persistence:
+            _require_writable_folder("persistence_path", self.persistence_dir)
+        if self.device is DeviceKind.CUDA:
+            _require_cuda()
 
     @property
     def persistence_dir(self) -> Path:

@@ -2,7 +2,10 @@
 
 - Write-through: every block committed to the prefix index is snapshotted (one gather of the batch) and
   written in the background to the tiered store (the tiers of `config.tier_list`, fastest first: by default
-  CPU memory, then disk when persistence is on, then Redis/Valkey when configured), so other processes sharing the store see it and a restart finds it.
+  CPU memory, then disk when persistence is on, then Redis/Valkey when configured). A background thread
+  (`uakv-write-through`) calls the store's `sync()` every `write_through_delay_s` seconds, so every committed
+  block reaches EVERY durable or shared tier within about that delay (plus the write queue's backlog): other
+  processes sharing Redis see it, and a kill -9 or a restart finds it on disk.
 - Promotion: a prefix lookup that runs out of pool blocks continues the hash chain in the store; the leading
   run found there is loaded into fresh pool blocks and indexed, as if it had been computed here.
 - Persistence: `flush()` waits for queued writes and makes them durable (the store's flush).
@@ -13,6 +16,8 @@ tier can always be used once its parents are.
 
 from __future__ import annotations
 
+import logging
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,6 +27,7 @@ import torch
 from ..compression import Codec
 from ..config import KVCacheConfig
 from ..memory import KVSpec
+from ..metrics import LOGGER_NAME
 from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records
 from ..tiers.block_io import LoadResult
 from ..types import TierKind
@@ -43,15 +49,22 @@ class LowerTiers:
     every block found is loaded. `observer` (optional) is told what each promotion moved and how long it took.
     """
 
-    def __init__(self, store: Tier, codec: Codec, max_pending: int = 1024) -> None:
+    def __init__(self, store: Tier, codec: Codec, max_pending: int = 1024,
+                 write_through_delay_s: float | None = None) -> None:
         self.store = store
         self.codec = codec
         self.planner: LoadPlanner | None = None
         self.observer: LoadObserver | None = None
         self._located: list[str] = []
         self.transfer = AsyncTransfer(store, max_pending=max_pending)
+        self._stop_sync = threading.Event()
+        self._syncer: threading.Thread | None = None
+        if write_through_delay_s is not None and isinstance(store, TieredStore) and any(t.durable for t in store.tiers):
+            self._syncer = threading.Thread(target=_sync_loop, args=(store, self._stop_sync, write_through_delay_s),
+                                            name="uakv-write-through", daemon=True)
+            self._syncer.start()
         # At interpreter exit, finish queued writes before the writer threads die mid-copy.
-        self._finalizer = weakref.finalize(self, self.transfer.close)
+        self._finalizer = weakref.finalize(self, _close, self._stop_sync, self._syncer, self.transfer)
 
     @classmethod
     def from_config(cls, config: KVCacheConfig, namespace_digest: bytes) -> LowerTiers | None:
@@ -59,7 +72,7 @@ class LowerTiers:
         tiers, codec = build_tiers(config, namespace_digest)
         if not tiers or codec is None:
             return None
-        return cls(TieredStore(tiers), codec)
+        return cls(TieredStore(tiers), codec, write_through_delay_s=config.write_through_delay_s)
 
     def write(self, hashes: Sequence[bytes], blocks: torch.Tensor) -> int:
         """Queue `blocks[i]` (a snapshot the caller gives away) under `hashes[i]`; returns how many queued."""
@@ -125,7 +138,7 @@ class LowerTiers:
         return self.transfer.flush()
 
     def close(self) -> FlushResult:
-        result = self.transfer.close()
+        result = _close(self._stop_sync, self._syncer, self.transfer)
         self._finalizer.detach()
         return result
 
@@ -148,3 +161,19 @@ class LowerTiers:
     def block_source(self) -> BlockSource | None:
         """Promotion into the fastest tier through the write-through thread (None for a single bare tier)."""
         return block_source(self.store, self.transfer) if isinstance(self.store, TieredStore) else None
+
+
+def _sync_loop(store: TieredStore, stop: threading.Event, delay_s: float) -> None:
+    """Every `delay_s` seconds until `stop`: copy newly committed blocks into every durable tier."""
+    while not stop.wait(delay_s):
+        try:
+            store.sync()
+        except Exception:  # the thread must outlive any one failure; tiers count their own errors
+            logging.getLogger(LOGGER_NAME).exception("write-through sync failed")
+
+
+def _close(stop: threading.Event, syncer: threading.Thread | None, transfer: AsyncTransfer) -> FlushResult:
+    stop.set()
+    if syncer is not None:
+        syncer.join()
+    return transfer.close()

@@ -9,6 +9,7 @@ encodes write-through; a tier with another codec re-encodes what it receives (`R
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +38,12 @@ def _disk(config: KVCacheConfig, tier: TierConfig) -> dict[str, Any]:
 def _redis(config: KVCacheConfig, tier: TierConfig) -> dict[str, Any]:
     if config.redis_url is None:
         raise ValueError("a redis tier is listed in tiers but redis_url is not set; set redis_url=redis://host:port/db")
-    return {"url": config.redis_url}
+    return {"url": config.redis_url, "secret": tier_secret(config), "read_timeout_s": config.tier_read_timeout_s}
+
+
+def tier_secret(config: KVCacheConfig) -> str | None:
+    """The secret of shared tiers: `config.tier_secret`, else $UAKV_TIER_SECRET, else None (a warning)."""
+    return config.tier_secret if config.tier_secret is not None else (os.environ.get("UAKV_TIER_SECRET") or None)
 
 
 TIER_OPTIONS: dict[TierKind, OptionBuilder] = {TierKind.CPU: _cpu, TierKind.DISK: _disk, TierKind.REDIS: _redis}

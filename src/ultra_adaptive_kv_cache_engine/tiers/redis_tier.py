@@ -1,51 +1,54 @@
 """`RedisTier`: blocks in a shared Redis or Valkey, single node or Redis Cluster, through one class.
 
 Keys are `<prefix><namespace hex>:<block hash hex>`; values are the serialised records, verified on every read
-(checksum, block hash, namespace). A value that fails is never served: it is counted and deleted. Records are
-serialised into a reused per-thread buffer before they are sent (no fresh allocation per value).
+(checksum, block hash, namespace). With a `secret` (config `tier_secret` / `UAKV_TIER_SECRET`), keys are
+`<prefix><scope>:<HMAC name>` and values carry an HMAC tag (`tiers/auth.py`): a party with write access to
+Redis can then neither forge a block nor probe which prompts were sent. Without one the tier logs a warning at
+construction: anyone who can write to that Redis can then change what tenants are served. A value that fails
+(bad tag, bad checksum, another namespace, a value that is not a string, e.g. a list) is never served: it is
+counted (`corrupt_dropped` / `namespace_dropped`) and deleted, and the rest of a pipelined lookup goes on.
 
+URLs are validated at construction (`parse_redis_url`): redis://host[:port]/db, rediss://..., unix:///path.
 Cluster mode is chosen by `cluster=True` or by `?cluster=true` in the URL (removed before the URL reaches
 redis-py); the client is then `redis.cluster.RedisCluster`, which follows slots and MOVED redirections itself.
 
-Failure contract: no Redis error ever reaches the caller. A failed call counts in `errors`, is logged once per
-outage (warning; an info line when Redis is back), and returns a miss / `PutResult(stored=False)`. During the
-next `retry_interval_s` seconds calls are skipped at once (`unavailable` counts them) instead of waiting on a
-timeout each; then the tier tries again, reconnecting by itself. Capacity is Redis's own business
-(`maxmemory` and its eviction policy; optional `ttl_s` per key): `usage()` reports None for sizes.
+Failure contract: no Redis error ever reaches the caller, and an unreachable, slow or wrong Redis costs only
+its hits. Reads on the request path wait at most `read_timeout_s` (a SIGSTOPped server, a black-holed host);
+writes (background threads) at most `timeout_s`. A failed call counts in `errors`, opens the circuit breaker
+(logged once per outage) and returns a miss / `PutResult(stored=False)`; while it is open every call returns
+at once (`unavailable` counts them). Every `retry_interval_s` seconds a background thread probes (connect +
+PING); when one answers the breaker closes (`reconnects`, an info line). `usage().healthy` and `last_error`
+show the state. Capacity is Redis's own business (`maxmemory`; optional `ttl_s` per key): sizes are None.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+from ..config import parse_redis_url
 from ..policies.base import Clock
 from ..types import TierKind
+from .auth import TierAuth
 from .base import LOGGER, PutResult, Tier, TierUsage
 from .record import BlockRecord, NamespaceMismatchError, RecordError, check_key, parse_record
 
 T = TypeVar("T")
 STAGING_BYTES = 8 << 20
 """`put_many` sends at most this many bytes of records per pipeline (one record at least)."""
-_TRUE = {"1", "true", "yes", "on"}
-REDIS_FAILURES = (redis.exceptions.RedisError, OSError)
+REDIS_FAILURES = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 
 def split_cluster_flag(url: str) -> tuple[str, bool]:
     """(url without its `cluster` query parameter, whether that parameter asked for cluster mode)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    flags = [v for k, v in query if k == "cluster"]
-    rest = [(k, v) for k, v in query if k != "cluster"]
-    return urlunsplit(parts._replace(query=urlencode(rest))), any(v.lower() in _TRUE for v in flags)
+    return parse_redis_url(url)
 
 
 class _Staging(threading.local):
@@ -56,17 +59,17 @@ class _Staging(threading.local):
     def __init__(self) -> None:
         self.buf = bytearray()
 
-    def views(self, records: list[BlockRecord]) -> list[memoryview]:
-        """Views of `records` serialised one after another into the buffer (valid until the next call)."""
-        total = sum(r.nbytes for r in records)
+    def views(self, values: Sequence[Sequence[bytes | memoryview]]) -> list[memoryview]:
+        """Views of `values` (each a list of chunks) serialised one after another (valid until the next call)."""
+        parts = [[memoryview(c).cast("B") for c in chunks] for chunks in values]
+        total = sum(p.nbytes for chunks in parts for p in chunks)
         if len(self.buf) < total:
             self.buf = bytearray(total)
         whole = memoryview(self.buf)
         views, offset = [], 0
-        for record in records:
+        for chunks in parts:
             start = offset
-            for chunk in record.chunks():
-                part = memoryview(chunk).cast("B")
+            for part in chunks:
                 whole[offset : offset + part.nbytes] = part
                 offset += part.nbytes
             views.append(whole[start:offset])
@@ -104,38 +107,51 @@ class RedisTier(Tier):
         timeout_s: float = 2.0,
         clock: Clock | None = None,
         name: str | None = None,
+        secret: str | bytes | None = None,
+        read_timeout_s: float = 0.5,
     ) -> None:
         super().__init__(namespace, name)
-        if not isinstance(url, str) or not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"url={url!r} must start with redis://, rediss:// or unix://")
         if ttl_s is not None and (isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or ttl_s < 1):
             raise ValueError(f"ttl_s={ttl_s!r} must be a positive integer or None")
-        self.url, flagged = split_cluster_flag(url)
+        for label, value in (("timeout_s", timeout_s), ("read_timeout_s", read_timeout_s),
+                             ("retry_interval_s", retry_interval_s)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+                raise ValueError(f"{label}={value!r} must be a positive number of seconds")
+        self.url, flagged = parse_redis_url(url)
         self.cluster = flagged if cluster is None else bool(cluster)
         self.ttl_s = ttl_s
         self.retry_interval_s = float(retry_interval_s)
         self.timeout_s = float(timeout_s)
-        self._prefix = prefix.encode() + namespace.hex().encode() + b":"
+        self.read_timeout_s = float(read_timeout_s)
+        self.auth = TierAuth(secret, namespace) if secret is not None else None
+        scope = self.auth.scope if self.auth is not None else namespace.hex()
+        self._prefix = prefix.encode() + scope.encode() + b":"
         self._clock = clock or time.monotonic
-        self._conn: Any = None
+        self._reader: Any = None
+        self._writer: Any = None
         self._down = False
         self._retry_at = 0.0
+        self._prober: threading.Thread | None = None
         self._last_error = ""
         self._lock = threading.Lock()
         self._staging = _Staging()
+        if self.auth is None:
+            LOGGER.warning("%s tier: no tier_secret (UAKV_TIER_SECRET) is set: anyone who can write to the redis "
+                           "at %s can forge blocks that are served and probe which prompts were sent", self.name,
+                           self.url)
 
     def redis_key(self, key: bytes) -> bytes:
-        return self._prefix + check_key(key).hex().encode()
+        check_key(key)
+        return self._prefix + (self.auth.name(key) if self.auth is not None else key).hex().encode()
 
     # -- the six methods -------------------------------------------------------------------------------------
 
     def contains(self, key: bytes) -> bool:
         name = self.redis_key(key)
-        return bool(self._call(lambda c: c.exists(name), 0))
+        return bool(self._call(lambda c: c.exists(name), 0, read=True))
 
     def get(self, key: bytes) -> BlockRecord | None:
-        name = self.redis_key(key)
-        return self._verified(key, self._call(lambda c: c.get(name), None))
+        return self.get_many([key])[0]
 
     def get_many(self, keys: Iterable[bytes]) -> list[BlockRecord | None]:
         keys = list(keys)
@@ -147,20 +163,13 @@ class RedisTier(Tier):
             pipe = client.pipeline(transaction=False)
             for name in names:
                 pipe.get(name)
-            return pipe.execute()
+            return pipe.execute(raise_on_error=False)  # a WRONGTYPE reply spoils one key, not the lookup
 
-        values = self._call(fetch, [None] * len(keys))
+        values = self._call(fetch, [None] * len(keys), read=True)
         return [self._verified(k, v) for k, v in zip(keys, values, strict=True)]
 
     def put(self, key: bytes, record: BlockRecord) -> PutResult:
-        self._check_put(key, record)
-        name, value = self.redis_key(key), self._staging.views([record])[0]
-        ok = self._call(lambda c: c.set(name, value, ex=self.ttl_s), None)
-        if not ok:
-            return PutResult(False, reason=f"redis unavailable: {self._last_error}")
-        self.counters.add("puts")
-        self.counters.add("bytes_in", len(value))
-        return PutResult(True)
+        return self.put_many([(key, record)])[0]
 
     def put_many(self, items: Iterable[tuple[bytes, BlockRecord]]) -> list[PutResult]:
         """`put` of each (key, record), in order: one pipeline per STAGING_BYTES of records."""
@@ -186,15 +195,20 @@ class RedisTier(Tier):
         )  # fmt: skip
 
     def __iter__(self) -> Iterator[bytes]:
+        if self.auth is not None:
+            raise TypeError(f"tier {self.name!r} stores blocks under secret names and cannot list their hashes")
         pattern = self._prefix + b"*"
         names = self._call(lambda c: list(c.scan_iter(match=pattern, count=1000)), [])
         return iter(bytes.fromhex(n[len(self._prefix) :].decode()) for n in names)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
+    def _value_chunks(self, record: BlockRecord) -> Sequence[bytes | memoryview]:
+        return self.auth.seal(record) if self.auth is not None else record.chunks()
+
     def _put_batch(self, items: list[tuple[bytes, BlockRecord]]) -> list[PutResult]:
-        values = list(zip([self.redis_key(k) for k, _ in items], self._staging.views([r for _, r in items]),
-                          strict=True))
+        views = self._staging.views([self._value_chunks(r) for _, r in items])
+        values = list(zip([self.redis_key(k) for k, _ in items], views, strict=True))
 
         def store(client: Any) -> list[Any]:
             pipe = client.pipeline(transaction=False)
@@ -205,10 +219,10 @@ class RedisTier(Tier):
         replies = self._call(store, [None] * len(items))
         results = []
         for (_, value), reply in zip(values, replies, strict=True):
-            if reply:
+            if reply is True:
                 self.counters.add("puts")
                 self.counters.add("bytes_in", len(value))
-            results.append(PutResult(True) if reply else PutResult(False, reason=f"redis: {self._last_error}"))
+            results.append(PutResult(True) if reply is True else PutResult(False, reason=f"redis: {self._last_error}"))
         return results
 
     def _verified(self, key: bytes, value: Any) -> BlockRecord | None:
@@ -216,6 +230,10 @@ class RedisTier(Tier):
             self.counters.add("misses")
             return None
         try:
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise RecordError(f"value is {type(value).__name__}: {value!s:.80}, not a record")
+            if self.auth is not None:
+                value = self.auth.open(key, self.namespace, value)
             record = parse_record(value, key, self.namespace)
         except RecordError as exc:
             kind = "namespace_dropped" if isinstance(exc, NamespaceMismatchError) else "corrupt_dropped"
@@ -229,46 +247,58 @@ class RedisTier(Tier):
         self.counters.add("bytes_out", record.nbytes)
         return record
 
-    def _call(self, op: Callable[[Any], T], fallback: T) -> T:
-        """`op(client)`, or `fallback` when Redis is unreachable or fails (counted, logged once per outage)."""
-        client = self._client()
+    def _call(self, op: Callable[[Any], T], fallback: T, read: bool = False) -> T:
+        """`op(client)`, or `fallback` when the breaker is open or the call fails (counted, logged once per
+        outage). Reads use the client with the request-path deadline."""
+        client = self._client(read)
         if client is None:
             self.counters.add("unavailable")
             return fallback
         try:
-            result = op(client)
+            return op(client)
         except REDIS_FAILURES as exc:
             self._failed(exc)
             return fallback
-        if self._down:
-            self._down = False
-            self.counters.add("reconnects")
-            LOGGER.info("%s tier: redis at %s is reachable again", self.name, self.url)
-        return result
 
-    def _client(self) -> Any:
+    def _client(self, read: bool) -> Any:
         with self._lock:
-            if self._conn is not None and not (self._down and self._clock() < self._retry_at):
-                return self._conn
-            if self._clock() < self._retry_at:
+            if self._down:
+                if self._clock() >= self._retry_at and (self._prober is None or not self._prober.is_alive()):
+                    self._retry_at = self._clock() + self.retry_interval_s
+                    self._prober = threading.Thread(target=self._probe, name=f"uakv-{self.name}-probe", daemon=True)
+                    self._prober.start()
                 return None
-            try:
-                self._conn = self._connect()
-            except REDIS_FAILURES as exc:
-                self._conn = None
-                self._failed_locked(exc)
-                return None
-            return self._conn
+            if self._reader is None:
+                try:
+                    self._reader, self._writer = self._connect()
+                except REDIS_FAILURES as exc:
+                    self._failed_locked(exc)
+                    return None
+            return self._reader if read else self._writer
 
-    def _connect(self) -> Any:
-        options: dict[str, Any] = {
-            "socket_timeout": self.timeout_s,
-            "socket_connect_timeout": self.timeout_s,
-            "retry": Retry(NoBackoff(), 1),
-        }
-        if self.cluster:
-            return RedisCluster.from_url(self.url, **options)
-        return redis.Redis.from_url(self.url, **options)
+    def _probe(self) -> None:
+        """Background: one connect + PING; closes the breaker when it answers, else keeps it open."""
+        try:
+            reader, writer = self._connect()
+            reader.ping()
+        except REDIS_FAILURES as exc:
+            self._failed(exc)
+            return
+        with self._lock:
+            self._reader, self._writer, self._down = reader, writer, False
+        self.counters.add("reconnects")
+        LOGGER.info("%s tier: redis at %s is reachable again", self.name, self.url)
+
+    def _connect(self) -> tuple[Any, Any]:
+        """(reader, writer) clients: reads wait at most read_timeout_s, writes at most timeout_s."""
+        def client(timeout: float) -> Any:
+            options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                                       "retry": Retry(NoBackoff(), 0)}
+            if self.cluster:
+                return RedisCluster.from_url(self.url, **options)
+            return redis.Redis.from_url(self.url, **options)
+
+        return client(min(self.read_timeout_s, self.timeout_s)), client(self.timeout_s)
 
     def _failed(self, exc: BaseException) -> None:
         with self._lock:
@@ -278,12 +308,12 @@ class RedisTier(Tier):
         self._last_error = f"{type(exc).__name__}: {exc}"
         self.counters.add("errors")
         self._retry_at = self._clock() + self.retry_interval_s
-        if self.cluster and self._conn is not None:  # rebuild the slot map from scratch next time
+        for conn in {id(c): c for c in (self._reader, self._writer) if c is not None}.values():
             try:
-                self._conn.close()
+                conn.close()
             except REDIS_FAILURES:
                 pass
-            self._conn = None
+        self._reader = self._writer = None
         if not self._down:
             self._down = True
             LOGGER.warning("%s tier: redis at %s failed (%s); serving misses until it is back", self.name,

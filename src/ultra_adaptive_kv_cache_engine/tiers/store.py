@@ -6,8 +6,12 @@
   bigger-than-capacity records, or unreachable).
 - Eviction from tier k demotes the evicted records into tier k+1 (skipping records tier k+1 already holds;
   a record tier k+1 refuses goes on to k+2); what falls off the last tier is dropped and counted.
-- `flush` is the persistence point: every block held only by volatile tiers (CPU) is copied into the first
-  durable tier (disk, Redis), then every tier flushes; the result lists the blocks made durable.
+- Write-through: a block `put` lands in a volatile tier (CPU) above durable ones is remembered as unsynced;
+  `sync()` (called by a background thread, `cache/lower_tiers.py`, every `write_through_delay_s`) copies every
+  unsynced block into EVERY durable or shared tier (disk, Redis), so other processes see it and kill -9 loses
+  nothing `sync` has returned for (disk: in the page cache; fsynced too under `fsync_policy="always"`).
+- `flush` is the persistence point: `sync()`, then every block held only by volatile tiers is copied into the
+  first durable tier, then every tier flushes; the result lists the blocks made durable.
 
 Each tier keeps its own capacity, eviction policy and counters (`usage().children`); the store counts
 `hits`, `misses`, `promotions`, `demotions` and `dropped`. All tiers must share one namespace.
@@ -15,6 +19,7 @@ Each tier keeps its own capacity, eviction policy and counters (`usage().childre
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -38,6 +43,9 @@ class TieredStore(Tier):
         super().__init__(tiers[0].namespace, name)
         self.tiers = tiers
         self.promote = promote
+        self._durable = tuple(i for i, t in enumerate(tiers) if t.durable)
+        self._unsynced: dict[bytes, None] = {}
+        self._sync_lock = threading.Lock()
 
     def contains(self, key: bytes) -> bool:
         check_key(key)
@@ -98,6 +106,9 @@ class TieredStore(Tier):
             result = tier.put(key, record)
             self._demote(result.evicted, level + 1)
             if result.stored:
+                if not tier.durable and any(i > level for i in self._durable):
+                    with self._sync_lock:
+                        self._unsynced[key] = None
                 return PutResult(True)
             reasons.append(f"{tier.name}: {result.reason}")
         return PutResult(False, reason="; ".join(reasons))
@@ -123,10 +134,45 @@ class TieredStore(Tier):
             children=children,
         )  # fmt: skip
 
+    @property
+    def unsynced(self) -> int:
+        """Blocks put into a volatile tier that `sync` has not yet copied into the durable tiers."""
+        return len(self._unsynced)
+
+    def sync(self) -> int:
+        """Copy every unsynced block into every durable tier (one batch per tier); returns the blocks copied.
+        A block no tier holds any more is skipped (nothing to copy); a tier that refuses counts its refusal."""
+        return len(self._sync())
+
+    def _sync(self) -> dict[bytes, int]:
+        """`sync`; the blocks stored by the first durable tier (key -> bytes)."""
+        with self._sync_lock:
+            keys, self._unsynced = list(self._unsynced), {}
+        if not keys:
+            return {}
+        found: list[BlockRecord | None] = [None] * len(keys)
+        missing = list(range(len(keys)))
+        for tier in self.tiers:
+            if not missing or tier.durable:
+                break
+            for i, record in zip(missing, tier.get_many([keys[i] for i in missing]), strict=True):
+                found[i] = record
+            missing = [i for i in missing if found[i] is None]
+        items = [(r.block_hash, r) for r in found if r is not None]
+        stored: dict[bytes, int] = {}
+        for level in self._durable:
+            results = self.tiers[level].put_many(items)
+            for (key, record), result in zip(items, results, strict=True):
+                self._demote(result.evicted, level + 1)
+                if result.stored and level == self._durable[0]:
+                    stored[key] = record.nbytes
+            self.counters.add("synced", sum(r.stored for r in results))
+        return stored
+
     def flush(self) -> FlushResult:
-        """Copy volatile-only blocks into the first durable tier, flush every tier, report durable blocks."""
+        """`sync`, copy volatile-only blocks into the first durable tier, flush every tier, report durable blocks."""
+        written = self._sync()
         durable = next((i for i, t in enumerate(self.tiers) if t.durable), None)
-        written: dict[bytes, int] = {}
         if durable is not None:
             target = self.tiers[durable]
             for tier in self.tiers[:durable]:
