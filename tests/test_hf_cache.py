@@ -140,7 +140,7 @@ def test_right_padding_and_holes_are_refused(tiny_lm):
         ("hello", {}, "list of token ids"),
         ([5] * 500, {"max_new_tokens": 20}, "exceeds the model's context of 512"),
         ([5] * 600, {}, "exceeds the model's context of 512"),
-        ([5, 6], {"num_beams": 2}, "num_beams"),
+        ([5, 6], {"cache_implementation": "static"}, "cache_implementation"),
         ([5, 6], {"past_key_values": object()}, "past_key_values"),
         ([5, 6], {"use_cache": False}, "use_cache"),
     ],

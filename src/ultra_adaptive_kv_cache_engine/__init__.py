@@ -53,6 +53,8 @@ _EXPORTS: dict[str, str] = {
     "generate_with_prefix_cache": ".model.generation",
     "GenerationResult": ".model.generation",
     "PagedHFCache": ".model.hf_cache",
+    "PrefixCache": ".model.prefix_cache",
+    "ReuseReport": ".model.prefix_cache",
     "build_tiny_llama": ".model.tiny",
     "TinyLlamaSpec": ".model.tiny",
     "ModelRunner": ".engine.model_runner",

@@ -28,6 +28,7 @@ from .stream import StreamChunk
 
 if TYPE_CHECKING:
     from ..model.loaded import LoadedModel
+    from ..model.prefix_cache import PrefixCache
     from .session import ModelSession
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -139,6 +140,16 @@ class UltraAdaptiveKVCacheEngine:
                 self._session = ModelSession(self.config, profiler=self.profiler, loaded=self._model,
                                              optimizer=self.optimizer)
             return self._session
+
+    def hf_cache(self) -> PrefixCache:
+        """A transformers cache over the model session's KV cache, for any number of `generate` calls of the
+        engine's model (`model=` given here, or `config.model_path`; another model is refused):
+        ``model.generate(ids, past_key_values=engine.hf_cache())`` reuses and fills the same prefix cache as
+        `process` requests (see `model.prefix_cache` for when written blocks become visible). Loads the model."""
+        from ..model.prefix_cache import PrefixCache  # deferred: importing transformers is slow
+
+        session = self._model_session()
+        return PrefixCache(session.cache, model=session.loaded.model)
 
     def advanced_optimization(
         self, cache_entries: list[torch.Tensor], optimization_goal: str = "latency"

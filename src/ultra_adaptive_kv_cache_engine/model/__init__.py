@@ -20,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "HFTextCodec": ".text",
     "ByteTextCodec": ".text",
     "PagedHFCache": ".hf_cache",
+    "PrefixCache": ".prefix_cache",
+    "ReuseReport": ".prefix_cache",
     "WorkingLayer": ".working_layer",
     "GenerationResult": ".generation",
     "generate_with_prefix_cache": ".generation",

@@ -1,8 +1,9 @@
 """`generate_with_prefix_cache`: `model.generate` that reuses cached prompt prefixes and caches new ones.
 
-The caller passes the FULL prompt; the helper looks up the cached prefix, lets transformers prefill only
-the rest, writes the new full blocks back and returns the output with exact accounting. Greedy output is
-token-for-token the output of the same `generate` without our cache (tested on CPU).
+The caller passes the FULL prompt; the helper runs generate over a `PrefixCache` (every mode it supports:
+greedy, sampling, beam search, assisted decoding, several returned sequences), writes the new full blocks back
+before returning and returns the output with exact accounting. Output is token-for-token the output of the
+same `generate` with transformers' `DynamicCache` (tested on CPU).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ from torch import nn
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..cache.manager import KVCacheManager
-from .batch import as_batch
-from .hf_cache import PagedHFCache
+from .batch import as_batch, row_offsets
 from .loaded import kv_shape_of, max_context_of
+from .prefix_cache import PrefixCache
 
 _REFUSED = {
-    "cache": "the prefix cache is the cache",
-    "past_key_values": "the prefix cache is the cache",
-    "assistant_model": "assisted decoding is not supported",
+    "cache": "the prefix cache is the cache (pass a PrefixCache to model.generate instead)",
+    "past_key_values": "the prefix cache is the cache (pass a PrefixCache to model.generate instead)",
     "cache_implementation": "the prefix cache is the cache",
 }
 
@@ -32,8 +32,9 @@ _REFUSED = {
 class GenerationResult:
     """What one `generate_with_prefix_cache` call did.
 
-    `output_ids` is generate's (batch, input_length + new_tokens) tensor, prompt (and its left pads)
-    included. Token counts exclude pads and sum over rows; `row_cached_tokens` gives them per row.
+    `output_ids` is generate's (batch x returned sequences, input_length + new_tokens) tensor, prompt (and
+    its left pads) included. Token counts exclude pads and sum over the prompt rows given (not over beams or
+    returned sequences); `row_cached_tokens` gives them per prompt row.
     `ttft_s` runs from the call until the first token's logits exist (lookup and prefix load included).
     """
 
@@ -84,10 +85,6 @@ def _check_kwargs(kwargs: dict[str, Any]) -> None:
             raise ValueError(f"{name}={kwargs[name]!r} cannot be passed to generate_with_prefix_cache: {why}")
     if kwargs.get("use_cache") is False:
         raise ValueError("use_cache=False contradicts prefix caching; call model.generate directly")
-    for name in ("num_beams", "num_return_sequences"):
-        value = kwargs.get(name)
-        if value is not None and value != 1:
-            raise ValueError(f"{name}={value!r} is not supported with the prefix cache; expected 1")
 
 
 def _check_fit(model: nn.Module, paged: KVCacheManager, input_length: int, max_new_tokens: int | None) -> None:
@@ -115,8 +112,8 @@ def generate_with_prefix_cache(
 ) -> GenerationResult:
     """`model.generate(input_ids, **generate_kwargs)` reusing and filling `paged`'s prefix cache.
 
-    Batches must be left-padded (ValueError otherwise); beams, assisted decoding and a caller's own cache
-    are refused. At least one prompt token is always computed.
+    Batches must be left-padded (ValueError otherwise); a caller's own cache is refused. At least one prompt
+    token is always computed. The new blocks are committed before it returns; if generate fails, nothing is.
     """
     _check_kwargs(generate_kwargs)
     ids, mask = as_batch(input_ids, attention_mask)
@@ -126,13 +123,19 @@ def generate_with_prefix_cache(
     processors.append(clock)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    with PagedHFCache(paged, ids, mask, max_new_tokens=generate_kwargs.get("max_new_tokens") or 0) as cache:
+    cache = PrefixCache(paged, max_new_tokens=generate_kwargs.get("max_new_tokens") or 0)
+    try:
         output = model.generate(
             ids.to(device), attention_mask=mask.to(device), cache=cache, logits_processor=processors, **generate_kwargs
         )
         finished = time.perf_counter()
-        committed = cache.commit(output)
-        row_cached = cache.row_cached_tokens
+        committed = cache.finish()
+    finally:
+        cache.discard()  # after a failure: unpin without writing back
+        cache.close()
+    report = cache.last_reuse
+    past = report.past_length if report is not None else 0
+    row_cached = tuple(max(0, past - offset) for offset in row_offsets(mask))
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     return GenerationResult(
         output_ids=sequences,

@@ -1,0 +1,277 @@
+"""`PrefixCache`: a `transformers.Cache` that reuses and fills the prefix cache across `generate` calls.
+
+Create it once, from an engine (``engine.hf_cache()``) or a `KVCacheManager`, and pass it to any number of
+calls, as transformers' own caches are passed::
+
+    cache = engine.hf_cache()
+    out = model.generate(input_ids, attention_mask=mask, past_key_values=cache, max_new_tokens=64)
+    print(cache.last_reuse.cached_tokens)        # prompt tokens whose KV was loaded instead of computed
+
+What happens, and when:
+1. **Generation start** (transformers asks `get_seq_length()` before its prefill; see `generate_call`): the
+   previous generation, if any, is written back (step 3). Then every row's real tokens (left pads removed) are
+   looked up and the longest cached prefix in full blocks is pinned (`PinnedRows`); `get_seq_length()`
+   answers the restart column, so transformers prefills only the rest of the prompt. Each layer's prefix is
+   copied from the pool into the layer's contiguous working buffer at its first forward (`WorkingLayer`).
+   Assisted decoding always feeds the whole prompt in its first forward: nothing is reused there (rows open
+   with no cached prefix), but what it computes is written back like any other mode.
+2. **During generation** a forward pre-hook on the model records the token ids each forward feeds
+   (`RowTokens`), and every reorder (beam search), selection, repetition and crop (assisted decoding) is
+   applied to the KV rows and to their token ids alike, so each row's (token, KV) pairs stay exact.
+3. **Write-back** (`finish()`): each row's new full blocks are appended and committed: named, indexed and
+   written through to the tiers. THIS is when they become visible to other requests and other caches of the
+   same manager: when the next `generate` call with this cache starts, on `close()` / the end of a ``with``
+   block, or, at the latest, when the cache is garbage collected (`__del__`). Pins are held from step 1 to
+   step 3 (pinned blocks are never evicted). Beam rows share their pinned prefix (`KVCacheManager.fork`).
+
+A `generate` call that passes only new tokens with the full attention mask (transformers' continuation form)
+continues the open generation instead. Forwards run outside `generate` (``model(ids, cache=cache)``)
+continue it too, as with `DynamicCache`. A cache serves one `generate` at a time (like every transformers
+cache); the manager behind it is thread-safe and may serve other caches and the scheduler meanwhile.
+Batches must be left-padded (``padding_side='left'``; ValueError otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import weakref
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers.cache_utils import Cache
+
+from ..cache.manager import KVCacheManager
+from ..metrics import LOGGER_NAME
+from .batch import as_batch
+from .generate_call import GenerateCall, assisted_call, prefill_call
+from .loaded import kv_shape_of
+from .pinned_rows import PinnedRows
+from .row_tokens import RowTokens
+from .working_layer import WorkingLayer
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass(frozen=True)
+class ReuseReport:
+    """What the start of one generation found: per row of the batch transformers runs (beams and returned
+    sequences expanded), the prompt tokens whose KV was loaded instead of computed; `prompt_tokens` counts
+    the real (non-pad) prompt tokens over the same rows."""
+
+    mode: str
+    prompt_tokens: int
+    row_cached_tokens: tuple[int, ...]
+    past_length: int
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(self.row_cached_tokens)
+
+
+class PrefixCache(Cache):
+    """See the module docstring.
+
+    `model`, when given, is the only model allowed to generate over this cache (the manager's namespace names
+    its weights: another model's KV must never be mixed in); `engine.hf_cache()` passes the engine's model.
+    `max_new_tokens` only sizes working buffers when generate does not say.
+    """
+
+    def __init__(self, manager: KVCacheManager, *, model: nn.Module | None = None, max_new_tokens: int = 0) -> None:
+        if not isinstance(manager, KVCacheManager):
+            raise TypeError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch nn.Module or None, got {type(model).__name__}")
+        self.manager = manager
+        self._model = weakref.ref(model) if model is not None else None
+        self._max_new_tokens = max_new_tokens
+        self._rows: PinnedRows | None = None
+        self._tokens: RowTokens | None = None
+        self._forwarded = False
+        self._hook: RemovableHandle | None = None
+        self._hooked: weakref.ref[nn.Module] | None = None
+        self.last_reuse: ReuseReport | None = None
+        self.committed_blocks = 0  # over the cache's life
+        super().__init__(layers=self._fresh_layers())
+
+    def _fresh_layers(self, rows: PinnedRows | None = None, capacity: int = 0) -> list[Any]:
+        past = rows.past_length if rows is not None else 0
+        return [
+            WorkingLayer(past, capacity, (lambda k, v, layer=layer: rows.load(layer, k, v)) if rows else None)
+            for layer in range(self.manager.spec.num_layers)
+        ]
+
+    # -- what transformers calls ----------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        call = prefill_call(sys._getframe(1), self)
+        if call is not None:
+            self._begin(call)
+        return super().get_seq_length(layer_idx)
+
+    def activate_past_recording(self) -> None:
+        call = assisted_call(sys._getframe(1), self)
+        if call is not None:
+            self._begin(call)
+        super().activate_past_recording()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"layer_idx={layer_idx} is out of range: the paged cache spec has {len(self.layers)} layers"
+            )
+        self._forwarded = True
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._select_rows(torch.arange(len(self._rows.row_group))[indices] if self._rows else indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self._tokens is not None:
+            self._tokens.repeat_interleave(repeats)
+        if self._rows is not None:
+            self._rows.repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self._tokens is not None:
+            self._tokens.truncate(self.layers[0].get_seq_length())
+
+    def reset(self) -> None:
+        """Writes the open generation back and empties the working buffers."""
+        self.close()
+
+    def _select_rows(self, indices: torch.Tensor) -> None:
+        if self._tokens is not None:
+            self._tokens.select(indices)
+        if self._rows is not None:
+            self._rows.select(indices.cpu())
+
+    # -- generation life cycle --------------------------------------------------------------------------
+    def _begin(self, call: GenerateCall) -> None:
+        width = call.input_ids.shape[1]
+        if call.mask_length != width:  # only new tokens, the full mask: continue what the cache holds
+            held = self.layers[0].get_seq_length()
+            if held + width != call.mask_length:
+                raise ValueError(
+                    f"generate passed {width} new tokens with an attention mask of {call.mask_length} positions, "
+                    f"but this cache holds {held}; pass the full input_ids (the cache finds the cached prefix)"
+                )
+            self._attach(call.model)
+            return
+        ids, mask = as_batch(call.input_ids, call.attention_mask)
+        self._check_model(call.model)
+        if self._rows is not None and not self._forwarded and self._rows.matches(ids, mask):
+            self._attach(call.model)  # opened for this very prompt (PagedHFCache, a chunked prefill asking again)
+            return
+        self.finish()
+        capacity = max(call.max_length, width + self._max_new_tokens)
+        self._open(PinnedRows(self.manager, ids, mask, reuse=call.reuse), call.mode, capacity)
+        self._attach(call.model)
+
+    def _open(self, rows: PinnedRows, mode: str, capacity: int) -> None:
+        self._rows, self._forwarded = rows, False
+        self._tokens = RowTokens(rows.input_ids[:, : rows.past_length])
+        self.layers = self._fresh_layers(rows, capacity)
+        self.last_reuse = ReuseReport(mode, int(rows.mask.sum()), rows.row_cached_tokens, rows.past_length)
+        logger.debug("hf cache: %s generation reuses %d tokens", mode, self.last_reuse.cached_tokens)
+
+    def _check_model(self, model: nn.Module) -> None:
+        expected = self._model() if self._model is not None else None
+        if self._model is not None and model is not expected:
+            raise ValueError(
+                f"this cache holds the KV of {type(expected).__name__} object {id(expected):#x}; generate runs "
+                f"{type(model).__name__} object {id(model):#x} (another model's KV must never be reused)"
+            )
+        shape, spec = kv_shape_of(model), self.manager.spec
+        if (shape.num_layers, shape.num_kv_heads, shape.head_dim) != (spec.num_layers, spec.num_kv_heads, spec.head_dim):
+            raise ValueError(
+                f"the paged cache holds {spec.num_layers} layers x {spec.num_kv_heads} KV heads x {spec.head_dim}; "
+                f"the model has {shape.num_layers} x {shape.num_kv_heads} x {shape.head_dim}"
+            )
+
+    def _attach(self, model: nn.Module) -> None:
+        """Records the ids of every forward of `model` that runs on this cache (until `finish`)."""
+        if self._hooked is not None and self._hooked() is model:
+            return
+        self._detach()
+        me = weakref.ref(self)
+
+        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            cache = me()
+            if cache is None or cache._tokens is None or cache._tokens.lost:
+                return
+            if kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
+                return
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+                cache._tokens.append(ids)
+            else:  # embeddings fed: the ids behind the next positions are unknown, stop writing back there
+                cache._tokens.lost = True
+
+        self._hook = model.register_forward_pre_hook(record, with_kwargs=True)
+        self._hooked = weakref.ref(model)
+
+    def _detach(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = self._hooked = None
+
+    def finish(self) -> int:
+        """Writes the open generation back (see the module docstring, step 3) and unpins its prefixes.
+
+        Returns the number of blocks newly entered in the prefix index (0 when no generation is open).
+        Called for you at the next generation's start, `close()`, and garbage collection.
+        """
+        rows, tokens, forwarded = self._rows, self._tokens, self._forwarded
+        self._rows, self._tokens = None, None
+        self._detach()
+        if rows is None:
+            return 0
+        try:
+            committed = rows.write_back(tokens.host(), self.layers) if forwarded and tokens is not None else 0
+        finally:
+            rows.release()
+        self.committed_blocks += committed
+        return committed
+
+    def discard(self) -> None:
+        """Unpins the open generation's prefixes WITHOUT writing it back (e.g. after a failed call)."""
+        rows, self._rows, self._tokens = self._rows, None, None
+        self._detach()
+        if rows is not None:
+            rows.release()
+
+    def close(self) -> None:
+        """Writes the open generation back and frees the working buffers (idempotent); the cache stays usable."""
+        try:
+            self.finish()
+        finally:
+            self.layers = self._fresh_layers()
+            self._forwarded = False
+
+    def __enter__(self) -> PrefixCache:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            if getattr(self, "_rows", None) is not None:
+                self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finalizer; the blocks stay uncommitted
+            logger.exception("hf cache: write-back at garbage collection failed")
