@@ -1,8 +1,11 @@
 """`BaseKVCache`: the seed's content-addressed tensor cache, an `nn.Module` with a token capacity.
 
 `store(key, value)` names the entry by a digest of the key tensor (dtype, shape, bytes); `retrieve(key)`
-returns a copy of the value or None. Capacity `config.max_tokens` is enforced by evicting through the policy
-that the configured strategy names in the policy registry.
+returns a copy of the value or None. Two capacities hold at once, both enforced by evicting through the policy
+that the configured strategy names in the policy registry: `config.max_tokens` (an entry of shape
+(..., tokens, dim) counts `tokens`; a 0-D or 1-D value counts 1) and `config.max_store_bytes` (an entry counts
+`numel * element size`, what its private copy takes). Values of a dtype a snapshot cannot hold (quantized,
+complex, sparse) and keys over `keys.MAX_KEY_BYTES` are refused with ValueError.
 
 Books and extension points. The base class keeps the books itself, in `store`, around the subclass hooks:
 `_entries` (key digest -> `CacheEntry`, oldest first), the token count and the policy. So a subclass that
@@ -37,7 +40,7 @@ from torch import nn
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Counters
 from ..policies import EvictionPolicy, has_policy, make_policy
-from .keys import all_finite, entry_tokens, tensor_digest
+from .keys import STORABLE_DTYPES, all_finite, check_key_tensor, entry_bytes, entry_tokens, tensor_digest
 
 
 @dataclass(slots=True)
@@ -45,6 +48,7 @@ class _Book:
     """Mutable bookkeeping kept off `nn.Module.__setattr__` (slow) on the hot path."""
 
     tokens: int = 0
+    nbytes: int = 0
     pending: tuple[torch.Tensor, bytes] | None = None
 
 
@@ -90,6 +94,11 @@ class BaseKVCache(nn.Module):
         return self.config.max_tokens
 
     @property
+    def num_bytes(self) -> int:
+        """Bytes the stored values occupy (numel * element size each), at most `config.max_store_bytes`."""
+        return self._book.nbytes
+
+    @property
     def num_tokens(self) -> int:
         """Tokens currently held."""
         return self._book.tokens
@@ -103,6 +112,7 @@ class BaseKVCache(nn.Module):
         digest = tensor_digest(key)
         with self._lock:
             self._make_room(digest, tokens)
+            self._make_byte_room(digest, entry_bytes(value))
             self._book.pending = (key, digest)
             try:
                 self._store(key, value)
@@ -195,9 +205,11 @@ class BaseKVCache(nn.Module):
         with self._lock:
             for digest, value in entries.items():
                 tokens = entry_tokens(value)
-                if digest in self._entries or tokens > self.max_tokens:
+                if (digest in self._entries or tokens > self.max_tokens
+                        or entry_bytes(value) > self.config.max_store_bytes or value.dtype not in STORABLE_DTYPES):
                     continue
                 self._make_room(digest, tokens)
+                self._make_byte_room(digest, entry_bytes(value))
                 self._record(digest, CacheEntry(value, tokens, stamps.get(digest) if stamps else None))
                 added += 1
         return added
@@ -253,15 +265,29 @@ class BaseKVCache(nn.Module):
                 "self._remove(digest), or call super()._evict(num_tokens) to evict through the policy)"
             )
 
+    def _make_byte_room(self, digest: bytes, nbytes: int) -> None:
+        """Evict (one `_evict(1)` at a time) until `nbytes` more fit within max_store_bytes; RuntimeError if
+        `_evict` stops freeing anything first."""
+        old = self._entries.get(digest)
+        while self._book.nbytes - (entry_bytes(old.value) if old else 0) + nbytes > self.config.max_store_bytes:
+            before = len(self._entries)
+            self._evict(1)
+            if len(self._entries) >= before:
+                raise RuntimeError(f"{type(self).__name__}._evict freed nothing; an entry of {nbytes} bytes does not "
+                                   f"fit within max_store_bytes={self.config.max_store_bytes}")
+            old = self._entries.get(digest)
+
     def _record(self, digest: bytes, entry: CacheEntry) -> None:
         """Put `entry` in the books under `digest` (replacing any older one) and tell the policy."""
         old = self._entries.pop(digest, None)
         if old is not None:
             self._book.tokens -= old.tokens
+            self._book.nbytes -= entry_bytes(old.value)
             if self.policy is not None:
                 self.policy.on_remove(digest)
         self._entries[digest] = entry
         self._book.tokens += entry.tokens
+        self._book.nbytes += entry_bytes(entry.value)
         if self.policy is not None:
             self.policy.on_insert(digest, entry.tokens)
 
@@ -280,12 +306,17 @@ class BaseKVCache(nn.Module):
         if entry is None:
             return 0
         self._book.tokens -= entry.tokens
+        self._book.nbytes -= entry_bytes(entry.value)
         return entry.tokens
 
     def _validate(self, key: Any, value: Any) -> int:
         for name, t in (("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_key_tensor(key)
+        if value.layout is not torch.strided or value.dtype not in STORABLE_DTYPES:
+            raise ValueError(f"value of dtype {value.dtype} and layout {value.layout} cannot be stored (a snapshot "
+                             "holds dense bool, integer and floating-point tensors); dequantize or convert it first")
         if value.numel() == 0:
             raise ValueError(f"value of shape {tuple(value.shape)} is empty; expected at least one element")
         if self.config.reject_non_finite and not all_finite(value):
@@ -298,4 +329,7 @@ class BaseKVCache(nn.Module):
                 f"entry of {tokens} tokens (value shape {tuple(value.shape)}) is larger than the whole "
                 f"capacity max_tokens={self.max_tokens}"
             )
+        if entry_bytes(value) > self.config.max_store_bytes:
+            raise ValueError(f"value of shape {tuple(value.shape)} is {entry_bytes(value)} bytes, more than the whole "
+                             f"capacity max_store_bytes={self.config.max_store_bytes}")
         return tokens

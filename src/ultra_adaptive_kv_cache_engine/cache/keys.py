@@ -11,6 +11,17 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+MAX_KEY_BYTES = 256 << 20
+"""A key tensor is named by hashing all its bytes; a key larger than this (counted as numel * element size,
+so an `expand`ed view of a few bytes counts in full) is refused rather than copied and hashed."""
+
+STORABLE_DTYPES = frozenset({
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+    torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn,
+    torch.float8_e5m2,
+})
+"""Dtypes a stored value may have: what a safetensors snapshot holds (no quantized, complex or sparse)."""
+
 # dtypes numpy cannot hold are hashed through a same-width integer view of their bytes.
 _SAME_WIDTH_INT = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.int8, torch.float8_e5m2: torch.int8}
 
@@ -38,8 +49,21 @@ def _header(dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
     return f"{dtype}|{shape}|".encode()
 
 
+def check_key_tensor(tensor: torch.Tensor) -> None:
+    """ValueError unless `tensor` can be named: a dense tensor of a storable dtype, at most MAX_KEY_BYTES."""
+    if tensor.layout is not torch.strided or tensor.dtype not in STORABLE_DTYPES:
+        raise ValueError(f"key of dtype {tensor.dtype} and layout {tensor.layout} cannot be hashed; expected a dense "
+                         "tensor of a plain dtype (bool, integer or floating point)")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes > MAX_KEY_BYTES:
+        raise ValueError(f"key of shape {tuple(tensor.shape)} is {nbytes} bytes (numel * element size, broadcast "
+                         f"views counted in full); keys are at most {MAX_KEY_BYTES} bytes")
+
+
 def tensor_digest(tensor: torch.Tensor) -> bytes:
-    """BLAKE2b-256 of (dtype, shape, bytes): deterministic across processes and machines."""
+    """BLAKE2b-256 of (dtype, shape, bytes): deterministic across processes and machines. ValueError for a key
+    `check_key_tensor` refuses (before any copy)."""
+    check_key_tensor(tensor)
     h = hashlib.blake2b(_header(tensor.dtype, tuple(tensor.shape)), digest_size=32, person=b"uakv-tensor-v1")
     h.update(np.ascontiguousarray(tensor_array(tensor)).reshape(-1).view(np.uint8))
     return h.digest()
@@ -52,6 +76,11 @@ def all_finite(tensor: torch.Tensor) -> bool:
     if tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64, torch.float16):
         return bool(np.isfinite(tensor_array(tensor)).all())
     return bool(torch.isfinite(tensor).all())
+
+
+def entry_bytes(value: torch.Tensor) -> int:
+    """Bytes an entry's stored copy occupies (its clone is dense: numel * element size)."""
+    return int(value.numel()) * value.element_size()
 
 
 def entry_tokens(value: torch.Tensor) -> int:

@@ -31,7 +31,14 @@ import torch
 from ..metrics import LOGGER_NAME
 from .base_cache import BaseKVCache
 from .folder_lock import FolderLock
-from .tensor_file import SnapshotError, load_snapshot, remove_stale_temps, save_snapshot, snapshot_path
+from .tensor_file import (
+    SnapshotError,
+    load_snapshot,
+    remove_orphan_temps,
+    remove_stale_temps,
+    save_snapshot,
+    snapshot_path,
+)
 
 LOGGER = logging.getLogger(LOGGER_NAME)
 
@@ -68,6 +75,8 @@ class SharedSnapshot:
         self.path = snapshot_path(self.folder, tenant_salt)
         self.lock = lock if lock is not None else FolderLock(self.folder)
         self._seen: dict[bytes, str] = {}
+        if self.folder.is_dir():  # temporary files of writers killed mid-write (their pid is gone)
+            remove_orphan_temps(self.path)
 
     def load(self, cache: BaseKVCache) -> SnapshotRead:
         """Restore every entry of the snapshot that `cache` does not hold (it keeps its own for the others)."""

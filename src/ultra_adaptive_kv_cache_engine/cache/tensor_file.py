@@ -84,6 +84,28 @@ def remove_stale_temps(path: Path) -> int:
     return removed
 
 
+def remove_orphan_temps(path: Path) -> int:
+    """Delete temporary files of `path` whose writer process is gone (their name carries its pid); safe without
+    the folder's lock, so it runs when an engine opens the folder. Returns how many were removed."""
+    removed = 0
+    for tmp in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        pid = tmp.name[len(path.name) + 2 : -len(TEMP_SUFFIX)]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _metadata(data: bytes, name: str) -> dict[str, str]:
     """The `__metadata__` of a safetensors file's bytes (header: 8-byte little-endian length, then JSON)."""
     if len(data) < 8:
