@@ -181,14 +181,20 @@ class DiskTier(DiskTierBase[int]):
         self._count_hit(size)
 
     def _prepare_folders(self) -> None:
-        """Create the 256 shard folders once (and make their names durable unless fsync is NEVER)."""
+        """Create the 256 shard folders once, 0700 (and make their names durable unless fsync is NEVER); a shard
+        that is a symlink (or a file) is replaced by a real folder: blocks are never written out of the root."""
         shards = [f"{i:02x}" for i in range(256)]
-        present = set(os.listdir(self.folder)) if self.folder.is_dir() else set()
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        present = {e.name for e in os.scandir(self.folder) if e.is_dir(follow_symlinks=False)}
         missing = [s for s in shards if s not in present]
         if not missing:
             return
         for shard in missing:
-            (self.folder / shard).mkdir(parents=True, exist_ok=True)
+            path = self.folder / shard
+            if path.is_symlink() or path.exists():
+                LOGGER.warning("%s tier: %s is not a folder (a symlink?); replacing it with one", self.name, path)
+                path.unlink()
+            path.mkdir(mode=0o700)
         if self.fsync is not FsyncPolicy.NEVER:
             files.fsync_dir(self.folder)
             files.fsync_dir(self.folder.parent)

@@ -82,30 +82,47 @@ def write_all(fd: int, chunks: Sequence[bytes | memoryview]) -> None:
             views[0] = views[0][written:]
 
 
+def open_folder(folder: str) -> int:
+    """A descriptor of `folder` opened WITHOUT following a symlink at its last component (a shard folder swapped
+    for a link out of the root is refused: OSError ELOOP/ENOTDIR); a missing folder is made (0700), once."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        return os.open(folder, flags)
+    except FileNotFoundError:  # the shard folder was removed behind our back: make it again, once
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        return os.open(folder, flags)
+
+
 def atomic_write(final: str, chunks: Sequence[bytes | memoryview], fsync: bool) -> None:
     """Write `chunks` to `final` through a temporary name and a rename; fsync file and folder if `fsync`.
 
-    On any error the temporary file is removed and the error re-raised; `final` is untouched.
+    The file is created 0600, relative to a descriptor of its folder opened without following symlinks, so a
+    block is never written through a symlinked shard folder. On any error the temporary file is removed and
+    the error re-raised; `final` is untouched.
     """
-    tmp = temp_path(final)
+    folder, name = os.path.split(final)
+    tmp = os.path.basename(temp_path(final))
+    dir_fd = open_folder(folder)
     try:
-        fd = os.open(tmp, _CREATE, 0o644)
-    except FileNotFoundError:  # the shard folder was removed behind our back: make it again, once
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        fd = os.open(tmp, _CREATE, 0o644)
-    try:
+        fd = os.open(tmp, _CREATE | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
         try:
-            write_all(fd, chunks)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        unlink(tmp)
-        raise
-    if fsync:
-        fsync_dir(os.path.dirname(final))
+            try:
+                write_all(fd, chunks)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            raise
+        if fsync:
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def read_record_into(path: str, head: bytes, out: memoryview) -> bool:

@@ -118,7 +118,7 @@ def list_segments(folder: str) -> list[int]:
 def open_segment(folder: str, seg_id: int, create: bool) -> Segment:
     flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
     path = segment_path(folder, seg_id)
-    fd = os.open(path, flags, 0o644)
+    fd = os.open(path, flags, 0o600)
     return Segment(seg_id, path, fd, os.fstat(fd).st_size)
 
 

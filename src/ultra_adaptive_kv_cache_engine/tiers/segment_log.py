@@ -27,7 +27,7 @@ def open_log(tier: SegmentDiskTier, verify: bool) -> None:
     """Open every segment oldest first and replay it into the index; cut a torn tail off the last segment;
     start a first segment if there is none; then fit the capacity and compact if due."""
     if not os.path.isdir(tier.folder):
-        os.makedirs(tier.folder, exist_ok=True)
+        os.makedirs(tier.folder, mode=0o700, exist_ok=True)
         if tier.fsync is not FsyncPolicy.NEVER:
             for folder in (os.path.dirname(tier.folder), os.path.dirname(os.path.dirname(tier.folder))):
                 disk_files.fsync_dir(folder)
