@@ -9,6 +9,7 @@ from ultra_adaptive_kv_cache_engine.policies import (
     LRUPolicy,
     S3FIFOPolicy,
 )
+from ultra_adaptive_kv_cache_engine.policies.s3fifo_adaptive import MAX_SHARE, MIN_SHARE, AdaptiveS3FIFOPolicy
 from ultra_adaptive_kv_cache_engine.policies.tick_order import TickList
 from ultra_adaptive_kv_cache_engine.policies.tick_policies import TickARCPolicy, TickLRUPolicy
 
@@ -150,3 +151,36 @@ def test_tick_arc_keeps_arc_lists_in_tick_order():
     p.on_access("c")
     fill(p, ["d"])
     assert p.victims(3) == ["d", "c", "r"]  # T1 = [d] exceeds p = 0, then T2 leaf first
+
+
+def test_s3fifo_adaptive_ghost_of_small_grows_the_share_ghost_of_main_shrinks_it():
+    p = fill(AdaptiveS3FIFOPolicy(capacity=10), [f"k{i}" for i in range(10)])
+    assert p.small_share == 0.1
+    assert p.victims(2) == ["k0", "k1"]
+    for k in ("k0", "k1"):
+        p.on_remove(k)
+    p.on_insert("k0", 1)  # back from S's ghost: S was short; s += 1/10 * max(1, |GM| 0 / |G| 2)
+    assert p.small_share == 0.2
+    assert p.queues() == ([f"k{i}" for i in range(2, 10)], ["k0"], ["k1"])
+    # S leaves while it holds >= 2 (k2..k8), then M's k0 (it goes to the main ghost), then S's last key
+    order = [*(f"k{i}" for i in range(2, 9)), "k0", "k9"]
+    assert p.victims(9) == order
+    for k in order:
+        p.on_remove(k)
+    assert len(p) == 0 and list(p._main_ghost) == ["k0"]
+    assert p.queues()[2] == [f"k{i}" for i in range(2, 10)]  # G trimmed to (1 - 0.2) * 10 keys: k1 forgotten
+    p.on_insert("k0", 1)  # back from M's ghost: M was short; s -= 1/10 * max(1, |G| 8 / |GM| 1)
+    assert p.small_share == 0.05  # floored at MIN_SHARE
+    assert p.queues()[1] == ["k0"]
+
+
+def test_s3fifo_adaptive_share_stays_in_bounds():
+    p = AdaptiveS3FIFOPolicy(capacity=4)
+    for round_ in range(20):
+        key = f"r{round_}"
+        p.on_insert(key, 1)
+        for victim in p.victims(len(p)):
+            p.on_remove(victim)
+        p.on_insert(key, 1)  # a ghost hit every round
+        assert MIN_SHARE <= p.small_share <= MAX_SHARE
+    assert p.small_share == MAX_SHARE

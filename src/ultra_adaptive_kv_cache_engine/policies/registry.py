@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..types import CacheStrategy
 from .adaptive import AdaptivePolicy
 from .arc import ARCPolicy
 from .base import Clock, EvictionPolicy
@@ -9,15 +10,20 @@ from .fifo import FIFOPolicy
 from .lfu import LFUPolicy
 from .lru import LRUPolicy
 from .s3fifo import S3FIFOPolicy
+from .s3fifo_adaptive import AdaptiveS3FIFOPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     "lru": LRUPolicy,
     "lfu": LFUPolicy,
     "fifo": FIFOPolicy,
     "s3fifo": S3FIFOPolicy,
+    "s3fifo_adaptive": AdaptiveS3FIFOPolicy,
     "arc": ARCPolicy,
     "adaptive": AdaptivePolicy,
 }
+for _name in POLICIES:  # every built-in policy is a strategy a config can name (the enum is extensible)
+    if _name not in CacheStrategy._value2member_map_:
+        setattr(CacheStrategy, _name.upper(), _name)
 
 
 def register_policy(name: str, cls: type[EvictionPolicy]) -> None:

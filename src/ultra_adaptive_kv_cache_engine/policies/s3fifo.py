@@ -39,6 +39,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._small_total = 0
         self._main_total = 0
         self._high_water = 0
+        self.small_share = SMALL_SHARE
 
     @property
     def target_capacity(self) -> int:
@@ -51,7 +52,7 @@ class S3FIFOPolicy(EvictionPolicy):
             return
         self._size[key] = size
         self._freq[key] = 0
-        if self._ghost.pop(key) is not None:
+        if self._returns_to_main(key, size):
             self._main[key] = size
             self._main_total += size
         else:
@@ -77,7 +78,7 @@ class S3FIFOPolicy(EvictionPolicy):
         if from_small is not None:
             if from_small:
                 self._ghost.add(key, size)
-                self._ghost.trim((1.0 - SMALL_SHARE) * self.target_capacity)
+                self._ghost.trim((1.0 - self.small_share) * self.target_capacity)
         elif self._small.pop(key, None) is not None:
             self._small_total -= size
         else:
@@ -86,7 +87,7 @@ class S3FIFOPolicy(EvictionPolicy):
 
     def victims(self, n: int) -> list[Hashable]:
         out = [key for key, _ in zip(self._pending, range(n), strict=False)]
-        small_floor = SMALL_SHARE * self.target_capacity
+        small_floor = self.small_share * self.target_capacity
         while len(out) < n and (self._small or self._main):
             if self._small and (self._small_total >= small_floor or not self._main):
                 victim = self._evict_small()
@@ -95,6 +96,10 @@ class S3FIFOPolicy(EvictionPolicy):
             if victim is not None:
                 out.append(victim)
         return out
+
+    def _returns_to_main(self, key: Hashable, size: int) -> bool:
+        """Whether a new key goes straight to M: it is a ghost (evicted from S, now back)."""
+        return self._ghost.pop(key) is not None
 
     def _evict_small(self) -> Hashable | None:
         key, size = self._small.popitem(last=False)
