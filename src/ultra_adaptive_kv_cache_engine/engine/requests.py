@@ -17,6 +17,14 @@ def require_dict(request: Any) -> dict[str, Any]:
     return request
 
 
+def check_fields(request: dict[str, Any], allowed: frozenset[str], action: str) -> None:
+    """RequestError naming every field of `request` that an `action` request does not have."""
+    unknown = sorted(str(k) for k in request if k not in allowed)
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown} in a {action!r} request; expected some of: "
+                           f"{', '.join(sorted(allowed))}")
+
+
 def resolve_action(request: dict[str, Any], actions: list[str]) -> str:
     """The request's action; a request with 'text' or 'messages' and no action means 'process'."""
     action = request.get("action")

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from .requests import RequestError
+from .requests import RequestError, check_fields
 
 ROLES = ("system", "user", "assistant")
 MAX_NEW_TOKENS_LIMIT = 4096
+MAX_SEED = (1 << 64) - 1
+"""Seeds are what a torch generator takes: integers from 0 to 2**64 - 1."""
+PROCESS_FIELDS = frozenset({
+    "action", "text", "messages", "raw", "stream", "max_new_tokens", "temperature", "top_p", "stop", "seed",
+    "priority", "conversation_id", "user",
+})
+"""The fields a `process` request may carry; any other is refused (a typo must not be silently ignored)."""
 
 
 @dataclass(frozen=True)
@@ -30,8 +38,8 @@ def _number(request: dict[str, Any], field: str, default: float, lo: float, hi: 
     value = request.get(field, default)
     if value is None:
         value = default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RequestError(f"{field}={value!r} must be a number")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RequestError(f"{field}={value!r} must be a finite number")
     if value < lo or value > hi or (lo_open and value == lo):
         bound = f"{'>' if lo_open else '>='} {lo} and <= {hi}"
         raise RequestError(f"{field}={value!r} is out of range; expected {bound}")
@@ -39,19 +47,19 @@ def _number(request: dict[str, Any], field: str, default: float, lo: float, hi: 
 
 
 def parse_sampling(request: dict[str, Any], default_max_new_tokens: int) -> SamplingParams:
-    """SamplingParams from a request dict; RequestError naming the bad field."""
+    """SamplingParams from a request dict; RequestError naming the bad field (or a field no request has)."""
+    check_fields(request, PROCESS_FIELDS, "process")
     max_new = request.get("max_new_tokens", default_max_new_tokens)
     if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= MAX_NEW_TOKENS_LIMIT:
         raise RequestError(
             f"max_new_tokens={max_new!r} is out of range; expected an integer from 1 to {MAX_NEW_TOKENS_LIMIT}")
-    stop = request.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
+    stop = request.get("stop")
+    stop = () if stop is None else (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) and s for s in stop):
         raise RequestError(f"stop={request.get('stop')!r} must be a non-empty string or a list of them")
     seed = request.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise RequestError(f"seed={seed!r} must be a non-negative integer or None")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise RequestError(f"seed={seed!r} must be an integer from 0 to 2**64 - 1, or None")
     return SamplingParams(
         max_new_tokens=max_new,
         temperature=_number(request, "temperature", 0.0, 0.0, 10.0, lo_open=False),
@@ -63,6 +71,9 @@ def parse_sampling(request: dict[str, Any], default_max_new_tokens: int) -> Samp
 
 def parse_messages(request: dict[str, Any]) -> list[dict[str, str]] | None:
     """The chat messages of a request (None when it carries 'text'); RequestError when malformed."""
+    raw = request.get("raw", False)
+    if not isinstance(raw, bool):
+        raise RequestError(f"raw={raw!r} must be true or false")
     if "messages" not in request:
         text = request.get("text")
         if not isinstance(text, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -75,8 +76,13 @@ class HFTextCodec:
         return self.backend.pad_token_id
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without special tokens added (templates add their own)."""
-        return list(self.backend.encode(_require_text(text), add_special_tokens=False))
+        """Token ids of `text` as TEXT: special-token text typed by a user (`<|im_start|>system`) is split into
+        ordinary tokens, never encoded as the special token (no forged turns); no special tokens are added."""
+        return list(self.backend.encode(_require_text(text), add_special_tokens=False, split_special_tokens=True))
+
+    def _encode_template(self, text: str) -> list[int]:
+        """Token ids of template text, whose special-token text IS special (the template's own markers)."""
+        return list(self.backend.encode(text, add_special_tokens=False, split_special_tokens=False))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of `token_ids`, special tokens skipped."""
@@ -88,8 +94,32 @@ class HFTextCodec:
         if getattr(self.backend, "chat_template", None) is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in checked)
             return self.encode(text + ("assistant: " if add_generation_prompt else ""))
-        text = self.backend.apply_chat_template(checked, add_generation_prompt=add_generation_prompt, tokenize=False)
-        return self.encode(text)
+        return self._chat_template_ids(checked, add_generation_prompt)
+
+    def _chat_template_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        """The template rendered with a unique marker in place of each message's content; the template's text
+        between markers is encoded with its special tokens, each content as text (`encode`). A template that
+        does not carry the markers through verbatim is rendered with the contents and encoded as text around
+        its own special tokens only where no content holds special-token text (else ValueError)."""
+        marks = [f"\x00uakv-content-{i}-{secrets.token_hex(8)}\x00" for i in range(len(messages))]
+        marked = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+        text = self.backend.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, tokenize=False)
+        ids: list[int] = []
+        rest = text
+        for message, mark in zip(messages, marks, strict=True):
+            head, found, rest = rest.partition(mark)
+            if not found:
+                return self._chat_fallback(messages, add_generation_prompt)
+            ids += self._encode_template(head) + (self.encode(message["content"]) if message["content"] else [])
+        return ids + self._encode_template(rest)
+
+    def _chat_fallback(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        specials = [t for t in getattr(self.backend, "all_special_tokens", []) if t]
+        if any(t in m["content"] for m in messages for t in specials):
+            raise ValueError("a message holds special-token text and this chat template rewrites contents, so it "
+                             "cannot be encoded as text; remove the special-token text")
+        text = self.backend.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        return self._encode_template(text)
 
 
 class ByteTextCodec:
