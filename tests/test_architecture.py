@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     "tiers": 2, "kernels": 2,
     "cache": 3, "model": 3,
     "engine": 4,
-    "server": 5, "cli": 5, "__main__": 5,
+    "server": 5, "router": 5, "cli": 5, "__main__": 5,
 }
 
 

@@ -9,6 +9,8 @@ Commands:
   config    the effective configuration as TOML, each value with its source (default, file, env, flag)
   replay    replay a request trace through the eviction policies (hit rates against Belady's bound)
   serve     an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics) over the engine
+  route     a KV-aware router in front of several `uakv serve` instances (router/)
+  fleet-sim a fleet of caches and routing policies simulated on a trace (policies/fleet/)
 The commands that build an engine take one option per KVCacheConfig field, generated from the field table of
 `config_sources` (which also reads `UAKV_*` variables and `--config FILE.toml`); none is mapped by hand here.
 """
@@ -28,6 +30,7 @@ import torch
 from .config import KVCacheConfig
 from .config_sources import ResolvedConfig, field_table, resolve_config, to_toml
 from .engine.engine import UltraAdaptiveKVCacheEngine
+from .router.commands import cmd_fleet_sim, cmd_route, fleet_sim_parser, route_parser
 from .types import CacheStrategy
 
 Command = Callable[[argparse.Namespace], int]
@@ -215,9 +218,13 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
 
 
 EXTRA_PARSERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"replay": _replay_parser,
-                                                                       "serve": _serve_parser}
+                                                                       "serve": _serve_parser,
+                                                                       "route": route_parser,
+                                                                       "fleet-sim": fleet_sim_parser}
 EXTRA_HELP: dict[str, str] = {"replay": "replay a request trace through the policies, against Belady's bound",
-                              "serve": "an OpenAI-compatible HTTP server over the engine (uakv serve --port 8000)"}
+                              "serve": "an OpenAI-compatible HTTP server over the engine (uakv serve --port 8000)",
+                              "route": "a KV-aware router in front of uakv serve instances (uakv route --instances ...)",
+                              "fleet-sim": "simulate a fleet: routing policies x instances, with and without a global tier"}
 
 COMMANDS: dict[str, Command] = {
     "demo": cmd_demo,
@@ -227,6 +234,8 @@ COMMANDS: dict[str, Command] = {
     "config": cmd_config,
     "replay": cmd_replay,
     "serve": cmd_serve,
+    "route": cmd_route,
+    "fleet-sim": cmd_fleet_sim,
 }
 # argparse keywords per kind of field: a boolean is a switch with a --no- form; every other field takes text.
 OPTION_KWARGS: dict[str, dict[str, Any]] = {"bool": {"action": argparse.BooleanOptionalAction}}
