@@ -49,6 +49,7 @@ class PagedHFCache(PrefixCache):
         self.paged = paged
         self.input_ids, self.attention_mask = as_batch(input_ids, attention_mask)
         self._released = False
+        self._slot.write_on_collect = False  # only `commit` writes back
         width = self.input_ids.shape[1]
         self._open(PinnedRows(paged, self.input_ids, self.attention_mask, reuse=True), "explicit", width + max_new_tokens)
 
@@ -64,11 +65,12 @@ class PagedHFCache(PrefixCache):
         return self.last_reuse.past_length
 
     def _begin(self, call: GenerateCall) -> None:
-        if self._released or self._rows is None:
+        open_ = self._slot.open
+        if self._released or open_ is None:
             raise RuntimeError("this PagedHFCache was released (or committed); create one per generate call")
         if call.mask_length == call.input_ids.shape[1]:
             ids, mask = as_batch(call.input_ids, call.attention_mask)
-            if self._forwarded or not self._rows.matches(ids, mask):
+            if open_.forwarded or not open_.rows.matches(ids, mask):
                 raise ValueError(
                     f"this PagedHFCache was opened for another prompt batch ({call.mode} runs "
                     f"{tuple(ids.shape)}, opened for {tuple(self.input_ids.shape)}) or has already run; "
@@ -95,9 +97,10 @@ class PagedHFCache(PrefixCache):
         width = self.input_ids.shape[1]
         if sequences.shape[0] != self.input_ids.shape[0] or not torch.equal(sequences[:, :width].cpu(), self.input_ids):
             raise ValueError("output does not start with this cache's input_ids (same batch, same prompt)")
-        if self._released or self._rows is None:
+        open_ = self._slot.open
+        if self._released or open_ is None:
             raise RuntimeError("this PagedHFCache was released (or committed) before commit")
-        self._tokens = RowTokens(sequences[:, : self.layers[0].get_seq_length()].cpu())
+        open_.tokens = RowTokens(sequences[:, : self.layers[0].get_seq_length()].cpu())
         return self.finish()
 
     def release(self) -> None:

@@ -21,7 +21,8 @@ What happens, and when:
 3. **Write-back** (`finish()`): each row's new full blocks are appended and committed: named, indexed and
    written through to the tiers. THIS is when they become visible to other requests and other caches of the
    same manager: when the next `generate` call with this cache starts, on `close()` / the end of a ``with``
-   block, or, at the latest, when the cache is garbage collected (`__del__`). Pins are held from step 1 to
+   block, or, at the latest, when the cache is garbage collected or the interpreter exits (a
+   `weakref.finalize`, see `open_generation`). Pins are held from step 1 to
    step 3 (pinned blocks are never evicted). Beam rows share their pinned prefix (`KVCacheManager.fork`).
 
 A `generate` call that passes only new tokens with the full attention mask (transformers' continuation form)
@@ -42,7 +43,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 from transformers.cache_utils import Cache
 
 from ..cache.manager import KVCacheManager
@@ -50,6 +50,7 @@ from ..metrics import LOGGER_NAME
 from .batch import as_batch
 from .generate_call import GenerateCall, assisted_call, prefill_call
 from .loaded import kv_shape_of
+from .open_generation import GenerationSlot, OpenGeneration
 from .pinned_rows import PinnedRows
 from .row_tokens import RowTokens
 from .working_layer import WorkingLayer
@@ -89,11 +90,8 @@ class PrefixCache(Cache):
         self.manager = manager
         self._model = weakref.ref(model) if model is not None else None
         self._max_new_tokens = max_new_tokens
-        self._rows: PinnedRows | None = None
-        self._tokens: RowTokens | None = None
-        self._forwarded = False
-        self._hook: RemovableHandle | None = None
-        self._hooked: weakref.ref[nn.Module] | None = None
+        self._slot = GenerationSlot()
+        self._finalizer = weakref.finalize(self, self._slot.finish_quietly)  # holds the slot, not the cache
         self.last_reuse: ReuseReport | None = None
         self.committed_blocks = 0  # over the cache's life
         super().__init__(layers=self._fresh_layers())
@@ -125,7 +123,8 @@ class PrefixCache(Cache):
             raise ValueError(
                 f"layer_idx={layer_idx} is out of range: the paged cache spec has {len(self.layers)} layers"
             )
-        self._forwarded = True
+        if self._slot.open is not None:
+            self._slot.open.forwarded = True
         return self.layers[layer_idx].update(key_states, value_states)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -134,29 +133,28 @@ class PrefixCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self._select_rows(torch.arange(len(self._rows.row_group))[indices] if self._rows else indices)
+        if (open_ := self._slot.open) is not None:
+            self._select_rows(torch.arange(open_.tokens.rows)[indices.cpu()])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self._tokens is not None:
-            self._tokens.repeat_interleave(repeats)
-        if self._rows is not None:
-            self._rows.repeat_interleave(repeats)
+        if (open_ := self._slot.open) is not None:
+            open_.tokens.repeat_interleave(repeats)
+            open_.rows.repeat_interleave(repeats)
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        if self._tokens is not None:
-            self._tokens.truncate(self.layers[0].get_seq_length())
+        if (open_ := self._slot.open) is not None:
+            open_.tokens.truncate(self.layers[0].get_seq_length())
 
     def reset(self) -> None:
         """Writes the open generation back and empties the working buffers."""
         self.close()
 
     def _select_rows(self, indices: torch.Tensor) -> None:
-        if self._tokens is not None:
-            self._tokens.select(indices)
-        if self._rows is not None:
-            self._rows.select(indices.cpu())
+        if (open_ := self._slot.open) is not None:
+            open_.tokens.select(indices)
+            open_.rows.select(indices.cpu())
 
     # -- generation life cycle --------------------------------------------------------------------------
     def _begin(self, call: GenerateCall) -> None:
@@ -168,22 +166,23 @@ class PrefixCache(Cache):
                     f"generate passed {width} new tokens with an attention mask of {call.mask_length} positions, "
                     f"but this cache holds {held}; pass the full input_ids (the cache finds the cached prefix)"
                 )
-            self._attach(call.model)
+            if self._slot.open is not None:
+                self._slot.open.attach(call.model, self)
             return
         ids, mask = as_batch(call.input_ids, call.attention_mask)
         self._check_model(call.model)
-        if self._rows is not None and not self._forwarded and self._rows.matches(ids, mask):
-            self._attach(call.model)  # opened for this very prompt (PagedHFCache, a chunked prefill asking again)
+        open_ = self._slot.open
+        if open_ is not None and not open_.forwarded and open_.rows.matches(ids, mask):
+            open_.attach(call.model, self)  # opened for this very prompt (PagedHFCache, a chunked prefill again)
             return
         self.finish()
         capacity = max(call.max_length, width + self._max_new_tokens)
         self._open(PinnedRows(self.manager, ids, mask, reuse=call.reuse), call.mode, capacity)
-        self._attach(call.model)
+        self._slot.open.attach(call.model, self)  # type: ignore[union-attr]
 
     def _open(self, rows: PinnedRows, mode: str, capacity: int) -> None:
-        self._rows, self._forwarded = rows, False
-        self._tokens = RowTokens(rows.input_ids[:, : rows.past_length])
         self.layers = self._fresh_layers(rows, capacity)
+        self._slot.open = OpenGeneration(rows, RowTokens(rows.input_ids[:, : rows.past_length]), self.layers)
         self.last_reuse = ReuseReport(mode, int(rows.mask.sum()), rows.row_cached_tokens, rows.past_length)
         logger.debug("hf cache: %s generation reuses %d tokens", mode, self.last_reuse.cached_tokens)
 
@@ -201,57 +200,22 @@ class PrefixCache(Cache):
                 f"the model has {shape.num_layers} x {shape.num_kv_heads} x {shape.head_dim}"
             )
 
-    def _attach(self, model: nn.Module) -> None:
-        """Records the ids of every forward of `model` that runs on this cache (until `finish`)."""
-        if self._hooked is not None and self._hooked() is model:
-            return
-        self._detach()
-        me = weakref.ref(self)
-
-        def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            cache = me()
-            if cache is None or cache._tokens is None or cache._tokens.lost:
-                return
-            if kwargs.get("cache", kwargs.get("past_key_values")) is not cache:
-                return
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-                cache._tokens.append(ids)
-            else:  # embeddings fed: the ids behind the next positions are unknown, stop writing back there
-                cache._tokens.lost = True
-
-        self._hook = model.register_forward_pre_hook(record, with_kwargs=True)
-        self._hooked = weakref.ref(model)
-
-    def _detach(self) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = self._hooked = None
-
     def finish(self) -> int:
         """Writes the open generation back (see the module docstring, step 3) and unpins its prefixes.
 
         Returns the number of blocks newly entered in the prefix index (0 when no generation is open).
         Called for you at the next generation's start, `close()`, and garbage collection.
         """
-        rows, tokens, forwarded = self._rows, self._tokens, self._forwarded
-        self._rows, self._tokens = None, None
-        self._detach()
-        if rows is None:
-            return 0
-        try:
-            committed = rows.write_back(tokens.host(), self.layers) if forwarded and tokens is not None else 0
-        finally:
-            rows.release()
+        generation = self._slot.take()
+        committed = generation.write_back() if generation is not None else 0
         self.committed_blocks += committed
         return committed
 
     def discard(self) -> None:
         """Unpins the open generation's prefixes WITHOUT writing it back (e.g. after a failed call)."""
-        rows, self._rows, self._tokens = self._rows, None, None
-        self._detach()
-        if rows is not None:
-            rows.release()
+        generation = self._slot.take()
+        if generation is not None:
+            generation.discard()
 
     def close(self) -> None:
         """Writes the open generation back and frees the working buffers (idempotent); the cache stays usable."""
@@ -259,7 +223,6 @@ class PrefixCache(Cache):
             self.finish()
         finally:
             self.layers = self._fresh_layers()
-            self._forwarded = False
 
     def __enter__(self) -> PrefixCache:
         return self
@@ -268,10 +231,3 @@ class PrefixCache(Cache):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        try:
-            if getattr(self, "_rows", None) is not None:
-                self.close()
-        except Exception:  # noqa: BLE001 - never raise from a finalizer; the blocks stay uncommitted
-            logger.exception("hf cache: write-back at garbage collection failed")
