@@ -5,7 +5,10 @@ policy beat LRU (its baseline, same run, same trace) without ever falling more t
 Trace: `--trace PATH` (Mooncake JSONL schema, see policies/replay/trace.py), repeatable; without one, a
 synthetic workload (`--workload`, default mix; seed 1, a seed the policies were not tuned on).
 Output: one JSON line per trace (rates in percent, deltas in points) and a PNG of hit rate vs capacity,
-both under benchmarks/results/ as policies_<trace>.json / .png.
+both under benchmarks/results/ as policies_<trace>.json / .png. Each line also carries `live_replay`: the
+trace's first requests replayed through the live `KVCacheManager` (as tests/test_live_replay.py does) next to
+the simulator's counts for every policy, and `cost_per_block_us`: a replay's time per block of each policy,
+with its ratio to LRU's (same run, same requests).
 """
 
 from __future__ import annotations
@@ -16,24 +19,35 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from bench_common import RESULTS, emit
 
-from ultra_adaptive_kv_cache_engine.policies import POLICIES
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
+from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
+from ultra_adaptive_kv_cache_engine.memory import KVSpec
+from ultra_adaptive_kv_cache_engine.policies import POLICIES, make_policy
 from ultra_adaptive_kv_cache_engine.policies.replay import (
     BELADY,
     WORKLOADS,
+    CompiledTrace,
     ReplayResult,
     TraceRequest,
     WorkloadSpec,
+    compile_trace,
     generate_workload,
     load_trace,
     plot_hit_rates,
     run_replay,
+    simulate,
 )
+from ultra_adaptive_kv_cache_engine.policies.replay.simulator import RequestClock
 
 FULL_CAPACITIES = "0.5M,1M,3M,10M,25M"
 QUICK_CAPACITIES = "0.25M,0.5M,1M,3M"
-FIXED = [p for p in POLICIES if p != "adaptive"]
+FIXED = ["lru", "s3fifo", "arc"]  # the fixed choices an adaptive policy must never fall 0.5 points below
+ADAPTIVE = [p for p in POLICIES if "adaptive" in p]
+LIVE_REQUESTS, LIVE_BLOCKS, LIVE_BLOCK = 300, 48, 4
+COST_REQUESTS = 2000
 
 
 def parse_capacities(text: str) -> list[int]:
@@ -66,16 +80,74 @@ def summarise(name: str, results: list[ReplayResult], caps: list[int], seconds: 
         "bytes_loaded_gib": {p: [round(r.bytes_loaded / 2**30, 1) for r in results if r.policy == p] for p in policies},
         "replay_seconds": round(seconds, 1),
     }
-    if "adaptive" in token and "lru" in token:
-        delta = [round(a - b, 3) for a, b in zip(token["adaptive"], token["lru"], strict=True)]
-        fixed = [p for p in FIXED if p in token]
-        best = [max(token[p][i] for p in fixed) for i in range(len(caps))]
-        out["adaptive_minus_lru_pts"] = delta
-        out["adaptive_minus_best_fixed_pts"] = [round(a - b, 3) for a, b in zip(token["adaptive"], best, strict=True)]
-        out["goal_never_below_lru_by_0_5"] = min(delta) >= -0.5
-    if BELADY in token and "adaptive" in token:
-        out["adaptive_share_of_belady"] = [round(a / b, 3) if b else None for a, b in zip(token["adaptive"], token[BELADY], strict=True)]
+    fixed = [p for p in FIXED if p in token]
+    best = [max(token[p][i] for p in fixed) for i in range(len(caps))] if fixed else None
+    for p in ADAPTIVE:
+        if p in token and best is not None:
+            delta = [round(a - b, 3) for a, b in zip(token[p], best, strict=True)]
+            out[f"{p}_minus_best_fixed_pts"] = delta
+            out[f"{p}_never_below_best_fixed_by_0_5"] = min(delta) >= -0.5
+        if p in token and BELADY in token:
+            out[f"{p}_share_of_belady"] = [round(a / b, 3) if b else None for a, b in zip(token[p], token[BELADY], strict=True)]
     return out
+
+
+def live_replay(trace: CompiledTrace, policy: str) -> list[int]:
+    """(hit, stored, evicted) blocks of `trace` through the live `KVCacheManager` of `policy`."""
+    spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=4, block_size=LIVE_BLOCK, dtype=torch.float32)
+    cache = KVCacheManager(KVCacheConfig(block_size=LIVE_BLOCK, cache_strategy=policy, device="cpu"), spec,
+                           num_blocks=LIVE_BLOCKS)
+    names: dict[object, int] = {}
+    hits = 0
+    for keys in trace.keys:
+        tokens = [t for k in keys[:LIVE_BLOCKS] for t in range(LIVE_BLOCK * names.setdefault(k, len(names)),
+                                                                LIVE_BLOCK * names[k] + LIVE_BLOCK)]
+        seq = cache.new_sequence(tokens)
+        cached = cache.num_cached_tokens(seq)
+        hits += cached // LIVE_BLOCK
+        zeros = [torch.zeros(1, len(tokens) - cached, 4)]
+        cache.append(seq, tokens[cached:], zeros, zeros)
+        cache.commit(seq)
+        cache.free(seq)
+    stats = cache.stats()
+    return [hits, int(stats["committed_blocks"]), int(stats["block_evictions"])]
+
+
+def live_agreement(requests: list[TraceRequest], block_tokens: int, policies: list[str]) -> dict:
+    """The first `LIVE_REQUESTS` requests, live and simulated, at `LIVE_BLOCKS` blocks: equal counts."""
+    trace = compile_trace(requests[:LIVE_REQUESTS], block_tokens, "live")
+    out = {}
+    for p in policies:
+        if p == BELADY:
+            continue
+        clock = RequestClock()
+        cap = LIVE_BLOCKS * block_tokens
+        sim = simulate(trace, make_policy(p, cap, clock), cap, clock)
+        live = live_replay(trace, p)
+        out[p] = {"live": live, "simulated": [sim.hit_blocks, sim.stored_blocks, sim.evicted_blocks],
+                  "equal": live == [sim.hit_blocks, sim.stored_blocks, sim.evicted_blocks]}
+    return {"requests": trace.requests, "blocks": LIVE_BLOCKS, "policies": out,
+            "all_equal": all(v["equal"] for v in out.values())}
+
+
+def policy_cost(requests: list[TraceRequest], block_tokens: int, capacity: int, policies: list[str]) -> dict:
+    """Microseconds per replayed block (every policy event of a replay, the simulator's loop included)."""
+    trace = compile_trace(requests[:COST_REQUESTS], block_tokens, "cost")
+    us = {}
+    for p in policies:
+        if p == BELADY:
+            continue
+        best = float("inf")
+        for _ in range(3):
+            clock = RequestClock()
+            policy = make_policy(p, capacity, clock)
+            started = time.perf_counter()
+            simulate(trace, policy, capacity, clock)
+            best = min(best, time.perf_counter() - started)
+        us[p] = round(1e6 * best / trace.blocks, 3)
+    base = us.get("lru")
+    return {"capacity_tokens": capacity, "us": us,
+            "ratio_vs_lru": {p: round(v / base, 2) for p, v in us.items()} if base else None}
 
 
 def traces(args: argparse.Namespace) -> list[tuple[str, list[TraceRequest]]]:
@@ -115,11 +187,13 @@ def main() -> None:
                              bytes_per_token=args.bytes_per_token, workers=args.workers, name=name)
         summary = summarise(name, results, caps, time.perf_counter() - started)
         summary["quick"] = args.quick
-        if not args.no_save:
+        summary["live_replay"] = live_agreement(requests, args.block_tokens, policies)
+        summary["cost_per_block_us"] = policy_cost(requests, args.block_tokens, caps[len(caps) // 2], policies)
+        if not args.no_save and not args.quick:
             out_dir.mkdir(parents=True, exist_ok=True)
             png = plot_hit_rates(results, out_dir / f"policies_{name}.png", title=f"{name} ({len(requests)} requests)")
             summary["plot"] = f"benchmarks/results/{png.name}"
-        emit(f"policies_{name}", summary, save=not args.no_save)
+        emit(f"policies_{name}", summary, save=not (args.no_save or args.quick))
 
 
 if __name__ == "__main__":
