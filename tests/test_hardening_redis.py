@@ -169,3 +169,27 @@ def test_a_server_that_never_was_fails_no_request() -> None:
     tier = RedisTier(NS, f"redis://127.0.0.1:{free_port()}/0", secret=SECRET)
     assert tier.get_many(K) == [None] * 3 and not tier.put(K[0], R[0]).stored and not tier.remove(K[0])
     assert not tier.usage().healthy
+
+
+def test_a_dead_cluster_node_costs_only_hits(tmp_path: Path) -> None:
+    from redis_server import start_cluster
+
+    redis_or_skip("redis-cli")
+    nodes = start_cluster(tmp_path / "cluster", 3)
+    try:
+        now = [0.0]
+        url = f"redis://127.0.0.1:{nodes[0].port}/0?cluster=true"
+        many = [encode_block(hashlib.sha256(b"c" + bytes([i])).digest(), NS, torch.full((2, 4), float(i)),
+                             make_codec("identity")) for i in range(24)]
+        keys = [r.block_hash for r in many]
+        tier = RedisTier(NS, url, secret=SECRET, read_timeout_s=0.5, timeout_s=0.5, clock=lambda: now[0])
+        assert all(r.stored for r in tier.put_many([(r.block_hash, r) for r in many]))
+        assert all(r is not None for r in tier.get_many(keys))
+        nodes[2].stop()
+        got = tier.get_many(keys)  # no exception reaches the caller: misses, the breaker opens
+        assert got == [None] * 24 or all(g is None or torch.equal(g.tensor(), r.tensor()) for g, r in zip(got, many))
+        assert tier.get_many(keys) == [None] * 24 and not tier.usage().healthy
+        assert tier.usage().counters["errors"] >= 1 and tier.usage().last_error
+    finally:
+        for node in nodes:
+            node.stop()
