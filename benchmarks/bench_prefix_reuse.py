@@ -7,7 +7,9 @@ Ours: `generate_with_prefix_cache` with a paged cache warmed once with the syste
 question reuses it. Both are greedy; the outputs must be token-for-token identical (checked).
 Measurements interleave baseline and ours question by question (shared noise); TTFT is the median over
 questions, decode throughput is total decoded tokens (after the first) over total decode time.
-Goals: hit TTFT <= 0.15 x miss TTFT; decode tokens/s >= 0.9 x DynamicCache.
+The same comparison runs a second time with beam search (2 beams, 2 returned sequences): the prefix is
+loaded into both beam rows from one pinned copy, and the outputs must again be identical.
+Goals (greedy and beam search alike): hit TTFT <= 0.15 x miss TTFT; decode tokens/s >= 0.9 x DynamicCache.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 from bench_common import emit
@@ -53,7 +56,10 @@ def system_prompt(lm: LoadedModel, target_tokens: int, seed: int) -> str:
     return " ".join(sentences)
 
 
-def baseline(lm: LoadedModel, ids: list[int], new_tokens: int) -> tuple[torch.Tensor, float, float]:
+BEAMS = {"num_beams": 2, "num_return_sequences": 2}
+
+
+def baseline(lm: LoadedModel, ids: list[int], new_tokens: int, **mode: Any) -> tuple[torch.Tensor, float, float]:
     """(output, ttft_s, total_s) of plain generate with DynamicCache."""
     clock = FirstTokenClock()
     batch = torch.tensor([ids])
@@ -65,9 +71,44 @@ def baseline(lm: LoadedModel, ids: list[int], new_tokens: int) -> tuple[torch.Te
         min_new_tokens=new_tokens,
         do_sample=False,
         logits_processor=LogitsProcessorList([clock]),
+        **mode,
     )
     total = time.perf_counter() - start
     return out, (clock.first or start) - start, total
+
+
+def compare(lm: LoadedModel, paged: KVCacheManager, prompts: list[list[int]], new_tokens: int, **mode: Any) -> dict[str, Any]:
+    """Baseline and ours interleaved question by question: the figures of one generate mode."""
+    miss_ttft, hit_ttft, cached, identical = [], [], [], True
+    decode = {"dynamic": [0, 0.0], "paged": [0, 0.0]}
+    for i, ids in enumerate(prompts):
+        out, ttft, total = baseline(lm, ids, new_tokens, **mode)
+        miss_ttft.append(ttft)
+        decode["dynamic"][0] += out.shape[1] - len(ids) - 1
+        decode["dynamic"][1] += total - ttft
+        result = generate_with_prefix_cache(
+            lm.model, paged, [ids], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **mode
+        )
+        hit_ttft.append(result.ttft_s)
+        cached.append(result.cached_tokens)
+        decode["paged"][0] += result.new_tokens - 1
+        decode["paged"][1] += result.total_s - result.ttft_s
+        identical &= torch.equal(out, result.output_ids)
+        print(f"{'beam search' if mode else 'greedy'} q{i}: miss ttft {ttft:.3f}s, hit ttft {result.ttft_s:.3f}s, "
+              f"cached {result.cached_tokens}", file=sys.stderr)
+    ttft_miss, ttft_hit = statistics.median(miss_ttft), statistics.median(hit_ttft)
+    dyn_tps = decode["dynamic"][0] / decode["dynamic"][1]
+    paged_tps = decode["paged"][0] / decode["paged"][1]
+    return {
+        "cached_tokens": cached,
+        "outputs_identical": bool(identical),
+        "ttft_miss_s": round(ttft_miss, 4),
+        "ttft_hit_s": round(ttft_hit, 4),
+        "ttft_hit_over_miss": round(ttft_hit / ttft_miss, 4),
+        "decode_tok_s_dynamic": round(dyn_tps, 2),
+        "decode_tok_s_paged": round(paged_tps, 2),
+        "decode_paged_over_dynamic": round(paged_tps / dyn_tps, 4),
+    }
 
 
 def main() -> None:
@@ -101,26 +142,8 @@ def main() -> None:
     baseline(lm, prompts[0][-32:], 2)  # warm-up (allocator, kernels)
     generate_with_prefix_cache(lm.model, paged, [system_ids], max_new_tokens=1, do_sample=False)  # warm the cache
 
-    miss_ttft, hit_ttft, cached, identical = [], [], [], True
-    decode = {"dynamic": [0, 0.0], "paged": [0, 0.0]}
-    for i, ids in enumerate(prompts):
-        out, ttft, total = baseline(lm, ids, new_tokens)
-        miss_ttft.append(ttft)
-        decode["dynamic"][0] += out.shape[1] - len(ids) - 1
-        decode["dynamic"][1] += total - ttft
-        result = generate_with_prefix_cache(
-            lm.model, paged, [ids], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
-        )
-        hit_ttft.append(result.ttft_s)
-        cached.append(result.cached_tokens)
-        decode["paged"][0] += result.new_tokens - 1
-        decode["paged"][1] += result.total_s - result.ttft_s
-        identical &= torch.equal(out, result.output_ids)
-        print(f"q{i}: miss ttft {ttft:.3f}s, hit ttft {result.ttft_s:.3f}s, cached {result.cached_tokens}", file=sys.stderr)
-
-    ttft_miss, ttft_hit = statistics.median(miss_ttft), statistics.median(hit_ttft)
-    dyn_tps = decode["dynamic"][0] / decode["dynamic"][1]
-    paged_tps = decode["paged"][0] / decode["paged"][1]
+    greedy = compare(lm, paged, prompts, new_tokens)
+    beam = compare(lm, paged, prompts, new_tokens, **BEAMS)
     emit(
         "prefix_reuse",
         {
@@ -131,16 +154,10 @@ def main() -> None:
             "questions": len(questions),
             "new_tokens": new_tokens,
             "block_size": args.block_size,
-            "cached_tokens": cached,
-            "outputs_identical": bool(identical),
-            "ttft_miss_s": round(ttft_miss, 4),
-            "ttft_hit_s": round(ttft_hit, 4),
-            "ttft_hit_over_miss": round(ttft_hit / ttft_miss, 4),
+            **greedy,
             "ttft_goal": 0.15,
-            "decode_tok_s_dynamic": round(dyn_tps, 2),
-            "decode_tok_s_paged": round(paged_tps, 2),
-            "decode_paged_over_dynamic": round(paged_tps / dyn_tps, 4),
             "decode_goal": 0.9,
+            "beam_search": {**BEAMS, **beam},
             "torch_threads": torch.get_num_threads(),
         },
         save=not args.no_save,
