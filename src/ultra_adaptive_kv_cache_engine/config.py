@@ -229,6 +229,9 @@ class KVCacheConfig:
         "help": "Prometheus metrics through prometheus-client"})
     controller_interval_s: float = field(default=1.0, metadata={
         "help": "seconds between two rounds of the prefetcher and the autoscaler, in a background thread"})
+    shadow_fraction: float = field(default=0.0, metadata={
+        "help": "share of requests served with cached tokens whose cached KV is recomputed in the background and "
+                "compared (a mismatch is counted, logged and evicted from the pool and every tier), in [0, 1]"})
     # Scheduler (continuous batching).
     max_running: int = field(default=64, metadata={
         "help": "requests in the running batch at once (decoding or prefilling)"})
@@ -272,6 +275,9 @@ class KVCacheConfig:
         interval = self.controller_interval_s
         if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval < float("inf"):
             raise ValueError(f"controller_interval_s={interval!r} must be a positive number of seconds")
+        shadow = self.shadow_fraction
+        if isinstance(shadow, bool) or not isinstance(shadow, int | float) or not 0.0 <= float(shadow) <= 1.0:
+            raise ValueError(f"shadow_fraction={shadow!r} must be a number in [0, 1]")
         for name in ("enable_persistence", "enable_profiling", "reject_non_finite", "enable_optimizer",
                      "enable_prefetcher", "enable_autoscaler", "enable_metrics", "cuda_graphs"):
             _require_bool(name, getattr(self, name))

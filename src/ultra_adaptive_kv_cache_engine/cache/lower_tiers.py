@@ -158,6 +158,22 @@ class LowerTiers:
         """Bytes one block of `spec` takes in a tier under the write codec."""
         return record_bytes(self.store.namespace, spec.block_shape, spec.dtype, self.codec)
 
+    def evict(self, hashes: Sequence[bytes]) -> int:
+        """Removes the blocks named `hashes` from every tier, once the queued writes have landed (so none of them
+        comes back); returns how many some tier held. A tier that fails is logged (its copy stays until evicted)."""
+        log = logging.getLogger(LOGGER_NAME)
+        try:
+            self.transfer.flush()
+        except Exception:  # a tier that cannot flush must not stop the removal from the others
+            log.exception("flush before eviction failed")
+        removed = 0
+        for key in hashes:
+            try:
+                removed += bool(self.store.remove(key))
+            except Exception:
+                log.exception("removing block %s from the tiers failed", key.hex()[:16])
+        return removed
+
     def block_source(self) -> BlockSource | None:
         """Promotion into the fastest tier through the write-through thread (None for a single bare tier)."""
         return block_source(self.store, self.transfer) if isinstance(self.store, TieredStore) else None

@@ -230,6 +230,17 @@ class KVCacheManager:
         return PrefixMatch(match.block_ids + tuple(block_ids), match.hashes + tuple(r.block_hash for r in records),
                            (len(match.block_ids) + len(records)) * bs)
 
+    def evict_blocks(self, hashes: Sequence[bytes]) -> int:
+        """Forgets the blocks named `hashes` everywhere: unnamed in the pool (a held block stays with its sequences,
+        never found again) and removed from every tier below (`LowerTiers.evict`); returns the pool blocks unnamed."""
+        with self._lock:
+            dropped = [b for b in map(self.index.remove, hashes) if b is not None]
+            for block_id in dropped:
+                self.pool.clear_block_hash(block_id)
+        if self.lower is not None:
+            self.lower.evict(hashes)
+        return len(dropped)
+
     def persist(self) -> FlushResult | None:
         """Makes every committed block durable in the lower tiers; None when there are none."""
         return self.lower.flush() if self.lower is not None else None

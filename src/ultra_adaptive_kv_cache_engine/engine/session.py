@@ -30,6 +30,7 @@ from .sampling import parse_messages, parse_sampling
 from .scheduler import Scheduler
 from .scheduler_config import SchedulerConfig
 from .sequence_state import SequenceState
+from .shadow import ShadowVerifier
 from .step_loop import StepLoop
 
 POOL = "pool"  # the tier name of blocks already in the block pool
@@ -65,6 +66,8 @@ class ModelSession:
                                        self.cache.block_record_bytes())
         if self.controllers.enabled:
             self.controllers.start()
+        self.shadow = ShadowVerifier.for_session(config.shadow_fraction, self.cache, self.loaded.model,
+                                                 getattr(self.controllers.metrics, "registry", None))
 
     # ----------------------------------------------------------------- requests
     def encode_request(self, request: dict[str, Any]) -> list[int]:
@@ -135,6 +138,7 @@ class ModelSession:
         if len(state.prompt) > cached and state.prefill_s > 0 and state.preemptions == 0:
             self.optimizer.observe_prefill(cached, len(state.prompt), state.prefill_s)
         self._tell_controllers(state, cached)
+        self.shadow.on_finished(state)
 
     def _tell_controllers(self, state: SequenceState, cached: int) -> None:
         """The predictor, prefetcher and metrics hear of every request: its blocks and where each was found."""
@@ -176,6 +180,7 @@ class ModelSession:
         queued tier writes and stops the writer threads."""
         self.steps.close()
         self.controllers.stop()
+        self.shadow.close()
         self.cache.close()
 
     # ----------------------------------------------------------------- introspection
@@ -186,7 +191,7 @@ class ModelSession:
                 "cached_tokens": c.get("cached_tokens", 0),
                 "token_hit_rate": c.get("cached_tokens", 0) / prompt if prompt else 0.0,
                 "backend": self.backend.name, "preemptions": c.get("preemptions", 0),
-                "controllers": self.controllers.stats()}
+                "controllers": self.controllers.stats(), "shadow": self.shadow.stats()}
 
     def describe(self) -> dict[str, Any]:
         spec = self.cache.spec
