@@ -14,7 +14,7 @@ import pytest
 import torch
 from model_fixtures import make_paged, random_ids, smollm_model, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import DynamicCache, PreTrainedTokenizerFast, pipeline
+from transformers import DynamicCache, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, pipeline
 
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.model.hf_cache import PagedHFCache
@@ -232,7 +232,7 @@ def test_continuation_with_only_new_tokens_and_the_full_mask(tiny):
     cache.close()
 
 
-def test_right_padding_another_model_and_a_spent_paged_cache_are_refused(tiny):
+def test_unsupported_inputs_and_models_are_refused_by_name(tiny):
     paged = make_paged(tiny, block_size=4)
     ids = torch.tensor([random_ids(6, seed=1), random_ids(6, seed=2)])
     mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
@@ -243,6 +243,15 @@ def test_right_padding_another_model_and_a_spent_paged_cache_are_refused(tiny):
     bound = PrefixCache(paged, model=tiny.model)
     with pytest.raises(ValueError, match="another model's KV"):
         other.generate(ids[:1], cache=bound, max_new_tokens=2)
+    with pytest.raises(ValueError, match="greedy from inputs_embeds is not supported"):
+        embeds = tiny.model.get_input_embeddings()(ids[:1])
+        tiny.model.generate(inputs_embeds=embeds, cache=cache, max_new_tokens=2, do_sample=False)
+    sliding = MistralForCausalLM(MistralConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4,
+    ))
+    with pytest.raises(ValueError, match=r"\['sliding_attention'\] layers"):
+        sliding.generate(ids[:1], cache=cache, max_new_tokens=2)
     with PagedHFCache(paged, ids[:1]) as one_call:
         with pytest.raises(ValueError, match="another prompt batch"):
             tiny.model.generate(ids[1:], cache=one_call, max_new_tokens=2)

@@ -12,7 +12,8 @@ the prompt from the caller's frame, and only from these two frames, recognised b
   forward, which always feeds the whole prompt (so nothing can be reused there, only written back).
 
 This module is the one place coupled to transformers' internals; `tests/test_hf_dropin.py` fails if a
-transformers upgrade moves them. Any other caller (a model's forward, user code) gets None.
+transformers upgrade moves them. Any other caller (a model's forward, user code) gets None. Prompts given
+as embeddings (``inputs_embeds``) have no ids to look up: ValueError naming the mode.
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ def _call(frame: FrameType, cache: object, reuse: bool, mode: str) -> GenerateCa
     model, input_ids, model_kwargs = local.get("self"), local.get("input_ids"), local.get("model_kwargs")
     if not (_uses(cache, model_kwargs) and isinstance(model, nn.Module) and isinstance(input_ids, torch.Tensor)):
         return None
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or model_kwargs.get("inputs_embeds") is not None:
-        return None  # prompts given as embeddings: no token ids to look up
+    if model_kwargs.get("inputs_embeds") is not None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"{mode} from inputs_embeds is not supported by PrefixCache (it looks prompts up by token id); "
+            "pass input_ids, or use transformers' DynamicCache"
+        )
     mask = model_kwargs.get("attention_mask")
     config = local.get("generation_config")
     mask_length = mask.shape[1] if isinstance(mask, torch.Tensor) else getattr(config, "_mask_length", -1)
@@ -79,7 +83,8 @@ def prefill_call(frame: FrameType | None, cache: object) -> GenerateCall | None:
     config = local.get("generation_config")
     if getattr(config, "is_assistant", False) or not local.get("is_first_iteration", True):
         return None  # a draft model's repeated prefills over its own cache
-    mode = "beam search" if getattr(config, "num_beams", 1) > 1 else "sampling" if config.do_sample else "greedy"
+    beams, sampling = getattr(config, "num_beams", 1) > 1, getattr(config, "do_sample", False)
+    mode = "beam search" if beams else "sampling" if sampling else "greedy"
     return _call(frame, cache, reuse=True, mode=mode)
 
 

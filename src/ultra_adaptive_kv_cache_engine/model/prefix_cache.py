@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
 from ..cache.manager import KVCacheManager
 from ..metrics import LOGGER_NAME
@@ -192,6 +192,15 @@ class PrefixCache(Cache):
             raise ValueError(
                 f"this cache holds the KV of {type(expected).__name__} object {id(expected):#x}; generate runs "
                 f"{type(model).__name__} object {id(model):#x} (another model's KV must never be reused)"
+            )
+        config = model.config
+        if getattr(config, "is_encoder_decoder", False):
+            raise ValueError(f"{type(model).__name__} is an encoder-decoder model; PrefixCache serves decoder-only models")
+        kinds = set(get_layer_types_and_kwargs(config.get_text_config(decoder=True))[0])
+        if kinds != {"full_attention"}:
+            raise ValueError(
+                f"{type(model).__name__} has {sorted(kinds)} layers; PrefixCache serves full-attention layers only "
+                "(sliding-window, chunked, linear and shared-KV layers are not supported)"
             )
         shape, spec = kv_shape_of(model), self.manager.spec
         if (shape.num_layers, shape.num_kv_heads, shape.head_dim) != (spec.num_layers, spec.num_kv_heads, spec.head_dim):
