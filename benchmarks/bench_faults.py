@@ -32,12 +32,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import redis
 import torch
+import tqdm
 from bench_common import emit
 
 from ultra_adaptive_kv_cache_engine.compression import EncodedTensor, TensorMeta, make_codec
@@ -99,6 +101,9 @@ def flip_one(root: Path, rng: random.Random) -> Path | None:
 
 
 def kill_rounds(kind: str, rounds: int, url: str | None, rng: random.Random) -> dict[str, int]:
+    # tqdm's default lock is a process-shared semaphore: a forked child killed while holding it (the disk scan's
+    # progress bar) would hang this process. A per-process lock is copied by fork instead.
+    tqdm.tqdm.set_lock(threading.RLock())
     root = Path(tempfile.mkdtemp(prefix=f"uakv-faults-{kind}-"))
     acked: set[int] = set()
     flipped: set[int] = set()
