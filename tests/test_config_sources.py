@@ -48,7 +48,7 @@ def test_every_field_has_an_option_an_env_name_and_help(field):
 def test_the_table_follows_the_dataclass():
     assert list(FIELDS) == [f.name for f in dataclasses.fields(KVCacheConfig)]
     assert {n for n, f in FIELDS.items() if f.kind.name == "bytes"} == {"cpu_tier_bytes", "disk_tier_bytes",
-                                                                        "max_memory"}
+                                                                        "max_memory", "max_store_bytes"}
     assert {n: f.aliases for n, f in FIELDS.items() if f.aliases} == {
         "model_path": ("--model",), "cache_strategy": ("--strategy",), "enable_persistence": ("--persist",),
         "tenant_salt": ("--tenant",), "enable_profiling": ("--profile",)}
@@ -277,3 +277,12 @@ def test_readme_lists_every_field_in_order():
     section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
     table = section[section.index("| field | default | meaning |"):]
     assert re.findall(r"^\| `(\w+)` \|", table, re.M) == list(FIELDS)
+
+
+def test_uakv_config_never_prints_the_tier_secret():
+    from ultra_adaptive_kv_cache_engine.config_sources import resolve_config, to_toml
+
+    resolved = resolve_config({}, None, {"UAKV_TIER_SECRET": "s3cr3t-s3cr3t-s3cr3t"})
+    assert resolved.config.tier_secret == "s3cr3t-s3cr3t-s3cr3t"
+    text = to_toml(resolved)
+    assert "s3cr3t" not in text and "# tier_secret = (secret, not shown)  # env UAKV_TIER_SECRET" in text

@@ -85,3 +85,20 @@ def test_logger_name(caplog):
     with caplog.at_level(logging.DEBUG, logger="ultra_adaptive_kv_cache_engine"):
         UltraAdaptiveKVCacheEngine(KVCacheConfig(cache_strategy="lru"))
     assert any(r.name == logger.name and "engine ready" in r.getMessage() for r in caplog.records)
+
+
+def test_store_and_retrieve_refuse_unknown_fields():
+    import asyncio
+
+    import torch
+
+    from ultra_adaptive_kv_cache_engine import KVCacheConfig, UltraAdaptiveKVCacheEngine
+    from ultra_adaptive_kv_cache_engine.engine.requests import RequestError
+
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=64))
+    key = torch.ones(2)
+    with pytest.raises(RequestError, match=r"unknown field\(s\) \['ttl'\] in a 'store' request"):
+        asyncio.run(engine.process_request({"action": "store", "key": key, "value": key, "ttl": 5}))
+    with pytest.raises(RequestError, match=r"unknown field\(s\) \['keys'\] in a 'retrieve' request"):
+        asyncio.run(engine.process_request({"action": "retrieve", "key": key, "keys": [key]}))
+    assert len(engine.cache) == 0  # nothing stored by the refused request

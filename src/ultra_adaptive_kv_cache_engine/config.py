@@ -175,7 +175,7 @@ class KVCacheConfig:
     enable_profiling: bool = field(default=False, metadata={
         "help": "record per-operation latencies (get_profiling_data())"})
     max_store_bytes: int = field(default=1024**3, metadata={
-        "help": "bytes the seed's tensor store holds at most (values' storage), besides max_tokens"})
+        "help": "bytes the seed's tensor store holds at most (values' storage), besides max_tokens", "unit": "bytes"})
     # Core: blocks and the accelerator pool.
     block_size: int = field(default=16, metadata={
         "help": "tokens per KV block (1 to 1024)"})

@@ -197,6 +197,7 @@ class ConfigField:
     kind: ValueKind
     help: str
     default: Any
+    secret: bool = False  # never printed (`uakv config` names its source only)
 
 
 def field_table() -> tuple[ConfigField, ...]:
@@ -205,7 +206,8 @@ def field_table() -> tuple[ConfigField, ...]:
     return tuple(
         ConfigField(name=f.name, option="--" + f.name.replace("_", "-"), aliases=OPTION_ALIASES.get(f.name, ()),
                     env=ENV_PREFIX + f.name.upper(), kind=_value_kind(f, hints[f.name]),
-                    help=f.metadata.get("help", ""), default=getattr(defaults, f.name))
+                    help=f.metadata.get("help", ""), default=getattr(defaults, f.name),
+                    secret=bool(f.metadata.get("secret", False)))
         for f in dataclasses.fields(KVCacheConfig))
 
 
@@ -329,6 +331,9 @@ def to_toml(resolved: ResolvedConfig) -> str:
              '# Load it with `uakv COMMAND --config FILE`; "none" means no value (None).']
     for f in field_table():
         value = getattr(resolved.config, f.name)
+        if value is not None and f.secret:  # never printed: the line says where it came from
+            lines.append(f"# {f.name} = (secret, not shown)  # {resolved.sources[f.name]}")
+            continue
         size = f" ({format_size(value)})" if f.kind.name == "bytes" and value and value % 1024 == 0 else ""
         lines.append(f"{f.name} = {toml_value(value)}  # {resolved.sources[f.name]}{size}")
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
 from .metrics_collector import AdvancedMetricsCollector
 from .optimizer import PerformanceOptimizer
-from .requests import RequestError, require_dict, require_tensor, require_text, resolve_action
+from .requests import RequestError, check_fields, require_dict, require_tensor, require_text, resolve_action
 from .stream import StreamChunk
 
 if TYPE_CHECKING:
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .session import ModelSession
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+STORE_FIELDS = frozenset({"action", "key", "value"})
+RETRIEVE_FIELDS = frozenset({"action", "key"})
 
 
 def _wants_stream(request: dict[str, Any], action: str) -> bool:
@@ -99,11 +101,13 @@ class UltraAdaptiveKVCacheEngine:
             self.profiler.record(f"request.{action}", time.perf_counter() - start)
 
     async def _handle_store(self, request: dict[str, Any]) -> dict[str, Any]:
+        check_fields(request, STORE_FIELDS, "store")
         key, value = require_tensor(request, "key"), require_tensor(request, "value")
         self.store(key, value)
         return {"action": "store", "stored": True}
 
     async def _handle_retrieve(self, request: dict[str, Any]) -> dict[str, Any]:
+        check_fields(request, RETRIEVE_FIELDS, "retrieve")
         value = self.retrieve(require_tensor(request, "key"))
         return {"action": "retrieve", "value": value, "cache_hit": value is not None}
 
