@@ -1,5 +1,6 @@
-"""A PNG of a fleet sweep: token hit rate and prefill tokens saved against the number of instances, one curve
-per routing policy (solid: with the global tier, dashed: local caches only), the one-cache bound dotted."""
+"""A PNG of a fleet sweep against the number of instances: token hit rate, prefill tokens saved, and the hit
+rate of the instances' own pools (the hits that need no transfer); one curve per routing policy (solid: with
+the global tier, dashed: local caches only), the one-cache bound dotted."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def plot_fleet(results: Sequence[FleetResult], path: str | os.PathLike[str], tit
         raise ImportError("plot_fleet needs matplotlib: pip install matplotlib") from exc
     if not results:
         raise ValueError("results is empty: nothing to plot")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.5), dpi=110)
     curves = list(dict.fromkeys((r.routing, r.global_tokens > 0) for r in results))
     colors: dict[str, str] = {}
     for routing, shared in curves:
@@ -34,9 +35,11 @@ def plot_fleet(results: Sequence[FleetResult], path: str | os.PathLike[str], tit
             style = {"color": color, "marker": "o", "linestyle": "-" if shared else "--",
                      "label": f"{routing} {'+ global tier' if shared else '(local only)'}"}
         left.plot(xs, [100 * r.token_hit_rate for _, r in rows], **style)
-        right.plot(xs, [r.prefill_tokens_saved / 1e6 for _, r in rows], **style)
+        middle.plot(xs, [r.prefill_tokens_saved / 1e6 for _, r in rows], **style)
+        right.plot(xs, [100 * r.local_hit_rate for _, r in rows], **style)
     sizes = sorted({r.instances for r in results})
-    for ax, label in ((left, "token hit rate (%)"), (right, "prefill tokens saved (millions)")):
+    for ax, label in ((left, "token hit rate (%)"), (middle, "prefill tokens saved (millions)"),
+                      (right, "hit rate of the instance's own pool (%)")):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()
