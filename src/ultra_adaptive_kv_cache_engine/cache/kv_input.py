@@ -21,6 +21,8 @@ def token_list(token_ids: Sequence[int] | torch.Tensor) -> list[int]:
         return token_ids.tolist()
     if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence):
         raise ValueError(f"token_ids={token_ids!r} must be a sequence of integers")
+    if isinstance(token_ids, list | tuple) and set(map(type, token_ids)) <= {int}:  # the common case, at C speed
+        return list(token_ids)
     out: list[int] = []
     for position, token in enumerate(token_ids):
         if isinstance(token, bool):
