@@ -4,8 +4,9 @@
 # shape, random weights). Run from anywhere; it works from the repository root:
 #     PYTHONPATH=src bash benchmarks/gpu_suite.sh
 #     GPU_SUITE_PARTS="e2e,attention" bash benchmarks/gpu_suite.sh     # only some parts
-# Parts (names for GPU_SUITE_PARTS): tests, attention, transfers, e2e; all by default. Every part has a time
-# limit (500 s in all, at most 540 s with the kill grace) and a failing part does not stop the others. JSON
+# Parts (names for GPU_SUITE_PARTS): tests, attention, transfers, e2e, serving; all but serving by default
+# (serving alone fits one call: GPU_SUITE_PARTS=serving). Every part has a time limit (500 s for the default
+# parts, at most 540 s with the kill grace; serving $SERVING_BUDGET_S + 40, default 330 s) and a failing part does not stop the others. JSON
 # lines go to $OUT if set, else benchmarks/results/: one file per part plus gpu_suite.jsonl with one line per
 # part (its result, or {"part": ..., "error": ...} with the tail of its log). Python: $PYTHON or python3.
 set -u
@@ -118,6 +119,11 @@ QUICK=""
 part bench_paged_attention attention 45 "$PY" benchmarks/bench_paged_attention.py --time-budget-s 25 $QUICK
 part bench_transfers transfers 30 "$PY" benchmarks/bench_transfers.py $QUICK
 part end_to_end_gpu e2e 335 "$PY" benchmarks/bench_end_to_end_gpu.py --time-budget-s 290 $QUICK
+# The serving benchmark's GPU mode: our server (continuous batching) vs ModelRunner's fixed batch and transformers.
+SERVING_MODE="--gpu"
+[ -n "$QUICK" ] && SERVING_MODE="--gpu --dry-run-cpu"
+SERVING_BUDGET_S="${SERVING_BUDGET_S:-290}"
+part bench_serving serving "$((SERVING_BUDGET_S + 40))" "$PY" benchmarks/bench_serving.py $SERVING_MODE --time-budget-s "$SERVING_BUDGET_S"
 
 echo "[gpu_suite] done: $failures part(s) failed; summary in $SUMMARY" >&2
 cat "$SUMMARY"

@@ -79,7 +79,7 @@ def test_concurrent_requests_are_all_answered_correctly(engine, tiny):
         ({"text": "hi", "temperature": -1}, "temperature=-1 is out of range"),
         ({"text": "hi", "top_p": 0}, "top_p=0 is out of range"),
         ({"text": "hi", "stop": [""]}, "stop=\\[''\\] must be a non-empty string"),
-        ({"text": "hi", "seed": -3}, "seed=-3 must be a non-negative integer"),
+        ({"text": "hi", "seed": -3}, r"seed=-3 must be an integer from 0 to 2\*\*64 - 1"),
         ({"messages": []}, "field 'messages' must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages\\[0\\].role='robot' is not valid"),
         ({"messages": [{"role": "user"}]}, "must be a dict with keys 'role' and 'content'"),

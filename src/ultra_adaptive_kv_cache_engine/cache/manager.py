@@ -48,27 +48,8 @@ from .budget import PoolBudget, plan_pool
 from .kv_input import check_kv, gather_layer, token_list, usage_dict
 from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
 from .namespaces import check_namespace, default_namespace
+from .results import PrefixMatch, SequenceHits
 from .tier_controls import BlockSource, TierControl
-
-
-@dataclass(frozen=True)
-class PrefixMatch:
-    """The longest cached prefix of a token sequence, in full blocks: ``num_tokens == len(block_ids) * B``."""
-
-    block_ids: tuple[int, ...]
-    hashes: tuple[bytes, ...]
-    num_tokens: int
-
-
-@dataclass(frozen=True)
-class SequenceHits:
-    """Where a sequence's reused prefix came from: `pool_tokens` were in the pool, `tier_tokens` were promoted
-    from the tiers below it (both multiples of the block size); `tiers` names where each reused block was,
-    in prefix order ("pool", a tier's name, or "lower" when the tier was not located)."""
-
-    pool_tokens: int
-    tier_tokens: int
-    tiers: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
