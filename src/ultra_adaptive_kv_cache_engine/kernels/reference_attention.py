@@ -1,9 +1,14 @@
 """Plain-PyTorch paged attention: the reference twin of the Triton kernels and the CPU path.
 
-Both functions gather the paged keys and values into dense tensors, then attend in float32 (float64 when the
-inputs are float64) and return the query's dtype. They check every value-dependent invariant of `PagedKV`
-(block ids in range, 1 <= seq_lens[b] <= max_blocks * block_size, query lengths <= sequence lengths) and so
-may synchronise with the device; they are written for clarity and CPU use, not for speed on a GPU.
+Both functions attend sequence by sequence: they copy exactly that sequence's blocks of the layer
+(`index_select` over its block table), view them as (positions, kv_heads, head_dim) and slice to its length,
+so no padding is built and slots past a sequence's end (which may hold anything, NaN included) are never
+read; then one `scaled_dot_product_attention` in float32 (float64 when the inputs are float64), with a
+lower-right causal mask only when the sequence has several new tokens (a single query attends to every
+position: its query heads become the rows of their KV head, no mask, no repeated KV), returning the query's
+dtype. They check every value-dependent invariant of `PagedKV` (block ids in range, 1 <= seq_lens[b] <=
+max_blocks * block_size, query lengths <= sequence lengths) and so may synchronise with the device; they
+are written for clarity and CPU use, not for speed on a GPU.
 
 Semantics (shared with the Triton kernels):
 - decode: query (batch, num_q_heads, head_dim) is the token at position seq_lens[b] - 1 of sequence b; it
@@ -38,8 +43,8 @@ def _check_lengths(kv: PagedKV) -> list[int]:
     return lens
 
 
-def _gather_dense(kv: PagedKV, lens: list[int]) -> tuple[Tensor, Tensor]:
-    """Keys and values of the batch as dense (batch, max_len, kv_heads, head_dim) tensors, zero past each end."""
+def _check_tables(kv: PagedKV, lens: list[int]) -> None:
+    """ValueError unless every block-table entry covering a position below seq_lens[b] is a block id."""
     bs = kv.block_size
     width = -(-max(lens) // bs)
     tables = kv.block_tables[:, :width].long()
@@ -50,24 +55,33 @@ def _gather_dense(kv: PagedKV, lens: list[int]) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"block_tables[{b}, {i}]={int(tables[b, i])} is not a block id in [0, {kv.num_blocks})"
         )
-    tables = torch.where(used, tables, torch.zeros_like(tables))
-    batch, heads, dim = kv.batch_size, kv.num_kv_heads, kv.head_dim
-    keys = kv.key_cache[tables].reshape(batch, width * bs, heads, dim)
-    values = kv.value_cache[tables].reshape(batch, width * bs, heads, dim)
-    # slots past a sequence's end may hold anything (NaN included): zero them so 0 * junk cannot leak
-    live = (torch.arange(width * bs, device=tables.device)[None, :] < kv.seq_lens[:, None].long())[..., None, None]
-    zero = torch.zeros((), dtype=keys.dtype, device=keys.device)
-    return torch.where(live, keys, zero), torch.where(live, values, zero)
 
 
-def _attend(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """Softmax attention of query (B, T, Hq, D) over keys/values (B, L, Hkv, D) where allowed (B, T, L) is
-    True; returns (B, T, Hq, D). Query head h reads KV head h // (Hq // Hkv)."""
-    out = F.scaled_dot_product_attention(
-        query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=allowed[:, None], scale=scale, enable_gqa=True,
-    )
-    return out.transpose(1, 2)
+def _gather_sequence(kv: PagedKV, b: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Keys and values of sequence b's first n positions as (1, kv_heads, n, head_dim) in `dtype`: only its
+    blocks are copied (one `index_select` each), then viewed and sliced: slots past its end are never read."""
+    bs, heads, dim = kv.block_size, kv.num_kv_heads, kv.head_dim
+    blocks = kv.block_tables[b, : -(-n // bs)].long()
+    keys = kv.key_cache.index_select(0, blocks).view(-1, heads, dim)[:n]
+    values = kv.value_cache.index_select(0, blocks).view(-1, heads, dim)[:n]
+    return keys.transpose(0, 1)[None].to(dtype), values.transpose(0, 1)[None].to(dtype)
+
+
+def _attend_sequence(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """Softmax attention of query (T, Hq, D), the last T of the L positions of keys/values (1, Hkv, L, D):
+    row j attends to positions 0 .. L - T + j (a single row attends to all, no mask). Returns (T, Hq, D);
+    query head h reads KV head h // (Hq // Hkv)."""
+    t, q_heads, dim = (int(x) for x in query.shape)
+    kv_heads, length = int(keys.shape[1]), int(keys.shape[2])
+    if t == 1:  # one row attends to every position: the query heads of a KV head are its rows, no mask
+        q = query.reshape(1, kv_heads, q_heads // kv_heads, dim)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale).reshape(1, q_heads, dim)
+    positions = torch.arange(length, device=keys.device)
+    allowed = positions[None, :] <= (length - t + torch.arange(t, device=keys.device))[:, None]
+    gqa = q_heads != kv_heads
+    out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], keys, values,
+                                         attn_mask=allowed[None, None], scale=scale, enable_gqa=gqa)
+    return out[0].transpose(0, 1)
 
 
 def _emit(result: Tensor, dtype: torch.dtype, out: Tensor | None) -> Tensor:
@@ -88,10 +102,12 @@ def reference_decode_attention(
     require_out(out, tuple(query.shape), query)
     scale = require_positive_scale(scale, kv.head_dim)
     lens = _check_lengths(kv)
+    _check_tables(kv, lens)
     ct = _compute_dtype(query.dtype)
-    keys, values = _gather_dense(kv, lens)
-    allowed = torch.arange(keys.shape[1], device=keys.device)[None, :] < kv.seq_lens[:, None].long()
-    result = _attend(query[:, None].to(ct), keys.to(ct), values.to(ct), allowed[:, None], scale)[:, 0]
+    result = torch.empty(query.shape, dtype=ct, device=query.device)
+    for b, n in enumerate(lens):
+        keys, values = _gather_sequence(kv, b, n, ct)
+        result[b : b + 1] = _attend_sequence(query[b : b + 1].to(ct), keys, values, scale)
     return _emit(result, query.dtype, out)
 
 
@@ -127,15 +143,12 @@ def reference_prefill_attention(
     spans = _query_spans(query_start_loc, int(query.shape[0]), lens)
     if max_query_len is not None and max_query_len < max(e - s for s, e in spans):
         raise ValueError(f"max_query_len={max_query_len} is below the longest query span")
+    _check_tables(kv, lens)
     ct = _compute_dtype(query.dtype)
-    keys, values = _gather_dense(kv, lens)
-    positions = torch.arange(keys.shape[1], device=keys.device)
-    result = torch.zeros(query.shape, dtype=ct, device=query.device)
+    result = torch.empty(query.shape, dtype=ct, device=query.device)
     for b, (s, e) in enumerate(spans):
         if e == s:
             continue
-        q_pos = lens[b] - (e - s) + torch.arange(e - s, device=keys.device)
-        allowed = positions[None, :] <= q_pos[:, None]
-        result[s:e] = _attend(query[None, s:e].to(ct), keys[b : b + 1].to(ct), values[b : b + 1].to(ct),
-                              allowed[None], scale)[0]
+        keys, values = _gather_sequence(kv, b, lens[b], ct)
+        result[s:e] = _attend_sequence(query[s:e].to(ct), keys, values, scale)
     return _emit(result, query.dtype, out)
