@@ -300,7 +300,7 @@ def load_config(args_overrides: Mapping[str, Any], config_file: str | os.PathLik
 
 
 def toml_string(text: str) -> str:
-    """A TOML basic string: backslash and quote escaped, control characters as \\uXXXX."""
+    """A TOML basic string: backslash and quote escaped, control characters as \\u and four hex digits."""
     body = text.replace("\\", "\\\\").replace('"', '\\"')
     return '"' + "".join(c if " " <= c != "\x7f" else f"\\u{ord(c):04x}" for c in body) + '"'
 
