@@ -345,9 +345,9 @@ class PagedLlama:
         return out[0].transpose(0, 1)
 
     @torch.no_grad()
-    def forward_packed(self, pool: Tensor, inputs: PackedInputs) -> Tensor:
+    def forward_packed(self, pool: Tensor, inputs: PackedInputs, all_logits: bool = False) -> Tensor:
         """Runs the packed new tokens of several sequences; returns each sequence's last token's logits
-        (n, vocab) in float32."""
+        (n, vocab) in float32, or with `all_logits` the logits of every packed token (total, vocab)."""
         if inputs.max_seq_len > self.max_positions:
             raise ValueError(f"a sequence reaches position {inputs.max_seq_len - 1}; expected below {self.max_positions}")
         bs = int(pool.shape[3])
@@ -366,7 +366,7 @@ class PagedLlama:
         rope = self._rope(positions)
         for i in range(self.shape.num_layers):
             h = self._layer(h, i, pool, slots, rope, attend)
-        return self._logits(h[inputs.query_start[1:].long() - 1])
+        return self._logits(h if all_logits else h[inputs.query_start[1:].long() - 1])
 
     @torch.no_grad()
     def decode(self, pool: Tensor, inputs: DecodeInputs) -> Tensor:
