@@ -41,6 +41,9 @@ how many of those next blocks to load; the rest of the prompt is recomputed."""
 LoadObserver = Callable[[Mapping[str, int], float], None]
 """(bytes loaded per tier, seconds the fetch and load took) after every promotion."""
 
+LOCAL_TIER_KINDS = frozenset({TierKind.DEVICE, TierKind.CPU, TierKind.DISK})
+"""Tiers of this machine (`local_keys`); the others (Redis) are shared by the fleet."""
+
 
 class LowerTiers:
     """Write-through, promotion and persistence between a block pool and a tiered store.
@@ -173,6 +176,18 @@ class LowerTiers:
             except Exception:
                 log.exception("removing block %s from the tiers failed", key.hex()[:16])
         return removed
+
+    def local_keys(self) -> tuple[bytes, ...]:
+        """The keys the tiers of this machine hold now (`LOCAL_TIER_KINDS`: memory, disk; never a shared tier such
+        as Redis, whose listing would scan every instance's blocks). A tier that cannot list its keys is skipped."""
+        keys: dict[bytes, None] = {}
+        for tier in getattr(self.store, "tiers", (self.store,)):
+            if tier.kind in LOCAL_TIER_KINDS:
+                try:
+                    keys.update(dict.fromkeys(tier))
+                except TypeError:
+                    continue
+        return tuple(keys)
 
     def block_source(self) -> BlockSource | None:
         """Promotion into the fastest tier through the write-through thread (None for a single bare tier)."""

@@ -5,7 +5,8 @@ index (`prefix.PrefixIndex`), the eviction policy the configured strategy names 
 and the ordered tiers below the pool (`LowerTiers`, built from `config.tier_list`). The engine, the model
 runners, the Hugging Face cache adapter and the tensor-parallel runner use only its public methods:
 `lookup`, `new_sequence` (reserve a sequence, reusing and promoting its cached prefix), `append`, `commit`,
-`fork`, `free`, `allocate_scratch` / `free_scratch`, `read_layer`, `persist`, `durable_blocks`, `stats`, `close`.
+`fork`, `free`, `allocate_scratch` / `free_scratch`, `read_layer`, `persist`, `durable_blocks`, `held_blocks`, `stats`,
+`close`.
 
 Ownership and invariants (all public methods hold `self._lock`):
 - A sequence holds one reference to each block in its block table; the table covers exactly
@@ -48,7 +49,7 @@ from .budget import PoolBudget, plan_pool
 from .kv_input import check_kv, gather_layer, token_list, usage_dict
 from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
 from .namespaces import check_namespace, default_namespace
-from .results import PrefixMatch, SequenceHits
+from .results import HeldBlocks, PrefixMatch, SequenceHits
 from .tier_controls import BlockSource, TierControl
 
 
@@ -452,6 +453,15 @@ class KVCacheManager:
     def block_table(self, seq_id: int) -> tuple[int, ...]:
         with self._lock:
             return tuple(self._sequence(seq_id).block_ids)
+
+    def held_blocks(self) -> HeldBlocks:
+        """The names of the blocks this cache serves without a shared tier, for reports (the server's cache digest),
+        never for the request path: the pool index's keys (a C-speed copy, under the lock) and the local tiers'
+        (`LowerTiers.local_keys`), with the pool's occupancy."""
+        with self._lock:
+            pool, free, sequences = tuple(self.index), self.pool.num_free, len(self._sequences)
+        local = self.lower.local_keys() if self.lower is not None else ()
+        return HeldBlocks(pool, local, self.pool.num_blocks, free, sequences)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -23,3 +23,17 @@ class SequenceHits:
     pool_tokens: int
     tier_tokens: int
     tiers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HeldBlocks:
+    """What a cache manager can serve without a shared tier, at one moment: the names (full 32-byte block hashes)
+    in its pool's index (`pool`) and in the local tiers below the pool (`local_tiers`: memory and disk, never a
+    shared tier such as Redis; a block may be in both), with the pool's occupancy then (`num_blocks`,
+    `free_blocks`: free or cached-and-free, `sequences`: live sequences)."""
+
+    pool: tuple[bytes, ...]
+    local_tiers: tuple[bytes, ...]
+    num_blocks: int
+    free_blocks: int
+    sequences: int

@@ -27,6 +27,7 @@ from .requests import RequestError, check_fields, require_dict, require_tensor, 
 from .stream import StreamChunk
 
 if TYPE_CHECKING:
+    from ..cache.manager import KVCacheManager
     from ..model.loaded import LoadedModel
     from ..model.prefix_cache import PrefixCache
     from .session import ModelSession
@@ -144,6 +145,11 @@ class UltraAdaptiveKVCacheEngine:
                 self._session = ModelSession(self.config, profiler=self.profiler, loaded=self._model,
                                              optimizer=self.optimizer)
             return self._session
+
+    def cache_manager(self) -> KVCacheManager:
+        """The model session's KV cache manager, for reports through its public methods (the server's cache
+        digest: `held_blocks`). Loads the model."""
+        return self._model_session().cache
 
     def hf_cache(self) -> PrefixCache:
         """A transformers cache over the model session's KV cache, for any number of `generate` calls of the
