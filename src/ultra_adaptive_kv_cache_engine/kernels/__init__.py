@@ -13,6 +13,9 @@ elsewhere) or `get_backend(name)`; each `KernelBackend` offers:
 - ``gather_blocks(pool, ids, out)`` / ``scatter_blocks(staging, pool, ids)``: whole blocks to and from a
   contiguous staging tensor; `BlockTransfer` builds device <-> pinned host moves of scattered blocks on them,
   one large copy each way.
+- ``seal_blocks(staging, staging_ids, pool, block_ids, format)``: quantize on write into a quantized pool, whose
+  view is `PagedKV.from_pools(pool, staging, layer, ...)` (`QuantBlocks`: sealed slabs, and staging blocks
+  for the tokens of unsealed blocks).
 
 The Triton modules (``triton_*.py``) import triton at import time and are imported only by the registry's
 "triton" factory, so this package imports and runs without triton. Tests compare both twins with a float64
@@ -22,9 +25,14 @@ oracle; `launch_plan` holds the shape heuristics (tile sizes, split counts, warp
 from __future__ import annotations
 
 from .launch_plan import DecodeLaunch, DecodeShape, PrefillLaunch, plan_decode, plan_prefill
-from .paged_kv import PagedKV
+from .paged_kv import PagedKV, QuantBlocks
 from .reference_attention import reference_decode_attention, reference_prefill_attention
-from .reference_blocks import reference_gather_blocks, reference_scatter_blocks, reference_write_kv
+from .reference_blocks import (
+    reference_gather_blocks,
+    reference_scatter_blocks,
+    reference_seal_blocks,
+    reference_write_kv,
+)
 from .registry import (
     BACKENDS,
     KernelBackend,
@@ -43,6 +51,7 @@ __all__ = [
     "KernelBackend",
     "PagedKV",
     "PrefillLaunch",
+    "QuantBlocks",
     "get_backend",
     "plan_decode",
     "plan_prefill",
@@ -50,6 +59,7 @@ __all__ = [
     "reference_gather_blocks",
     "reference_prefill_attention",
     "reference_scatter_blocks",
+    "reference_seal_blocks",
     "reference_write_kv",
     "register_backend",
     "select_backend",

@@ -1,14 +1,16 @@
 """Plain-PyTorch paged attention: the reference twin of the Triton kernels and the CPU path.
 
 Both functions attend sequence by sequence: they copy exactly that sequence's blocks of the layer
-(`index_select` over its block table), view them as (positions, kv_heads, head_dim) and slice to its length,
+(`index_select` over its block table; with a quantized pool, sealed blocks dequantised by the pool format and
+the others read from the staging blocks, see `PagedKV`), view them as (positions, kv_heads, head_dim) and slice to its length,
 so no padding is built and slots past a sequence's end (which may hold anything, NaN included) are never
 read; then one `scaled_dot_product_attention` in float32 (float64 when the inputs are float64), with a
 lower-right causal mask only when the sequence has several new tokens (a single query attends to every
 position: its query heads become the rows of their KV head, no mask, no repeated KV), returning the query's
 dtype. They check every value-dependent invariant of `PagedKV` (block ids in range, 1 <= seq_lens[b] <=
-max_blocks * block_size, query lengths <= sequence lengths) and so may synchronise with the device; they
-are written for clarity and CPU use, not for speed on a GPU.
+max_blocks * block_size, query lengths <= sequence lengths; the first two skipped for a view that
+`PagedKV.checked` already checked) and so may synchronise with the device; they are written for clarity and
+CPU use, not for speed on a GPU.
 
 Semantics (shared with the Triton kernels):
 - decode: query (batch, num_q_heads, head_dim) is the token at position seq_lens[b] - 1 of sequence b; it
@@ -33,38 +35,39 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_lengths(kv: PagedKV) -> list[int]:
-    """Host copy of seq_lens after checking that every length is in [1, max_blocks * block_size]."""
-    lens = [int(n) for n in kv.seq_lens.tolist()]
-    bound = int(kv.block_tables.shape[1]) * kv.block_size
-    for b, n in enumerate(lens):
-        if not 1 <= n <= bound:
-            raise ValueError(f"seq_lens[{b}]={n} must be in [1, {bound}] (max_blocks_per_seq * block_size)")
-    return lens
+def _lengths(kv: PagedKV) -> list[int]:
+    """Host copy of seq_lens after the value checks (`PagedKV.checked`), skipped when already done."""
+    return list(kv.checked_lens if kv.checked_lens is not None else kv.checked().checked_lens)  # type: ignore[arg-type]
 
 
-def _check_tables(kv: PagedKV, lens: list[int]) -> None:
-    """ValueError unless every block-table entry covering a position below seq_lens[b] is a block id."""
-    bs = kv.block_size
-    width = -(-max(lens) // bs)
-    tables = kv.block_tables[:, :width].long()
-    used = torch.arange(width, device=tables.device)[None, :] * bs < kv.seq_lens[:, None].long()
-    bad = used & ((tables < 0) | (tables >= kv.num_blocks))
-    if bool(bad.any()):
-        b, i = (int(x) for x in bad.nonzero()[0].tolist())
-        raise ValueError(
-            f"block_tables[{b}, {i}]={int(tables[b, i])} is not a block id in [0, {kv.num_blocks})"
-        )
+def _blocks_of(kv: PagedKV, blocks: Tensor, is_key: bool, dtype: torch.dtype) -> Tensor:
+    """The blocks `blocks` (n,) of the layer as (n, block_size, heads, head_dim) in `dtype`: from the cache, or
+    with `quant` entries < N dequantised from their slabs and the others read from the staging blocks."""
+    cache = kv.key_cache if is_key else kv.value_cache
+    quant = kv.quant
+    if quant is None:
+        return cache.index_select(0, blocks).to(dtype)
+    n_sealed = quant.num_blocks
+    sealed = blocks < n_sealed
+    out = torch.empty((int(blocks.shape[0]), *cache.shape[1:]), dtype=dtype, device=cache.device)
+    slabs = quant.key_slabs if is_key else quant.value_slabs
+    if bool(sealed.any()):
+        out[sealed] = quant.format.dequantize(slabs.index_select(0, blocks[sealed]), is_key, kv.block_size,
+                                              kv.num_kv_heads, kv.head_dim, dtype)
+    if not bool(sealed.all()):
+        out[~sealed] = cache.index_select(0, blocks[~sealed] - n_sealed).to(dtype)
+    return out
 
 
 def _gather_sequence(kv: PagedKV, b: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Keys and values of sequence b's first n positions as (1, kv_heads, n, head_dim) in `dtype`: only its
-    blocks are copied (one `index_select` each), then viewed and sliced: slots past its end are never read."""
-    bs, heads, dim = kv.block_size, kv.num_kv_heads, kv.head_dim
-    blocks = kv.block_tables[b, : -(-n // bs)].long()
-    keys = kv.key_cache.index_select(0, blocks).view(-1, heads, dim)[:n]
-    values = kv.value_cache.index_select(0, blocks).view(-1, heads, dim)[:n]
-    return keys.transpose(0, 1)[None].to(dtype), values.transpose(0, 1)[None].to(dtype)
+    blocks are copied (one `index_select` each, or dequantised), then viewed and sliced: slots past its end are
+    never read."""
+    heads, dim = kv.num_kv_heads, kv.head_dim
+    blocks = kv.block_tables[b, : -(-n // kv.block_size)].long()
+    keys = _blocks_of(kv, blocks, True, dtype).view(-1, heads, dim)[:n]
+    values = _blocks_of(kv, blocks, False, dtype).view(-1, heads, dim)[:n]
+    return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
 
 
 def _attend_sequence(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
@@ -101,8 +104,7 @@ def reference_decode_attention(
         raise ValueError(f"query has batch {query.shape[0]} but block_tables has {kv.batch_size} rows")
     require_out(out, tuple(query.shape), query)
     scale = require_positive_scale(scale, kv.head_dim)
-    lens = _check_lengths(kv)
-    _check_tables(kv, lens)
+    lens = _lengths(kv)
     ct = _compute_dtype(query.dtype)
     result = torch.empty(query.shape, dtype=ct, device=query.device)
     for b, n in enumerate(lens):
@@ -139,11 +141,10 @@ def reference_prefill_attention(
     require_query_starts(query_start_loc, kv.batch_size)
     require_out(out, tuple(query.shape), query)
     scale = require_positive_scale(scale, kv.head_dim)
-    lens = _check_lengths(kv)
+    lens = _lengths(kv)
     spans = _query_spans(query_start_loc, int(query.shape[0]), lens)
     if max_query_len is not None and max_query_len < max(e - s for s, e in spans):
         raise ValueError(f"max_query_len={max_query_len} is below the longest query span")
-    _check_tables(kv, lens)
     ct = _compute_dtype(query.dtype)
     result = torch.empty(query.shape, dtype=ct, device=query.device)
     for b, (s, e) in enumerate(spans):

@@ -8,6 +8,9 @@
   shape (num_blocks, ...); gather copies ``pool[block_ids]`` into a contiguous staging tensor
   (len(block_ids), ...), scatter copies it back. Both are bit-exact copies. Block ids must be in range
   (checked here) and distinct for scatter.
+- `seal_blocks`: quantize on write. Staging block ``staging_ids[i]`` (full precision, all layers, K and V)
+  is quantized by a `PoolFormat` into pool block ``block_ids[i]`` of a quantized pool (uint8, (N, layers, 2,
+  slab_bytes)); the staging blocks are left as they are.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import INDEX_DTYPES, require_dtype, require_like, require_shape, require_tensor
+from ..compression.pool_formats import PoolFormat
+from .checks import INDEX_DTYPES, KV_DTYPES, require_dtype, require_like, require_shape, require_tensor
 
 
 def check_write_inputs(key: Tensor, value: Tensor, key_cache: Tensor, value_cache: Tensor, slots: Tensor) -> None:
@@ -68,11 +72,11 @@ def check_staging(name: str, staging: Tensor, pool: Tensor, count: int) -> None:
         raise ValueError(f"{name} must be contiguous, got strides {staging.stride()}")
 
 
-def _require_ids_in_range(block_ids: Tensor, num_blocks: int, distinct: bool) -> None:
+def _require_ids_in_range(block_ids: Tensor, num_blocks: int, distinct: bool, name: str = "block_ids") -> None:
     bad = (block_ids < 0) | (block_ids >= num_blocks)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"block_ids[{i}]={int(block_ids[i])} is not a block id in [0, {num_blocks})")
+        raise ValueError(f"{name}[{i}]={int(block_ids[i])} is not a block id in [0, {num_blocks})")
     if distinct and block_ids.unique().numel() != block_ids.numel():
         raise ValueError("block_ids holds a block twice; expected distinct ids when scattering")
 
@@ -94,3 +98,42 @@ def reference_scatter_blocks(staging: Tensor, pool: Tensor, block_ids: Tensor) -
     check_staging("staging", staging, pool, int(block_ids.shape[0]))
     _require_ids_in_range(block_ids, pool.shape[0], distinct=True)
     pool.index_copy_(0, block_ids.long(), staging)
+
+
+def check_seal_inputs(staging: Tensor, staging_ids: Tensor, pool: Tensor, block_ids: Tensor, format: PoolFormat) -> int:
+    """Metadata checks of `seal_blocks`' arguments; returns the slab size."""
+    if not isinstance(format, PoolFormat):
+        raise TypeError(f"format={format!r} must be a PoolFormat")
+    require_tensor("staging", staging, 6)
+    require_dtype("staging", staging, KV_DTYPES)
+    require_tensor("pool", pool, 4)
+    require_dtype("pool", pool, (torch.uint8,))
+    require_like("pool", pool, "staging", staging, same_dtype=False)
+    for name, ids in (("staging_ids", staging_ids), ("block_ids", block_ids)):
+        require_tensor(name, ids, 1)
+        require_dtype(name, ids, INDEX_DTYPES)
+        require_like(name, ids, "staging", staging, same_dtype=False)
+    if staging_ids.shape != block_ids.shape:
+        raise ValueError(f"staging_ids has {staging_ids.shape[0]} ids but block_ids has {block_ids.shape[0]}")
+    layers, _, bs, heads, dim = (int(d) for d in staging.shape[1:])
+    slab = format.slab_bytes(bs, heads, dim)
+    require_shape("pool", pool, (int(pool.shape[0]), layers, 2, slab))
+    if not pool.is_contiguous() or not staging.is_contiguous():
+        raise ValueError("pool and staging must be contiguous")
+    return slab
+
+
+def reference_seal_blocks(staging: Tensor, staging_ids: Tensor, pool: Tensor, block_ids: Tensor,
+                          format: PoolFormat) -> None:
+    """Quantize staging[staging_ids[i]] (layers, 2, bs, heads, head_dim) into pool[block_ids[i]] (in place)."""
+    slab = check_seal_inputs(staging, staging_ids, pool, block_ids, format)
+    _require_ids_in_range(staging_ids.long(), staging.shape[0], distinct=False, name="staging_ids")
+    _require_ids_in_range(block_ids.long(), pool.shape[0], distinct=True)
+    n = int(block_ids.shape[0])
+    if n == 0:
+        return
+    layers, _, bs, heads, dim = (int(d) for d in staging.shape[1:])
+    blocks = staging.index_select(0, staging_ids.long())  # (n, L, 2, bs, H, D)
+    keys = format.quantize(blocks[:, :, 0].reshape(n * layers, bs, heads, dim), True).view(n, layers, slab)
+    values = format.quantize(blocks[:, :, 1].reshape(n * layers, bs, heads, dim), False).view(n, layers, slab)
+    pool.index_copy_(0, block_ids.long(), torch.stack([keys, values], dim=2))

@@ -1,4 +1,4 @@
-"""The kernel registry: backend name -> factory of a `KernelBackend` (the five kernels of one implementation).
+"""The kernel registry: backend name -> factory of a `KernelBackend` (the six kernels of one implementation).
 
 Backends: "reference" (plain PyTorch, any device, checks values) and "triton" (CUDA; triton imported only
 when this backend is built, so the package works without triton). `select_backend(device)` picks "triton"
@@ -11,6 +11,10 @@ Every backend has the same signatures (see `reference_attention` and `reference_
   write_kv(key, value, key_cache, value_cache, slot_mapping) -> None
   gather_blocks(pool, block_ids, out=None) -> Tensor
   scatter_blocks(staging, pool, block_ids) -> None
+  seal_blocks(staging, staging_ids, pool, block_ids, format) -> None   (quantize on write, quantized pools)
+and `prepare(kv) -> PagedKV`, called once per forward on the first layer's view: the reference backend checks
+the value invariants there (`PagedKV.checked`, one host synchronisation) so that its per-layer calls skip them;
+the Triton backend returns the view as it is (it never reads values on the host).
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ..compression.pool_formats import PoolFormat
 from .paged_kv import PagedKV
 from .reference_attention import reference_decode_attention, reference_prefill_attention
-from .reference_blocks import reference_gather_blocks, reference_scatter_blocks, reference_write_kv
+from .reference_blocks import (
+    reference_gather_blocks,
+    reference_scatter_blocks,
+    reference_seal_blocks,
+    reference_write_kv,
+)
 
 
 class DecodeAttention(Protocol):
@@ -51,6 +61,19 @@ class ScatterBlocks(Protocol):
     def __call__(self, staging: Tensor, pool: Tensor, block_ids: Tensor) -> None: ...
 
 
+class SealBlocks(Protocol):
+    def __call__(self, staging: Tensor, staging_ids: Tensor, pool: Tensor, block_ids: Tensor,
+                 format: PoolFormat) -> None: ...
+
+
+def _as_is(kv: PagedKV) -> PagedKV:
+    return kv
+
+
+def _checked(kv: PagedKV) -> PagedKV:
+    return kv.checked()
+
+
 @dataclass(frozen=True)
 class KernelBackend:
     """One implementation of every kernel; immutable, so it can be shared freely."""
@@ -61,6 +84,8 @@ class KernelBackend:
     write_kv: WriteKV
     gather_blocks: GatherBlocks
     scatter_blocks: ScatterBlocks
+    seal_blocks: SealBlocks = reference_seal_blocks
+    prepare: Callable[[PagedKV], PagedKV] = _as_is
 
 
 def triton_available() -> bool:
@@ -71,7 +96,7 @@ def triton_available() -> bool:
 def _reference_backend() -> KernelBackend:
     return KernelBackend(
         "reference", reference_decode_attention, reference_prefill_attention, reference_write_kv,
-        reference_gather_blocks, reference_scatter_blocks,
+        reference_gather_blocks, reference_scatter_blocks, reference_seal_blocks, _checked,
     )
 
 
@@ -82,9 +107,13 @@ def _triton_backend() -> KernelBackend:
     from .triton_decode import triton_decode_attention
     from .triton_prefill import triton_prefill_attention
 
+    try:
+        from .triton_seal import triton_seal_blocks
+    except ImportError:  # the Triton seal kernel is not there yet: quantize on write with the reference one
+        triton_seal_blocks = reference_seal_blocks
     return KernelBackend(
         "triton", triton_decode_attention, triton_prefill_attention, triton_write_kv,
-        triton_gather_blocks, triton_scatter_blocks,
+        triton_gather_blocks, triton_scatter_blocks, triton_seal_blocks,
     )
 
 
