@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (whole or streamed), `GET /v1/models`,
 `GET /v1/models/{id}`, `GET /health` (never behind the API key), `GET /metrics` (Prometheus text: the
-server's metrics, then the engine collector's). Every error is an OpenAI error object (errors.py), counted
+server's metrics, then the engine collector's), `GET /v1/cache/digest` (the block hashes it holds, for routers:
+cache_digest.py). Every error is an OpenAI error object (errors.py), counted
 in `uakv:request_errors_total`; the app keeps serving after any of them. The app does not own the engine:
 whoever built the engine closes it (run.py does, after draining).
 """
@@ -23,6 +24,7 @@ from ..model.loaded import LoadedModel
 from .admission import Admission
 from .auth import ApiKeyMiddleware
 from .body import read_json
+from .cache_digest import CacheDigest, digest_endpoint
 from .config import ServerConfig
 from .errors import APIError, internal, method_not_allowed, model_not_found, route_not_found
 from .metrics import ServerMetrics
@@ -107,6 +109,8 @@ def create_app(engine: UltraAdaptiveKVCacheEngine, config: ServerConfig, model: 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route("/v1/cache/digest", digest_endpoint(CacheDigest.of(engine.cache_manager(), name)), methods=["GET"])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
