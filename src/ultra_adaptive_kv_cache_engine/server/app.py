@@ -2,9 +2,9 @@
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions` (whole or streamed), `GET /v1/models`,
 `GET /v1/models/{id}`, `GET /health` (never behind the API key), `GET /metrics` (Prometheus text: the
-server's metrics, then the engine collector's), `GET /v1/cache/digest` (the block hashes it holds, for routers:
-cache_digest.py). Every error is an OpenAI error object (errors.py), counted
-in `uakv:request_errors_total`; the app keeps serving after any of them. The app does not own the engine:
+server's metrics, then the engine collector's), `GET /v1/cache/digest` (the block hashes it holds, for
+routers: cache_digest.py). Every error is an OpenAI error object (errors.py), counted in
+`uakv:request_errors_total`; the app keeps serving after any of them. The app does not own the engine:
 whoever built the engine closes it (run.py does, after draining).
 """
 
@@ -110,7 +110,8 @@ def create_app(engine: UltraAdaptiveKVCacheEngine, config: ServerConfig, model: 
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_api_route("/v1/cache/digest", digest_endpoint(CacheDigest.of(engine.cache_manager(), name)), methods=["GET"])
+    digest = CacheDigest.of(engine.cache_manager(), name)
+    app.add_api_route("/v1/cache/digest", digest_endpoint(digest), methods=["GET"])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
