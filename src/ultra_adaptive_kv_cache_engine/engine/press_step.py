@@ -1,0 +1,105 @@
+"""`PressStep`: what the paged backend calls when a sequence's last prefill chunk is done, to press its prompt.
+
+It builds the configured press (`compression.presses`), observes the prefilled prompt when the press reads
+the observation window's attention or the keys (`model.press_scores.observe`: the window re-run, the pool never
+written), selects per layer and KV head the tokens kept, takes fresh blocks from the cache
+(`allocate_scratch`: the prompt's own blocks may be named and shared, so they are never written) and compacts
+the kept tokens into them (`reference_compact_kv`). It returns the new table; the old one is the caller's to
+release (its named blocks stay cached: they hold the correct full-precision KV of the prompt).
+
+Budget: the press's budget rounded UP to whole blocks (capped at the prompt), so every pressed block is full
+and the pressed chain can be named whole (`pressed_block_hashes`). Positions: the kept keys carry RoPE of their
+original positions; the next token must run at RoPE position ``length`` while its KV goes to slot ``kept``.
+With `inv_freq` given, the kept keys are rotated by ``-(length - kept)`` (`model.rope_shift`) and the next
+token runs at position ``kept`` like any paged sequence (`PressResult.rope_offset` 0); without it the caller
+adds ``rope_offset = length - kept`` to the RoPE position of every later token of the sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..cache.manager import KVCacheManager
+from ..compression.presses import PressConfig, make_press, press_namespace, pressed_block_hashes
+from ..kernels.reference_compact import reference_compact_kv
+from ..memory import OutOfBlocksError
+from ..metrics import LOGGER_NAME
+from ..model.paged_llama import PagedLlama
+from ..model.press_scores import KVReader, observe, pool_reader
+from ..model.rope_shift import shift_key_positions
+from ..prefix import Namespace
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass(frozen=True)
+class PressResult:
+    """A pressed prompt: `table` (scratch blocks of the cache, held by the caller, `kept` tokens of KV), `freed`
+    (the old table, for the caller to release), the prompt `length`, `rope_offset` (added to a later token's KV
+    index to get its RoPE position), the kept indices (layers, kv_heads, kept) on the host, and the names of the
+    pressed blocks (`pressed_block_hashes`, to commit under `namespace`)."""
+
+    table: tuple[int, ...]
+    freed: tuple[int, ...]
+    kept: int
+    length: int
+    rope_offset: int
+    indices: Tensor
+    hashes: tuple[bytes, ...]
+    namespace: Namespace
+
+
+class PressStep:
+    """Presses prefilled prompts of `model` held in `cache` by `config` (see the module docstring)."""
+
+    def __init__(self, config: PressConfig, model: PagedLlama, cache: KVCacheManager,
+                 inv_freq: Tensor | None = None) -> None:
+        self.config = config
+        self.press = make_press(config)
+        self.model, self.cache = model, cache
+        self.inv_freq = inv_freq
+        self.namespace = press_namespace(cache.namespace, config)
+
+    def kept_tokens(self, length: int) -> int:
+        """Tokens kept of a `length`-token prompt: the budget rounded up to whole blocks, at most `length`."""
+        bs = self.cache.block_size
+        return min(length, math.ceil(self.config.budget(length) / bs) * bs)
+
+    def select(self, table: Sequence[int], prompt: Sequence[int], read_kv: KVReader | None = None) -> Tensor:
+        """Kept token indices (layers, kv_heads, kept) int64 of the prefilled `prompt` held in `table`."""
+        length = len(prompt)
+        read = read_kv if read_kv is not None else pool_reader(self.cache.kv, table, length)
+        window = self.press.observation_window(length)
+        kept = self.kept_tokens(length)
+        rows = [self.press.select(obs, kept) for obs in observe(self.model, read, prompt, window, self.press.needs_keys)]
+        return torch.stack(rows)
+
+    def apply(self, table: Sequence[int], prompt: Sequence[int], read_kv: KVReader | None = None) -> PressResult | None:
+        """Presses the prefilled `prompt` (all its tokens have KV, in `table`); None when the budget keeps every
+        token or the cache has no free blocks for the pressed copy (logged), nothing changed then."""
+        length = len(prompt)
+        kept = self.kept_tokens(length)
+        if kept >= length:
+            return None
+        indices = self.select(table, prompt, read_kv)
+        try:
+            blocks = self.cache.allocate_scratch(-(-kept // self.cache.block_size))
+        except OutOfBlocksError as exc:
+            logger.warning("prompt of %d tokens not pressed: %s", length, exc)
+            return None
+        pool, device = self.cache.kv, self.cache.kv.device
+        reference_compact_kv(pool, torch.tensor(list(table), dtype=torch.long, device=device), indices.to(device),
+                             torch.tensor(blocks, dtype=torch.long, device=device))
+        offset = length - kept
+        if self.inv_freq is not None:
+            shift_key_positions(pool, blocks, kept, offset, self.inv_freq)
+            offset = 0
+        hashes = pressed_block_hashes(prompt, self.cache.namespace, self.config, kept)
+        return PressResult(tuple(blocks), tuple(table), kept, length, offset, indices.cpu(), tuple(hashes),
+                           self.namespace)
