@@ -13,6 +13,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from .types import (
+    LOSSLESS_TIER_CODECS,
+    POOL_FORMAT_NAMES,
     CacheStrategy,
     CodecKind,
     DeviceKind,
@@ -181,6 +183,10 @@ class KVCacheConfig:
         "help": "tokens per KV block (1 to 1024)"})
     dtype: KVDType | str | None = field(default=None, metadata={
         "help": "KV dtype in the pool: float32, float16 or bfloat16 (none: the model's own)"})
+    kv_dtype: str | None = field(default=None, metadata={
+        "help": "precision of KV blocks in the pool: none keeps dtype; fp8, int8, int4 or int2 quantizes sealed "
+                "blocks (int4/int2 KIVI-style: keys per channel, values per token; a sequence's last, unfilled "
+                "block stays in full precision); tier codecs must then be lossless (identity or zstd)"})
     device: DeviceKind | str = field(default=DeviceKind.AUTO, metadata={
         "help": "where the pool and the model live: auto (CUDA when present), cpu or cuda"})
     reject_non_finite: bool = field(default=True, metadata={
@@ -295,6 +301,11 @@ class KVCacheConfig:
         set_(self, "codec", parse_enum(CodecKind, "codec", self.codec))
         if self.dtype is not None:
             set_(self, "dtype", KVDType.parse(self.dtype))
+        if self.kv_dtype is not None:
+            if not isinstance(self.kv_dtype, str) or self.kv_dtype.lower() not in POOL_FORMAT_NAMES:
+                raise ValueError(f"kv_dtype={self.kv_dtype!r} is not a pool format; expected none or one of: "
+                                 f"{', '.join(POOL_FORMAT_NAMES)}")
+            set_(self, "kv_dtype", self.kv_dtype.lower())
         if self.tiers is not None:
             if isinstance(self.tiers, str | bytes) or not all(isinstance(t, TierConfig) for t in self.tiers):
                 raise ValueError(f"tiers={self.tiers!r} must be a sequence of TierConfig or None")
@@ -303,10 +314,23 @@ class KVCacheConfig:
             value = getattr(self, name)
             if value is not None:
                 set_(self, name, os.fspath(value))
+        if self.kv_dtype is not None:
+            self._require_lossless_tiers()
         if self.enable_persistence:
             _require_writable_folder("persistence_path", self.persistence_dir)
         if self.device is DeviceKind.CUDA:
             _require_cuda()
+
+    def _require_lossless_tiers(self) -> None:
+        """A quantized pool's blocks go to the tiers as their bytes (never decompressed and recompressed): a
+        lossy tier codec (which re-quantizes float KV) cannot take them."""
+        for tier in self.tier_list:
+            codec = tier.codec or self.codec
+            if codec.value not in LOSSLESS_TIER_CODECS:  # type: ignore[union-attr]
+                raise ValueError(
+                    f"kv_dtype={self.kv_dtype!r} quantizes the pool and moves its blocks to the tiers as they are; "
+                    f"the {tier.kind.value} tier's codec {codec.value!r} is lossy: use one of "  # type: ignore[union-attr]
+                    f"{', '.join(LOSSLESS_TIER_CODECS)} (set codec, or the tier's own codec)")
 
     @property
     def persistence_dir(self) -> Path:

@@ -137,6 +137,13 @@ class CodecKind(str, enum.Enum, metaclass=_ExtensibleEnumMeta):
     ZSTD = "zstd"
 
 
+POOL_FORMAT_NAMES: tuple[str, ...] = ("fp8", "int8", "int4", "int2")
+"""The quantized pool formats `KVCacheConfig.kv_dtype` accepts: the names of `compression.POOL_FORMATS`."""
+
+LOSSLESS_TIER_CODECS: tuple[str, ...] = ("identity", "zstd")
+"""Tier codecs a quantized pool may use: they move its blocks' bytes as they are (see `KVCacheConfig`)."""
+
+
 class TierKind(str, enum.Enum):
     """The places a block can live, fastest first."""
 

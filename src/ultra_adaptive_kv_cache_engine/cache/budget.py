@@ -83,7 +83,7 @@ def plan_pool(
     if budget < spec.bytes_per_block:
         raise ValueError(
             f"the KV pool budget of {_fmt(budget)} ({source}) does not fit one block of {spec.bytes_per_block} "
-            f"bytes ({spec.block_size} tokens x {spec.bytes_per_token} bytes per token); raise max_memory"
+            f"bytes ({spec.block_size} tokens, about {spec.bytes_per_token} bytes per token); raise max_memory"
         )
     blocks = num_blocks if num_blocks is not None else plan_num_blocks(spec, budget)
     return PoolBudget(blocks, spec.bytes_per_block, budget, available, source)

@@ -74,11 +74,21 @@ def gather_layer(
     kv: torch.Tensor, spec: KVSpec, block_ids: list[int], num_tokens: int, layer: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of `layer` in pool blocks `block_ids`, first `num_tokens` tokens: contiguous
-    (num_kv_heads, num_tokens, head_dim) each. ValueError for a layer out of range."""
+    (num_kv_heads, num_tokens, head_dim) each, in spec.dtype. ValueError for a layer out of range, or for a
+    quantized pool (whose blocks are dequantised) when `num_tokens` does not fill the blocks."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < spec.num_layers:
         raise ValueError(f"layer={layer!r} is out of range; expected an int in [0, {spec.num_layers})")
     table = torch.tensor(block_ids, dtype=torch.long, device=kv.device)
-    chunk = kv[:, layer].index_select(0, table)  # (blocks, 2, B, H, D)
+    fmt = spec.quant_format
+    if fmt is None:
+        chunk = kv[:, layer].index_select(0, table)  # (blocks, 2, B, H, D)
+    else:
+        if num_tokens != len(block_ids) * spec.block_size:
+            raise ValueError(f"{num_tokens} tokens in {len(block_ids)} blocks of a quantized pool: only sealed (full) "
+                             "blocks live in the pool")
+        slabs = kv[:, layer].index_select(0, table)  # (blocks, 2, slab)
+        sizes = (spec.block_size, spec.num_kv_heads, spec.head_dim, spec.dtype)
+        chunk = torch.stack([fmt.dequantize(slabs[:, i], i == 0, *sizes) for i in (0, 1)], dim=1)
     heads, dim = spec.num_kv_heads, spec.head_dim
     chunk = chunk.permute(1, 3, 0, 2, 4).reshape(2, heads, len(block_ids) * spec.block_size, dim)
     return chunk[0, :, :num_tokens].contiguous(), chunk[1, :, :num_tokens].contiguous()

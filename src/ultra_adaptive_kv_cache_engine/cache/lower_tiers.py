@@ -159,7 +159,7 @@ class LowerTiers:
 
     def record_bytes(self, spec: KVSpec) -> int:
         """Bytes one block of `spec` takes in a tier under the write codec."""
-        return record_bytes(self.store.namespace, spec.block_shape, spec.dtype, self.codec)
+        return record_bytes(self.store.namespace, spec.block_shape, spec.storage_dtype, self.codec)
 
     def evict(self, hashes: Sequence[bytes]) -> int:
         """Removes the blocks named `hashes` from every tier, once the queued writes have landed (so none of them

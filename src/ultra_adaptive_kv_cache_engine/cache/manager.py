@@ -93,6 +93,8 @@ class KVCacheManager:
             raise ValueError(f"spec.block_size={spec.block_size} must equal config.block_size={config.block_size}")
         if config.dtype is not None and config.dtype.torch != spec.dtype:
             raise ValueError(f"spec.dtype={spec.dtype} must equal config.dtype={config.dtype.value}")
+        if config.kv_dtype != spec.pool_format:
+            raise ValueError(f"spec.pool_format={spec.pool_format!r} must equal config.kv_dtype={config.kv_dtype!r}")
         namespace = namespace if namespace is not None else default_namespace(config, spec)
         check_namespace(namespace, spec)
         self.config = config
@@ -299,19 +301,26 @@ class KVCacheManager:
         self,
         seq_id: int,
         token_ids: Sequence[int],
-        keys: Sequence[torch.Tensor],
-        values: Sequence[torch.Tensor],
+        keys: Sequence[torch.Tensor] | None,
+        values: Sequence[torch.Tensor] | None,
     ) -> None:
         """Appends the KV of `token_ids`: ``keys[l]``/``values[l]`` of shape (num_kv_heads, T, head_dim).
 
-        Tokens already recorded but without KV (from `new_sequence`) must match `token_ids` where they
-        overlap. Raises ValueError/TypeError on bad input and `OutOfBlocksError` when the pool lacks free
-        blocks, in both cases before anything changes.
+        With `keys` and `values` both None the tokens' blocks are reserved, not written: the caller writes their
+        KV into the pool (a model's forward, or a quantized pool's sealed slabs) before `commit` names them. A
+        quantized pool (`spec.pool_format`) takes only that form. Tokens already recorded but without KV (from
+        `new_sequence`) must match `token_ids` where they overlap. Raises ValueError/TypeError on bad input and
+        `OutOfBlocksError` when the pool lacks free blocks, in both cases before anything changes.
         """
         tokens = token_list(token_ids)
+        reserve = keys is None and values is None
         with self._lock:
             seq = self._sequence(seq_id)
-            check_kv(self.spec, keys, values, len(tokens), self.config.reject_non_finite)
+            if not reserve and self.spec.pool_format is not None:
+                raise ValueError(f"the pool is quantized (kv_dtype={self.spec.pool_format!r}): its blocks are written "
+                                 "by the paged Llama backend's forward; append(seq_id, tokens, None, None) reserves")
+            if not reserve:
+                check_kv(self.spec, keys, values, len(tokens), self.config.reject_non_finite)  # type: ignore[arg-type]
             pending = seq.tokens[seq.num_kv :]
             overlap = min(len(pending), len(tokens))
             if tokens[:overlap] != pending[:overlap]:
@@ -322,7 +331,8 @@ class KVCacheManager:
             if not tokens:
                 return
             self._grow(seq, seq.num_kv + len(tokens))
-            self._write(seq, seq.num_kv, keys, values)
+            if not reserve:
+                self._write(seq, seq.num_kv, keys, values)  # type: ignore[arg-type]
             seq.tokens.extend(tokens[overlap:])
             seq.num_kv += len(tokens)
 
@@ -425,6 +435,7 @@ class KVCacheManager:
             return self._gather(list(match.block_ids), match.num_tokens, layer)
 
     def _gather(self, block_ids: list[int], num_tokens: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A quantized pool's blocks are dequantised (full blocks only: ValueError for a partial one)."""
         return gather_layer(self.pool.kv, self.spec, block_ids, num_tokens, layer)
 
     # -- inspection ---------------------------------------------------------------------------------------

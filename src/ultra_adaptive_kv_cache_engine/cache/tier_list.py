@@ -65,12 +65,24 @@ def tier_codecs(config: KVCacheConfig) -> list[CodecKind]:
     return [tier.codec or config.codec for tier in config.tier_list]  # type: ignore[misc]
 
 
+POOL_PREFIX = "pool="
+
+
+def pool_codec_prefix(pool_format: str | None) -> str:
+    """What a namespace's codec starts with for a pool of `pool_format`: ``pool=<format>;``, or nothing for an
+    unquantized pool (so a block quantized one way is never served as another, nor as full precision)."""
+    return f"{POOL_PREFIX}{pool_format};" if pool_format is not None else ""
+
+
 def namespace_codec(config: KVCacheConfig) -> str:
-    """The codec part of the block namespace: the one codec, or ``kind=codec`` per tier when they differ."""
+    """The codec part of the block namespace: the pool format of a quantized pool (``pool=int4;``), then the
+    one codec, or ``kind=codec`` per tier when they differ."""
     codecs = tier_codecs(config)
     if len(set(codecs)) <= 1:
-        return (codecs[0] if codecs else config.codec).value  # type: ignore[union-attr]
-    return ",".join(f"{t.kind.value}={c.value}" for t, c in zip(config.tier_list, codecs, strict=True))
+        tiers = (codecs[0] if codecs else config.codec).value  # type: ignore[union-attr]
+    else:
+        tiers = ",".join(f"{t.kind.value}={c.value}" for t, c in zip(config.tier_list, codecs, strict=True))
+    return pool_codec_prefix(config.kv_dtype) + tiers
 
 
 def build_tiers(config: KVCacheConfig, namespace_digest: bytes) -> tuple[list[Tier], Codec | None]:

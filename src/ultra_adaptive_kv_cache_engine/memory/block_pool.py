@@ -55,8 +55,9 @@ class BlockPool:
     """`num_blocks` blocks of `spec` in one tensor `kv` of shape ``spec.pool_shape(num_blocks)``.
 
     `allocator` is any object with ``allocate(size) -> Tensor`` and ``deallocate(tensor)`` (default:
-    `TorchAllocator(spec.dtype, spec.device)`); what it returns must match the spec's dtype and device and
-    have exactly ``num_blocks * spec.elements_per_block`` elements. `on_evict`, if given, is called for each
+    `TorchAllocator(spec.storage_dtype, spec.device)`); what it returns must match the spec's storage dtype
+    (uint8 for a quantized pool, else its dtype) and device and have exactly ``num_blocks *
+    spec.elements_per_block`` elements. `on_evict`, if given, is called for each
     evicted cached block; otherwise evictions wait in a list drained by `take_evicted()`. `policy`, if
     given (a new instance, tracking nothing), decides which cached free block is evicted (see the module).
     """
@@ -74,7 +75,7 @@ class BlockPool:
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks={num_blocks!r} must be a positive integer")
         if allocator is None:
-            allocator = TorchAllocator(spec.dtype, spec.device)
+            allocator = TorchAllocator(spec.storage_dtype, spec.device)
         if not (callable(getattr(allocator, "allocate", None)) and callable(getattr(allocator, "deallocate", None))):
             raise TypeError(f"allocator={allocator!r} must have allocate(size) and deallocate(tensor) methods")
         self._ref = [0] * num_blocks
@@ -83,7 +84,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self._allocator = allocator
         size = num_blocks * spec.elements_per_block
-        self._backing: torch.Tensor | None = check_allocation(allocator.allocate(size), size, spec.dtype, spec.device, allocator)
+        self._backing: torch.Tensor | None = check_allocation(allocator.allocate(size), size, spec.storage_dtype,
+                                                              spec.device, allocator)
         self.kv: torch.Tensor = self._backing.view(spec.pool_shape(num_blocks))
         self._hash: list[bytes | None] = [None] * num_blocks
         self._free = FreeBlockQueue(num_blocks)  # with a policy: only the free blocks without a hash
@@ -285,7 +287,7 @@ class BlockPool:
         """Hands the backing tensor back to the allocator; the pool is unusable afterwards."""
         backing, self._backing = self._backing, None
         if backing is not None:
-            self.kv = torch.empty(0, dtype=self.spec.dtype)
+            self.kv = torch.empty(0, dtype=self.spec.storage_dtype)
             self._allocator.deallocate(backing)
 
     def _report_eviction(self, evicted: EvictedBlock) -> None:

@@ -5,6 +5,12 @@ Layout is block-major: the pool tensor has shape
 One block (all layers, K and V) is therefore one contiguous chunk, which a tier moves with a single copy,
 and one layer's K (or V) of one block is a contiguous ``(block_size, num_kv_heads, head_dim)`` slab, which
 a paged-attention kernel reads directly.
+
+A quantized pool (`pool_format`, a name in `compression.pool_formats.POOL_FORMATS`) stores the same blocks as
+uint8 slabs: ``(num_blocks, num_layers, 2, slab_bytes)``, one slab per layer and K/V (still one contiguous
+chunk per block). `dtype` stays the compute (model) dtype; `storage_dtype`, `block_shape`, `pool_shape`,
+`elements_per_block`, `bytes_per_block` and `bytes_per_token` describe what the pool STORES, so a memory
+budget holds more blocks of a quantized pool. `staging_block_shape` is the full-precision layout of a block.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compression.pool_formats import PoolFormat, get_pool_format
 from ..types import KVDType
 
 LAYOUT_VERSION = 1
@@ -43,6 +50,7 @@ class KVSpec:
     block_size: int
     dtype: torch.dtype = torch.float16
     device: torch.device = torch.device("cpu")
+    pool_format: str | None = None  # None: blocks stored in `dtype`; else a pool format's name (quantized)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
@@ -60,11 +68,43 @@ class KVSpec:
             raise ValueError(f"KVSpec.device={self.device!r} is not a valid device: {exc}") from None
         object.__setattr__(self, "dtype", dtype)  # normalising the given value, not deriving a new one
         object.__setattr__(self, "device", device)
+        if self.pool_format is not None:
+            try:
+                fmt = get_pool_format(self.pool_format)
+            except ValueError as exc:
+                raise ValueError(f"KVSpec.pool_format: {exc}") from None
+            fmt.slab_bytes(self.block_size, self.num_kv_heads, self.head_dim)  # head_dim must pack
 
     @property
-    def block_shape(self) -> tuple[int, int, int, int, int]:
-        """Shape of one block: (num_layers, 2, block_size, num_kv_heads, head_dim)."""
+    def quant_format(self) -> PoolFormat | None:
+        """The pool format of a quantized pool; None when blocks are stored in `dtype`."""
+        return get_pool_format(self.pool_format) if self.pool_format is not None else None
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """Element type of the pool tensor: uint8 for a quantized pool, else `dtype`."""
+        return torch.uint8 if self.pool_format is not None else self.dtype
+
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of one layer's K (or V) of one block in a quantized pool; ValueError for an unquantized one."""
+        fmt = self.quant_format
+        if fmt is None:
+            raise ValueError("slab_bytes is defined for quantized pools only (pool_format is None)")
+        return fmt.slab_bytes(self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def staging_block_shape(self) -> tuple[int, int, int, int, int]:
+        """Full-precision shape of one block: (num_layers, 2, block_size, num_kv_heads, head_dim)."""
         return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of one stored block: (num_layers, 2, block_size, num_kv_heads, head_dim), or for a quantized
+        pool (num_layers, 2, slab_bytes)."""
+        if self.pool_format is not None:
+            return (self.num_layers, 2, self.slab_bytes)
+        return self.staging_block_shape
 
     def pool_shape(self, num_blocks: int) -> tuple[int, ...]:
         """Shape of a pool of `num_blocks` blocks."""
@@ -72,12 +112,16 @@ class KVSpec:
 
     @property
     def itemsize(self) -> int:
-        """Bytes per element."""
-        return torch.empty((), dtype=self.dtype).element_size()
+        """Bytes per stored element (1 for a quantized pool)."""
+        return self.storage_dtype.itemsize
 
     @property
     def elements_per_block(self) -> int:
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+        """Stored elements of one block."""
+        n = 1
+        for d in self.block_shape:
+            n *= d
+        return n
 
     @property
     def bytes_per_block(self) -> int:
@@ -85,5 +129,6 @@ class KVSpec:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes of K and V of one token over all layers."""
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.itemsize
+        """Bytes of K and V of one token over all layers (a quantized pool: its block's bytes per token,
+        rounded up)."""
+        return -(-self.bytes_per_block // self.block_size)
