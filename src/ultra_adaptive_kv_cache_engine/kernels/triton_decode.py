@@ -39,6 +39,7 @@ from .checks import require_out, require_positive_scale, require_tensor
 from .launch_plan import DecodeLaunch, plan_decode
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms, softmax_update
+from .triton_slabs import SlabArgs, paged_tile
 
 #: Largest grid extent along y (CUDA): a batch beyond it launches batch-major.
 MAX_GRID_Y = 65535
@@ -46,16 +47,17 @@ MAX_GRID_Y = 65535
 
 @triton.jit
 def _decode_partition_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr,
-    scale_log2, partition_size,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, part_ptr, lse_ptr, ks_ptr, vs_ptr,
+    scale_log2, partition_size, num_slabs,
     stride_qb, stride_qh,
     stride_kn, stride_kt, stride_kh,
     stride_vn, stride_vt, stride_vh,
     stride_btb, stride_ob, stride_oh,
-    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ks, stride_vs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    QUANT: tl.constexpr, FMT: tl.constexpr, PACK: tl.constexpr, HEADS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     if HEADS_FIRST:  # one sequence's KV heads are adjacent programs: they read the same blocks together
         kvh = tl.program_id(0)
@@ -86,12 +88,22 @@ def _decode_partition_kernel(
         t_ok = t < end
         page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)  # all the tile's block ids at once
         slot = t % PAGE
-        k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
-        v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
-        k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+        if QUANT:  # ids below num_slabs are quantized slabs, the others staging blocks (see triton_slabs)
+            k_t = tl.trans(paged_tile(ks_ptr, stride_ks, k_ptr, stride_kn, stride_kt, stride_kh, num_slabs,
+                                      page, slot, t_ok, kvh, d, d_ok,
+                                      True, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED))
+        else:
+            k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
+            k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
         s = mma(q, k_t, IEEE_DOT)
         s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        if QUANT:
+            v = paged_tile(vs_ptr, stride_vs, v_ptr, stride_vn, stride_vt, stride_vh, num_slabs,
+                           page, slot, t_ok, kvh, d, d_ok,
+                           False, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED)
+        else:
+            v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
 
     has_keys = l_i > 0.0
@@ -165,20 +177,22 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
         parts = torch.empty((batch, heads, plan.num_splits, plan.block_d), dtype=torch.float32, device=query.device)
         lse = torch.empty((batch, heads, plan.num_splits), dtype=torch.float32, device=query.device)
     k, v = kv.key_cache, kv.value_cache
+    slabs = SlabArgs.of(kv)
     heads_first = plan.heads_first and batch <= MAX_GRID_Y
     grid = (kv.num_kv_heads, batch) if heads_first else (batch, kv.num_kv_heads)
     _decode_partition_kernel[(*grid, plan.num_splits)](
-        query, k, v, kv.block_tables, kv.seq_lens, out, parts, lse,
-        scale * math.log2(math.e), plan.partition_size,
+        query, k, v, kv.block_tables, kv.seq_lens, out, parts, lse, slabs.keys, slabs.values,
+        scale * math.log2(math.e), plan.partition_size, slabs.num_slabs,
         query.stride(0), query.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         kv.block_tables.stride(0), out.stride(0), out.stride(1),
         parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
+        slabs.keys.stride(0), slabs.values.stride(0),
         GROUP=group, HEAD_DIM=dim, PAGE=kv.block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         SPLIT=split, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=heads_first,
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **slabs.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if split:
         _decode_merge_kernel[(batch * heads,)](

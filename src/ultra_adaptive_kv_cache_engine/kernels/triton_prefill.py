@@ -27,19 +27,21 @@ from .checks import require_like, require_out, require_positive_scale, require_q
 from .launch_plan import plan_prefill
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, softmax_update
+from .triton_slabs import SlabArgs, paged_tile
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, starts_ptr, out_ptr,
-    scale_log2,
+    q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, starts_ptr, out_ptr, ks_ptr, vs_ptr,
+    scale_log2, num_slabs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kn, stride_kt, stride_kh,
     stride_vn, stride_vt, stride_vh,
-    stride_btb,
+    stride_btb, stride_ks, stride_vs,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE_DOT: tl.constexpr,
+    QUANT: tl.constexpr, FMT: tl.constexpr, PACK: tl.constexpr, HEADS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -73,13 +75,23 @@ def _prefill_kernel(
         t_ok = t < kv_end
         page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)
         slot = t % PAGE
-        k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
-        v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
-        k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+        if QUANT:  # ids below num_slabs are quantized slabs, the others staging blocks (see triton_slabs)
+            k_t = tl.trans(paged_tile(ks_ptr, stride_ks, k_ptr, stride_kn, stride_kt, stride_kh, num_slabs,
+                                      page, slot, t_ok, kvh, d, d_ok,
+                                      True, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED))
+        else:
+            k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
+            k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
         s = mma(q, k_t, IEEE_DOT)
         allowed = t_ok[None, :] & (t[None, :] <= q_pos[:, None])
         s = tl.where(allowed, s * scale_log2, float("-inf"))
-        v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        if QUANT:
+            v = paged_tile(vs_ptr, stride_vs, v_ptr, stride_vn, stride_vt, stride_vh, num_slabs,
+                           page, slot, t_ok, kvh, d, d_ok,
+                           False, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED)
+        else:
+            v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
+            v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
         m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -123,16 +135,17 @@ def triton_prefill_attention(
     if query.shape[0] == 0 or plan.num_q_tiles == 0 or kv.batch_size == 0:
         return out
     k, v = kv.key_cache, kv.value_cache
+    slabs = SlabArgs.of(kv)
     _prefill_kernel[(plan.num_q_tiles, kv.batch_size, kv.num_kv_heads)](
-        query, k, v, kv.block_tables, kv.seq_lens, query_start_loc, out,
-        scale * math.log2(math.e),
+        query, k, v, kv.block_tables, kv.seq_lens, query_start_loc, out, slabs.keys, slabs.values,
+        scale * math.log2(math.e), slabs.num_slabs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        kv.block_tables.stride(0),
+        kv.block_tables.stride(0), slabs.keys.stride(0), slabs.values.stride(0),
         GROUP=group, HEAD_DIM=kv.head_dim, PAGE=kv.block_size,
         BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-        IEEE_DOT=ieee_dot(query.dtype),
+        IEEE_DOT=ieee_dot(query.dtype), **slabs.constexprs(),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out
