@@ -5,12 +5,17 @@ they are, server-sent events streamed chunk by chunk), `GET /v1/models[/{id}]` (
 `GET /health` (the router and each instance), `GET /metrics` (router/metrics.py). Every answer the router
 itself gives is an OpenAI error object (413, 503: no healthy instance, 504: an instance timed out).
 
-How it routes (router/prefixes.py, router/instances.py): the prompt's text chunks are hashed (no tokenizer)
-and matched against what the router has sent to each instance; the routing policy (`RouterConfig.policy`,
-`policies.fleet.routing`) picks among the healthy instances from that match and their load. Why this and not
-asking the instances (`POST /v1/cache/match` on each): no round trip and no tokenization on the request path,
-no route to add to the instances; what it misses (an instance's evictions) is bounded by `index_chunks`, and
-a prefix an instance lost is then found in the shared tier (Redis) or recomputed, never wrong.
+How it routes (router/instances.py): the routing policy (`RouterConfig.policy`, `policies.fleet.routing`) picks
+among the healthy instances from the share of the prompt each holds and their load. What an instance holds is
+what it reports (`prefix_source=digest`, the default): its `GET /v1/cache/digest` (server/cache_digest.py),
+polled every `digest_interval_s` and after each answer from it (router/digest_poller.py), matched against the
+prompt's block hashes, which the router computes as the instances do (router/tokens.py: the same parsers,
+tokenizer and chat template; router/digests.py: the same chained hashes under the instance's namespace). So it
+sees evictions, restarts and prefixes an instance got from the shared Redis tier or from clients that bypass
+this router. An instance that offers no digest (or under another tokenizer), a prompt that cannot be
+tokenized, or `prefix_source=text`: the text chunks the router sent there (router/prefixes.py). Each routed
+request counts its source in `uakv_router:prefix_source_total{source}`. Tokenizing runs on one worker thread
+(a Hugging Face tokenizer is not thread-safe), never on the event loop.
 A request whose instance cannot be reached (connection refused, reset before the answer) goes to the next
 choice, and that instance takes nothing until its health check passes again; the answer carries
 `x-uakv-instance` (the instance's URL).
@@ -22,7 +27,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,9 +42,12 @@ from ..metrics import LOGGER_NAME
 from ..policies.fleet.routing import make_routing_policy
 from ..server.errors import APIError
 from .config import RouterConfig
-from .instances import Fleet, Instance
+from .digest_poller import DigestPoller
+from .digests import PromptBlocks
+from .instances import Fleet, Instance, Prompt
 from .metrics import RouterMetrics
 from .prefixes import chunk_digests, prompt_text
+from .tokens import PromptTokenizer
 
 logger = logging.getLogger(LOGGER_NAME)
 FORWARDED = ("authorization", "content-type", "accept", "x-request-id")
@@ -48,17 +57,23 @@ INSTANCE_HEADER = "x-uakv-instance"
 
 
 class Router:
-    """The fleet, its metrics and the HTTP client to the instances (opened by `start`, closed by `stop`)."""
+    """The fleet, its metrics and the HTTP client to the instances (opened by `start`, closed by `stop`).
+    `tokenizer`: the instances' (None: every instance is routed by text chunks)."""
 
-    def __init__(self, config: RouterConfig) -> None:
+    def __init__(self, config: RouterConfig, tokenizer: PromptTokenizer | None = None) -> None:
         if not config.instances:
             raise ValueError("RouterConfig.instances is empty: name at least one `uakv serve` URL")
         self.config = config
         self.fleet = Fleet.of(config.instances, make_routing_policy(config.policy, **config.policy_options),
                               config.index_chunks)
         self.metrics = RouterMetrics(self.fleet)
+        self.tokenizer = tokenizer if config.prefix_source == "digest" else None
+        self.poller = DigestPoller(self.fleet.instances, config.digest_interval_s, config.api_key,
+                                   config.connect_timeout_s + 10 * config.digest_interval_s, self.metrics,
+                                   self.tokenizer.identity if self.tokenizer is not None else "")
         self.client: httpx.AsyncClient | None = None
         self._health: asyncio.Task[None] | None = None
+        self._tokens: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
         c = self.config
@@ -66,13 +81,19 @@ class Router:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
         self.client = httpx.AsyncClient(timeout=timeout, limits=limits)
         self._health = asyncio.create_task(self._health_loop())
+        if self.tokenizer is not None and self.fleet.policy.uses_cache:
+            self._tokens = ThreadPoolExecutor(1, thread_name_prefix="uakv-router-tokens")
+            self.poller.start(self.client)
 
     async def stop(self) -> None:
+        await self.poller.stop()
         if self._health is not None:
             self._health.cancel()
             await asyncio.gather(self._health, return_exceptions=True)
         if self.client is not None:
             await self.client.aclose()
+        if self._tokens is not None:
+            self._tokens.shutdown(wait=True, cancel_futures=True)
 
     async def _health_loop(self) -> None:
         while True:
@@ -97,10 +118,10 @@ class Router:
             parsed: Any = json.loads(body)
         except ValueError:
             parsed = None  # the instance answers the OpenAI 400
-        digests = chunk_digests(prompt_text(parsed), self.config.chunk_chars)
+        prompt = await self._prompt(request.url.path, parsed)
         stream = isinstance(parsed, dict) and parsed.get("stream") is True
         tried: set[str] = set()
-        while (choice := self.fleet.choose(digests, tried)) is not None:
+        while (choice := self.fleet.choose(prompt, tried)) is not None:
             instance = choice.instance
             tried.add(instance.url)
             self.metrics.requests.labels(instance=instance.url).inc()
@@ -109,14 +130,29 @@ class Router:
             if answer is None:
                 self.metrics.retries.inc()
                 continue
-            self.metrics.prompt_chunks.inc(len(digests))
-            self.metrics.matched_chunks.inc(choice.matched)
+            self.metrics.record_match(choice.match)
             if answer.status_code == 200:
-                instance.prefixes.add(digests)
+                self._remember(instance, prompt)
             return answer
         self.metrics.no_instance.inc()
         raise APIError(503, f"no healthy instance to serve the request (tried {sorted(tried) or 'none'})",
                        type="server_error", code="no_instance", headers={"Retry-After": "1"})
+
+    async def _prompt(self, path: str, parsed: Any) -> Prompt:
+        """The request's text chunks, and its blocks when some instance has a digest to match them against."""
+        chunks = chunk_digests(prompt_text(parsed), self.config.chunk_chars)
+        if self._tokens is None or self.tokenizer is None or not any(i.digest.ready for i in self.fleet.instances):
+            return Prompt(chunks)
+        ids = await asyncio.get_running_loop().run_in_executor(self._tokens, self.tokenizer.token_ids, path, parsed)
+        return Prompt(chunks) if ids is None else Prompt(chunks, PromptBlocks(ids), self.tokenizer.identity)
+
+    @staticmethod
+    def _remember(instance: Instance, prompt: Prompt) -> None:
+        """The instance answered the prompt: it holds its prefix now (until its next digest says otherwise)."""
+        instance.prefixes.add(prompt.chunks)
+        digest = instance.digest
+        if prompt.blocks is not None and digest.ready and digest.tokenizer == prompt.tokenizer:
+            digest.predict(prompt.blocks.hashes(digest.key), time.monotonic())
 
     async def _send(self, instance: Instance, request: Request, body: bytes, stream: bool) -> Response | None:
         """The instance's answer, or None when it could not be reached (then it is marked down)."""
@@ -129,9 +165,11 @@ class Router:
         try:
             answer = await self.client.send(upstream, stream=True)
             if stream and answer.status_code == 200:
-                return StreamingResponse(_relay(answer, instance), status_code=200, headers=_headers(answer, instance))
+                relay = _relay(answer, instance, lambda: self.poller.wake(instance))
+                return StreamingResponse(relay, status_code=200, headers=_headers(answer, instance))
             content = await answer.aread()
             await answer.aclose()
+            self.poller.wake(instance)
         except httpx.TimeoutException as exc:
             instance.in_flight -= 1
             if isinstance(exc, httpx.ConnectTimeout):
@@ -167,13 +205,31 @@ class Router:
 
     def health(self) -> dict[str, Any]:
         instances = [{"url": i.url, "healthy": i.healthy, "in_flight": i.in_flight, "routed": i.routed,
-                      "failures": i.failures, "believed_cached_chunks": len(i.prefixes)} for i in self.fleet.instances]
+                      "failures": i.failures, "believed_cached_chunks": len(i.prefixes),
+                      "digest": {"instance": i.digest.instance, "generation": i.digest.generation,
+                                 "blocks": len(i.digest.held)} if i.digest.ready else None}
+                     for i in self.fleet.instances]
         ok = any(i.healthy for i in self.fleet.instances)
-        return {"status": "ok" if ok else "unavailable", "policy": self.config.policy, "instances": instances}
+        return {"status": "ok" if ok else "unavailable", "policy": self.config.policy,
+                "prefix_source": self.config.prefix_source if self.tokenizer is not None else "text",
+                "instances": instances}
 
 
-async def _relay(answer: httpx.Response, instance: Instance) -> AsyncIterator[bytes]:
-    """The instance's event stream, chunk by chunk as it arrives; the instance's slot is given back at the end."""
+def load_tokenizer(config: RouterConfig) -> PromptTokenizer | None:
+    """The tokenizer of `config.model_path`; when the default model has none here, None (a warning: the router
+    routes by text chunks). A model path given that has none raises ValueError."""
+    try:
+        return PromptTokenizer.load(config.model_path)
+    except (ValueError, OSError) as exc:
+        if config.model_path is not None:
+            raise
+        logger.warning("router: no tokenizer for the default model (%s); routing by text chunks", exc)
+        return None
+
+
+async def _relay(answer: httpx.Response, instance: Instance, ended: Callable[[], None]) -> AsyncIterator[bytes]:
+    """The instance's event stream, chunk by chunk as it arrives; the instance's slot is given back at the end,
+    then `ended` is called."""
     try:
         async for chunk in answer.aiter_raw():
             yield chunk
@@ -182,6 +238,7 @@ async def _relay(answer: httpx.Response, instance: Instance) -> AsyncIterator[by
     finally:
         instance.in_flight -= 1
         await answer.aclose()
+        ended()
 
 
 def _headers(answer: httpx.Response, instance: Instance) -> dict[str, str]:
@@ -204,9 +261,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_router_app(config: RouterConfig) -> Starlette:
-    """The router's ASGI app; its HTTP client and health checks run from startup to shutdown (lifespan)."""
-    router = Router(config)
+def create_router_app(config: RouterConfig, tokenizer: PromptTokenizer | None = None) -> Starlette:
+    """The router's ASGI app; its HTTP client, health checks and digest polls run from startup to shutdown
+    (lifespan). `tokenizer`: the instances' (default with `prefix_source=digest`: `config.model_path`'s, see
+    `load_tokenizer`)."""
+    if tokenizer is None and config.prefix_source == "digest":
+        tokenizer = load_tokenizer(config)
+    router = Router(config, tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

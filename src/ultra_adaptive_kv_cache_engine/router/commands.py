@@ -1,13 +1,15 @@
 """The `uakv route` and `uakv fleet-sim` commands (registered in cli.py): options and what each runs.
 
 `uakv route` has one option per `RouterConfig` field, generated from the dataclass (none mapped by hand);
-`--instances` takes a comma-separated list of URLs.
+`--instances` takes a comma-separated list of URLs; `none` gives an optional field no value; the instances'
+API key may come from UAKV_API_KEY.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from typing import Any
@@ -16,6 +18,7 @@ from ..policies.fleet.routing import ROUTING_POLICIES
 from .config import RouterConfig
 
 PARSERS: dict[str, Any] = {"str": str, "int": int, "float": float,
+                           "str | None": lambda text: None if text.lower() == "none" else text,
                            "tuple[str, ...]": lambda text: tuple(u for u in text.split(",") if u)}
 DEFAULT_TRACE = "../shared/data/traces/mooncake-fast25/conversation_trace.jsonl"
 
@@ -41,11 +44,12 @@ def cmd_route(args: argparse.Namespace) -> int:
     from ..server.run import bind_socket
     from .app import create_router_app
 
-    config = router_config_from_args(args)
+    config = router_config_from_args(args).with_env(os.environ)
     app = create_router_app(config)
     sock = bind_socket(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    print(f"uakv route: {config.policy} over {len(config.instances)} instance(s) on http://{host}:{port}",
+    source = "digest" if app.state.router.tokenizer is not None else "text"
+    print(f"uakv route: {config.policy} ({source}) over {len(config.instances)} instance(s) on http://{host}:{port}",
           file=sys.stderr, flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     sock.close()
