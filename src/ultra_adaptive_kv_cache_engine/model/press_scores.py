@@ -2,11 +2,11 @@
 
 SnapKV-style presses score the prompt by the attention of the queries of its last `window` tokens. The paged
 forward keeps no queries, so `observe` recomputes them: it runs the window's tokens once more through every
-layer of the `PagedLlama` (the same weights and layer code, `PagedLlama._layer`), at their positions, with
-attention computed here in float32 over the prompt's KV as the prefill left it in the pool (read through
-`read_kv`, full precision or dequantised), causal over the window. That attention, softmax probabilities
-(q_heads, window, length), is both the press's observation and what carries the window's hidden states to the
-next layer. The layer's KV writes go to a scratch pool of the window's size: the pool is never written.
+layer of the `PagedLlama` (its weights; the layer's arithmetic restated here as `PagedLlama` computes it, so the
+pool is never written), at their positions, with attention computed here in float32 over the prompt's KV as the
+prefill left it (read through `read_kv`, full precision or dequantised), causal over the window. That attention,
+softmax probabilities (q_heads, window, length), is both the press's observation and what carries the window's
+hidden states to the next layer. Tests compare it with transformers' own attention probabilities.
 Cost: `window` tokens of one forward plus (window x length) scores per layer, a small share of the prefill.
 """
 
@@ -56,6 +56,31 @@ def _window_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> 
     return out.permute(2, 0, 1, 3).reshape(w, q_heads, dim), probs.reshape(q_heads, w, length)
 
 
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    h = x.to(torch.float32)
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+
+
+def _window_layer(model: PagedLlama, layer: int, h: Tensor, rope: tuple[Tensor, Tensor], read_kv: KVReader
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoder layer over the window's hidden states h (w, hidden), attending over the prompt's KV:
+    (next hidden states, attention probabilities (q_heads, w, length), the prompt's keys)."""
+    s, w = model.shape, model.layers[layer]
+    t = h.shape[0]
+    qkv = F.linear(_rms_norm(h, w.input_norm, s.rms_norm_eps), w.qkv, w.qkv_bias)
+    q = _rotate(qkv[:, : s.num_heads * s.head_dim].view(t, s.num_heads, s.head_dim), *rope)
+    keys, values = read_kv(layer)
+    out, attention = _window_attention(q, keys, values, model.scale)
+    h = h + F.linear(out.to(h.dtype).reshape(t, -1), w.o, w.o_bias)
+    gate, up = F.linear(_rms_norm(h, w.post_norm, s.rms_norm_eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, w.down, w.down_bias), attention, keys
+
+
 def observe(
     model: PagedLlama, read_kv: KVReader, prompt: Sequence[int], window: int, need_keys: bool = False
 ) -> Iterator[LayerObservation]:
@@ -69,24 +94,11 @@ def observe(
             keys = read_kv(layer)[0].float() if need_keys else None
             yield LayerObservation(layer, length, shape.num_kv_heads, keys=keys)
         return
-    device = model.device
-    ids = torch.tensor(list(prompt[length - window :]), dtype=torch.int64, device=device)
-    positions = torch.arange(length - window, length, device=device)
-    scratch = torch.empty((1, shape.num_layers, 2, window, shape.num_kv_heads, shape.head_dim),
-                          dtype=model.dtype, device=device)
-    slots = torch.arange(window, device=device)
-    seen: dict[str, Tensor] = {}
-
-    def attend(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        keys, values = read_kv(layer)
-        out, seen["attention"] = _window_attention(q, keys, values, model.scale)
-        seen["keys"] = keys
-        return out.to(q.dtype)
-
+    ids = torch.tensor(list(prompt[length - window :]), dtype=torch.int64, device=model.device)
     with torch.no_grad():
         h = F.embedding(ids, model.embed)
-        rope = model._rope(positions)
+        rope = model._rope(torch.arange(length - window, length, device=model.device))
         for layer in range(shape.num_layers):
-            h = model._layer(h, layer, scratch, slots, rope, attend)
-            keys = seen["keys"].float() if need_keys else None
-            yield LayerObservation(layer, length, shape.num_kv_heads, keys=keys, attention=seen["attention"])
+            h, attention, keys = _window_layer(model, layer, h, rope, read_kv)
+            yield LayerObservation(layer, length, shape.num_kv_heads, keys=keys.float() if need_keys else None,
+                                   attention=attention)
