@@ -36,7 +36,10 @@ def make_backend(
         if reason is not None:
             raise ValueError(f"model backend {name!r} cannot serve {loaded.model_id!r}: {reason}")
         return backend.create(loaded, cache, config)
+    reasons: list[str] = []
     for backend in BACKENDS.values():
-        if backend.unsupported(loaded, cache) is None:
+        reason = backend.unsupported(loaded, cache)
+        if reason is None:
             return backend.create(loaded, cache, config)
-    raise ValueError(f"no model backend supports {loaded.model_id!r}; registered: {', '.join(BACKENDS)}")
+        reasons.append(f"{backend.name}: {reason}")
+    raise ValueError(f"no model backend supports {loaded.model_id!r}: {'; '.join(reasons)}")

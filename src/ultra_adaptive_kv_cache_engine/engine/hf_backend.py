@@ -23,7 +23,7 @@ from torch import Tensor
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..cache.manager import KVCacheManager
-from ..model.hf_cache import PagedHFCache
+from ..model.hf_cache import PagedHFCache, quantized_pool_refusal
 from ..model.loaded import LoadedModel
 from .backend import ModelBackend
 from .scheduler_config import SchedulerConfig
@@ -131,7 +131,7 @@ class HFGenerateBackend(ModelBackend):
 
     @classmethod
     def unsupported(cls, loaded: LoadedModel, cache: KVCacheManager) -> str | None:
-        return None
+        return quantized_pool_refusal(cache)
 
     @classmethod
     def create(cls, loaded: LoadedModel, cache: KVCacheManager, config: SchedulerConfig) -> HFGenerateBackend:

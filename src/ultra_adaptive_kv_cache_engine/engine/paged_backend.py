@@ -11,6 +11,14 @@ On CUDA (Triton kernels):
   causal SDPA (FlashAttention) from position 0 and the paged or gathered path over a cached prefix.
 Each sequence's KV lives in pool blocks taken through `SequenceBlocks` (the cache façade only); its opened
 tokens are committed (named, reusable) as soon as their KV is computed.
+
+A quantized pool (`KVCacheConfig.kv_dtype`): the model reads a `QuantPool` (the pool and `StagingBlocks`).
+Before a step every block the step writes gets a staging block; the forward writes new KV there (the block
+tables hold staging entries, ``N + id``, for unsealed blocks, the decode graphs included); at the END of the
+step every staging block that is full now is sealed (quantized into the sequence's pool block, one
+`seal_blocks` call) and freed, and only then are blocks committed, so a named block always holds its quantized
+bytes. A partial last block stays in staging across steps (the full-precision window) and is never committed;
+closing with `keep` writes back the sealed generated blocks only.
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ from torch import Tensor
 from ..cache.manager import KVCacheManager
 from ..memory import OutOfBlocksError
 from ..model.decode_step import DecodeStep
+from ..model.kv_views import Pool
 from ..model.loaded import LoadedModel
 from ..model.paged_llama import PackedInputs, PagedLlama
 from .backend import ModelBackend
 from .scheduler_config import SchedulerConfig
 from .sequence_blocks import PooledSequence, SequenceBlocks
 from .sequence_state import SequenceState
+from .staging import StagingBlocks
 from .step_plan import Chunk
 
 #: Padded decode batch sizes on CUDA (one graph each); beyond the last, multiples of 32.
@@ -48,18 +58,28 @@ class PagedLlamaBackend(ModelBackend):
     chunked_prefill = True
 
     def __init__(self, model: PagedLlama, cache: KVCacheManager, config: SchedulerConfig | None = None) -> None:
-        model.check_pool(cache.kv)
+        config = config if config is not None else SchedulerConfig()
         self.model, self._cache = model, cache
+        self.staging: StagingBlocks | None = None
+        if cache.spec.pool_format is not None:  # room for one step's blocks and every sequence's partial tail
+            capacity = math.ceil(config.max_step_tokens / cache.block_size) + 2 * config.max_running + 2
+            self.staging = StagingBlocks(cache.spec, cache.kv, model.backend, capacity)
+        model.check_pool(self.pool)
         self.blocks = SequenceBlocks(cache)
         self.table_width = math.ceil(model.max_positions / cache.block_size)
-        config = config if config is not None else SchedulerConfig()
         self.on_cuda = cache.kv.device.type == "cuda"
         self.cuda_graphs = config.cuda_graphs and self.on_cuda
         self._steps: dict[int, DecodeStep] = {}
+        self._steps_generation = 0  # the staging generation the steps were built on
         self._graph_pool: Any = None
         self._pad_blocks: list[int] = []
-        self._rows: dict[int, tuple[Tensor, int]] = {}  # seq_id -> (host table row, entries filled)
+        self._rows: dict[int, tuple[Tensor, int]] = {}  # seq_id -> (host table row, entries filled or row version)
         self._open = 0  # sequences open (pad blocks are given back when none is)
+
+    @property
+    def pool(self) -> Pool:
+        """What the model reads and writes: the pool tensor, or a quantized pool with its staging blocks."""
+        return self.staging.pools if self.staging is not None else self._cache.kv
 
     @classmethod
     def unsupported(cls, loaded: LoadedModel, cache: KVCacheManager) -> str | None:
@@ -68,8 +88,8 @@ class PagedLlamaBackend(ModelBackend):
             return f"model_type={model_type!r} is not 'llama'"
         if int(getattr(loaded.model, "tp_size", None) or 1) > 1:
             return "the model is sharded by tensor parallelism"
-        if cache.kv.dtype != loaded.dtype or cache.kv.device != loaded.device:
-            return f"the pool is {cache.kv.dtype} on {cache.kv.device}; the model is {loaded.dtype} on {loaded.device}"
+        if cache.spec.dtype != loaded.dtype or cache.kv.device != loaded.device:
+            return f"the pool is {cache.spec.dtype} on {cache.kv.device}; the model is {loaded.dtype} on {loaded.device}"
         return None
 
     @classmethod
@@ -89,6 +109,8 @@ class PagedLlamaBackend(ModelBackend):
 
     def open(self, state: SequenceState) -> None:
         seq = self.blocks.open(state.tokens())
+        if self.staging is not None:
+            self.staging.open(seq.seq_id, seq.cached // self._cache.block_size)
         self._open += 1
         state.kv, state.num_computed = seq, seq.cached
         if state.cached_tokens is None:
@@ -102,17 +124,34 @@ class PagedLlamaBackend(ModelBackend):
         state.kv = None
         try:
             if keep:
-                self.blocks.write_back(seq, state.tokens(seq.opened, max(seq.opened, state.num_computed)))
+                self._write_back(seq, state)
         finally:
             self._rows.pop(seq.seq_id, None)
             self.blocks.release(seq)
             self._open -= 1
+            if self.staging is not None:
+                self.staging.close(seq.seq_id)
+                if not self._open:
+                    self.staging.free_pads()
             if not self._open and self._pad_blocks:
                 self._cache.free_scratch(self._pad_blocks)
                 self._pad_blocks = []
 
+    def _write_back(self, seq: PooledSequence, state: SequenceState) -> None:
+        """The KV of the generated tokens that have it, appended and committed (a quantized pool: the sealed,
+        full blocks only)."""
+        end = max(seq.opened, state.num_computed)
+        if self.staging is None:
+            self.blocks.write_back(seq, state.tokens(seq.opened, end))
+            return
+        sealed_end = max(seq.opened, self.staging.sealed_blocks(seq.seq_id) * self._cache.block_size)
+        self.blocks.write_back_sealed(seq, state.tokens(seq.opened, sealed_end))
+
     # -- the step -----------------------------------------------------------------------------------------
     def execute(self, chunks: Sequence[Chunk]) -> Tensor:
+        if self.staging is not None:
+            for chunk in chunks:
+                self.staging.stage(chunk.state.kv.seq_id, chunk.start + chunk.count)
         rows: list[Tensor | None] = [None] * len(chunks)
         decodes = [i for i, c in enumerate(chunks) if c.is_decode] if self.on_cuda else []
         if decodes and len(decodes) == len(chunks):  # decode only: the logits rows are the result as they are
@@ -138,32 +177,41 @@ class PagedLlamaBackend(ModelBackend):
         return torch.stack(sampled)
 
     def _commit_computed(self, chunks: Sequence[Chunk]) -> None:
-        """Names the opened tokens' blocks of every sequence whose opened tokens all have KV now."""
+        """Seals the blocks the step filled (a quantized pool), then names the opened tokens' blocks of every
+        sequence whose opened tokens all have KV now."""
+        if self.staging is not None:
+            self.staging.seal([(c.state.kv.seq_id, c.start + c.count, c.state.kv.table) for c in chunks])
         for chunk in chunks:
             seq: PooledSequence = chunk.state.kv
             if not seq.committed and chunk.start + chunk.count >= seq.opened:
                 self.blocks.commit_opened(seq)
 
+    def _kernel_table(self, seq: PooledSequence) -> list[int]:
+        """The sequence's block table as the kernels read it (staging entries for unsealed blocks)."""
+        return seq.table if self.staging is None else self.staging.row(seq.seq_id, seq.table)
+
     def _packed(self, chunks: list[Chunk]) -> Tensor:
-        inputs = PackedInputs.pack([(c.token_ids(), c.start, c.state.kv.table) for c in chunks], self.model.device,
-                                   self._cache.block_size)
-        return self.model.forward_packed(self._cache.kv, inputs)
+        inputs = PackedInputs.pack([(c.token_ids(), c.start, self._kernel_table(c.state.kv)) for c in chunks],
+                                   self.model.device, self._cache.block_size)
+        return self.model.forward_packed(self.pool, inputs)
 
     def _prefill(self, chunk: Chunk) -> Tensor:
         device = self.model.device
         seq: PooledSequence = chunk.state.kv
         ids = torch.tensor(chunk.token_ids(), dtype=torch.int64).to(device, non_blocking=True)
-        table = torch.tensor(seq.table, dtype=torch.int32).to(device, non_blocking=True)
-        return self.model.prefill(self._cache.kv, ids, chunk.start, table)
+        table = torch.tensor(self._kernel_table(seq), dtype=torch.int32).to(device, non_blocking=True)
+        return self.model.prefill(self.pool, ids, chunk.start, table)
 
     def _decode(self, chunks: list[Chunk]) -> Tensor:
         n = len(chunks)
         batch = _bucket(n) if self.cuda_graphs else n
         pads = self._pad_rows(batch - n) if batch > n else []
         batch = batch if pads else n  # no pad blocks to be had: an unpadded step of its own
+        if self.staging is not None and self.staging.generation != self._steps_generation:
+            self._steps, self._steps_generation = {}, self.staging.generation  # the staging tensor moved
         step = self._steps.get(batch)
         if step is None:
-            step = self._steps[batch] = DecodeStep(self.model, self._cache.kv, batch, self.table_width)
+            step = self._steps[batch] = DecodeStep(self.model, self.pool, batch, self.table_width)
         rows = [self._table_row(c.state.kv) for c in chunks]
         tables = torch.stack(rows + [torch.zeros_like(rows[0])] * (batch - n))
         tokens = [c.token_ids()[0] for c in chunks]
@@ -181,19 +229,29 @@ class PagedLlamaBackend(ModelBackend):
         return logits[:n]
 
     def _table_row(self, seq: PooledSequence) -> Tensor:
-        """The sequence's block table as a host int32 row of `table_width`, updated only where it grew (a
-        step's tables are then one stack, not one list conversion per row)."""
+        """The sequence's kernel block table as a host int32 row of `table_width`, updated only where it grew
+        (a quantized pool: rebuilt when a block was staged or sealed), so a step's tables are one stack, not one
+        list conversion per row."""
         row, filled = self._rows.get(seq.seq_id, (None, 0))
         if row is None:
             row = torch.zeros(self.table_width, dtype=torch.int32)
+        if self.staging is not None:
+            version = self.staging.version(seq.seq_id) * (self.table_width + 1) + len(seq.table) + 1
+            if filled != version:
+                entries = self.staging.row(seq.seq_id, seq.table)
+                row[: len(entries)] = torch.tensor(entries, dtype=torch.int32)
+                self._rows[seq.seq_id] = (row, version)
+            return row
         if filled != len(seq.table):
             row[filled : len(seq.table)] = torch.tensor(seq.table[filled:], dtype=torch.int32)
             self._rows[seq.seq_id] = (row, len(seq.table))
         return row
 
     def _pad_rows(self, count: int) -> list[int]:
-        """Pad blocks holding `count` padding rows (taken from the pool while sequences are open); [] when the
-        pool has none to spare."""
+        """Pad blocks holding `count` padding rows (taken from the pool, or staging blocks of a quantized pool,
+        while sequences are open); [] when the pool has none to spare."""
+        if self.staging is not None:
+            return self.staging.pad_blocks(count)
         missing = -(-count // self._cache.block_size) - len(self._pad_blocks)
         if missing > 0:
             try:

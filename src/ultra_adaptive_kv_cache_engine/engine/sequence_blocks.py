@@ -2,7 +2,8 @@
 
 `open(tokens)` opens the cache's sequence for `tokens` (the longest cached prefix reused, capped at all but
 the last token so the model computes its logits) and gives the other tokens their blocks by appending
-placeholder (zero) KV, which the forward overwrites in place before anything names those blocks. Tokens
+placeholder (zero) KV, which the forward overwrites in place before anything names those blocks (a quantized
+pool: the blocks are only reserved; the backend seals them before they are named). Tokens
 after the opened ones (generated later) live in scratch blocks taken with `grow`, one block at a time.
 
 Invariants:
@@ -10,7 +11,8 @@ Invariants:
   ``table[t // block_size]`` at offset ``t % block_size`` and the pool is written only in these blocks.
 - `commit_opened` is called once the opened tokens' KV is really computed (never before: named blocks hold
   zeros until then); `write_back` appends the KV of tokens after the opened ones (copied out of the scratch
-  blocks, which it frees first) and commits, so a later turn reuses them.
+  blocks, which it frees first) and commits, so a later turn reuses them; `write_back_sealed` does the same
+  for a quantized pool's sealed blocks (their slabs copied as they are).
 - `release` gives back every block (scratch and the sequence's references); cached blocks stay reusable.
 """
 
@@ -60,9 +62,12 @@ class SequenceBlocks:
         seq_id = cache.new_sequence(tokens, max_cached_tokens=len(tokens) - 1)
         try:
             cached = cache.num_cached_tokens(seq_id)
-            zeros = torch.zeros((spec.num_kv_heads, len(tokens) - cached, spec.head_dim), dtype=spec.dtype,
-                                device=spec.device)
-            cache.append(seq_id, tokens[cached:], [zeros] * spec.num_layers, [zeros] * spec.num_layers)
+            if spec.pool_format is not None:
+                cache.append(seq_id, tokens[cached:], None, None)
+            else:
+                zeros = torch.zeros((spec.num_kv_heads, len(tokens) - cached, spec.head_dim), dtype=spec.dtype,
+                                    device=spec.device)
+                cache.append(seq_id, tokens[cached:], [zeros] * spec.num_layers, [zeros] * spec.num_layers)
             table = list(cache.block_table(seq_id))
         except BaseException:
             cache.free(seq_id)
@@ -106,6 +111,28 @@ class SequenceBlocks:
         except OutOfBlocksError as exc:  # keep what is cached; the generated tail is just not reusable
             logger.warning("generated tokens not written back: %s", exc)
             return 0
+        return self.cache.commit(seq.seq_id)
+
+    def write_back_sealed(self, seq: PooledSequence, tokens: list[int]) -> int:
+        """A quantized pool's `write_back`: `tokens` (after the opened ones) fill whole blocks that are all sealed
+        in `seq.table`; their slabs are copied out of the scratch blocks (freed first), the tokens appended
+        (reserved) and the copies put into the blocks the cache gives them, then committed."""
+        if not tokens or not seq.committed:
+            self._free_scratch(seq)
+            return 0
+        bs, kv = self.block_size, self.cache.kv
+        own = len(seq.table) - len(seq.scratch)  # blocks of the cache's own table, sealed in place
+        end = (seq.opened + len(tokens)) // bs
+        index = torch.tensor(seq.table[own:end], dtype=torch.int64, device=kv.device)
+        slabs = kv.index_select(0, index)
+        self._free_scratch(seq)
+        try:
+            self.cache.append(seq.seq_id, tokens, None, None)
+        except OutOfBlocksError as exc:
+            logger.warning("generated tokens not written back: %s", exc)
+            return 0
+        table = self.cache.block_table(seq.seq_id)
+        kv.index_copy_(0, torch.tensor(table[own:end], dtype=torch.int64, device=kv.device), slabs)
         return self.cache.commit(seq.seq_id)
 
     def release(self, seq: PooledSequence) -> None:

@@ -11,6 +11,7 @@ a full waiting queue raises `QueueFullError`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..cache.manager import KVCacheManager
@@ -52,7 +53,7 @@ class ModelSession:
         self.loaded = loaded if loaded is not None else load_model(config)
         self.optimizer = optimizer or PerformanceOptimizer()
         self.optimizer.bandwidth.set_prior(POOL, 1e18)  # blocks already in the pool cost nothing to "load"
-        spec = self.loaded.kv_spec(config.block_size, dtype=config.dtype)
+        spec = replace(self.loaded.kv_spec(config.block_size, dtype=config.dtype), pool_format=config.kv_dtype)
         namespace = self.loaded.namespace(spec, codec=namespace_codec(config), tenant_salt=config.tenant_salt)
         self.cache = KVCacheManager.from_config(config, spec, namespace)
         if config.enable_optimizer:  # compute or load, per request, from measured costs
@@ -202,7 +203,8 @@ class ModelSession:
                       "parameters": sum(p.numel() for p in self.loaded.model.parameters()),
                       "weights_fingerprint": self.loaded.weights_fingerprint},
             "kv": {"layers": spec.num_layers, "kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-                   "block_size": spec.block_size, "dtype": str(spec.dtype), "bytes_per_token": spec.bytes_per_token,
+                   "block_size": spec.block_size, "dtype": str(spec.dtype), "pool_format": spec.pool_format,
+                   "bytes_per_token": spec.bytes_per_token,
                    "bytes_per_block": spec.bytes_per_block, "pool_blocks": self.cache.num_blocks,
                    "pool_bytes": self.cache.num_blocks * spec.bytes_per_block,
                    "namespace": self.cache.namespace.digest.hex()},

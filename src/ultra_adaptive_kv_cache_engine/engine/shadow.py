@@ -9,8 +9,8 @@ cached tokens while the running share of picked ones stays under `shadow_fractio
 so 1% is exactly one request in a hundred, 100% all of them), and queues its cached prefix. A background thread
 looks that prefix up in the pool (the blocks still named there), runs the model on those tokens without any
 cache (the reference KV) and compares, block by block and layer by layer, `max|cached - reference|` against
-`tolerance * max|reference|` (the relative tolerance of the pool's dtype, widened for a lossy tier codec: it
-tells corruption from rounding). The first block over it and every block after it in the chain are a mismatch:
+`tolerance * max|reference|` (the relative tolerance of the pool's dtype, widened for a lossy tier codec or a
+quantized pool, whose blocks are read dequantised: it tells corruption from rounding). The first block over it and every block after it in the chain are a mismatch:
 logged with the block hash (a warning), counted, and evicted everywhere (`KVCacheManager.evict_blocks`: pool
 and every tier, Redis included). Counts: `stats()` (in `get_stats()["model"]["shadow"]`) and, when the engine
 has a metrics registry, `uakv:shadow_checks_total`, `uakv:shadow_mismatches_total`,
@@ -40,6 +40,9 @@ DTYPE_TOLERANCE = {torch.float32: 2e-3, torch.float64: 1e-6, torch.float16: 5e-2
 """Relative tolerance of a recomputation in each pool dtype (kernels reduce in another order)."""
 CODEC_TOLERANCE = {CodecKind.FP8: 0.15, CodecKind.INT8: 0.05, CodecKind.INT4: 0.35}
 """... widened for blocks that may have come through a lossy tier codec (lossless codecs add nothing)."""
+POOL_FORMAT_TOLERANCE = {"fp8": 0.15, "int8": 0.05, "int4": 0.35, "int2": 0.6}
+"""... and for a quantized pool, whose blocks are read dequantised (int2 keeps 4 levels: up to a third of a
+channel's range per element)."""
 _STOP = None
 
 
@@ -74,6 +77,8 @@ class ShadowVerifier:
                     ) -> ShadowVerifier:
         """A verifier whose tolerance follows the pool's dtype and the tiers' codec (lossy ones widen it)."""
         tolerance = DTYPE_TOLERANCE.get(cache.spec.dtype, 1e-1)
+        if cache.spec.pool_format is not None:
+            tolerance = max(tolerance, POOL_FORMAT_TOLERANCE.get(cache.spec.pool_format, 1.0))
         if cache.lower is not None:
             tolerance = max(tolerance, CODEC_TOLERANCE.get(cache.config.codec, 0.0))
         return cls(fraction, cache, model, tolerance, registry)
@@ -181,9 +186,9 @@ class ShadowVerifier:
 
 def _block_errors(cached: torch.Tensor, reference: torch.Tensor, block_size: int) -> list[float]:
     """Per block of `block_size` tokens (dim 1 of (heads, tokens, dim)): max |cached - reference| over the
-    largest |reference| of the layer (the scale the model works at)."""
+    largest |reference| of the layer (the scale the model works at); a NaN in the cached KV counts as infinite."""
     scale = reference.abs().max().clamp_min(1e-6)
-    diff = (cached - reference).abs().amax(dim=(0, 2))  # per token
+    diff = (cached - reference).abs().nan_to_num(nan=float("inf")).amax(dim=(0, 2))  # per token; NaN never agrees
     return (diff.view(-1, block_size).amax(dim=1) / scale).tolist()
 
 

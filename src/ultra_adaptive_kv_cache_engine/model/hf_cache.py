@@ -11,6 +11,8 @@ For callers that drive the life cycle themselves (the scheduler's HF backend, `g
 opened for and keeps it. Unlike a plain `PrefixCache`, leaving the ``with`` block (or `release()`) does NOT
 write back: only `commit` does, so a failed or abandoned call leaves the prefix cache as it was.
 For the drop-in cache passed to any number of `generate` calls, use `PrefixCache` (``engine.hf_cache()``).
+Neither sits on a quantized pool (`KVCacheConfig.kv_dtype`): both raise ValueError saying why
+(`quantized_pool_refusal`); transformers' caches hold full-precision KV.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from ..cache.manager import KVCacheManager
 from .batch import as_batch
 from .generate_call import GenerateCall
 from .pinned_rows import PinnedRows
-from .prefix_cache import PrefixCache, ReuseReport
+from .prefix_cache import PrefixCache, ReuseReport, quantized_pool_refusal
 from .row_tokens import RowTokens
 
-__all__ = ["PagedHFCache", "PrefixCache", "ReuseReport"]
+__all__ = ["PagedHFCache", "PrefixCache", "ReuseReport", "quantized_pool_refusal"]
 
 
 class PagedHFCache(PrefixCache):

@@ -7,13 +7,15 @@ scaling, grouped-query attention with scale ``head_dim ** -0.5``, a SiLU-gated M
 projections are concatenated once (one matmul each instead of three and two); weights stay on the model's
 device and dtype.
 
-KV lives in a pool of shape (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim) (`KVSpec`); every
-forward writes the new tokens' keys and values into their slots with the backend's `write_kv`, then attends:
+KV lives in a pool of shape (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim) (`KVSpec`), or in a
+quantized pool and its full-precision staging blocks (`QuantPool`, see `kv_views`: the new tokens are written
+into staging blocks, sealed blocks are read through the pool format); every forward writes the new tokens' keys
+and values into their slots with the backend's `write_kv`, then attends:
 - `prefill`: the new tokens of ONE sequence, positions ``start .. start + T - 1``. Without a cached prefix
   (start == 0) attention is causal SDPA over the new tokens themselves (FlashAttention on CUDA); otherwise
   the backend's paged prefill kernel attends over the cached prefix in the pool and the new tokens, or, when
   few new tokens attend to a long prefix (`GatherRule`, or the caller's `PrefillPath`), SDPA over the
-  sequence's blocks gathered per layer (`gathered_prefill`).
+  sequence's blocks gathered per layer (`gathered_prefill`; not for a quantized pool: the kernel path then).
 - `forward_packed`: the new tokens of SEVERAL sequences (prefill chunks and single decode tokens alike) packed
   into one forward (`PackedInputs`): one pass over the weights for all of them, the backend's paged prefill
   kernel attending per sequence over its cached prefix and its new tokens (varlen, causal among the new).
@@ -23,7 +25,9 @@ forward writes the new tokens' keys and values into their slots with the backend
 
 Invariants: the block table rows cover every position attended (``table[p // block_size]`` holds position
 p); positions are below `max_positions` (the RoPE table length; checked on the host in `prefill`, by the
-caller for `decode`). Greedy tokens equal transformers' own on CPU in float32 (tests).
+caller for `decode`); with a `QuantPool`, the blocks of the new tokens are staging entries. A forward builds and
+validates its paged views once (`PoolViews`), not once per layer. Greedy tokens equal transformers' own on CPU
+in float32 (tests).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..kernels import KernelBackend, PagedKV, select_backend
+from ..kernels import KernelBackend, select_backend
 from .gathered_prefill import GatherRule, PrefillPath, gathered_attention
+from .kv_views import Pool, PoolViews, QuantPool, block_size_of, slot_base
 
 #: RoPE types whose inverse frequencies change with the sequence length (not supported: one fixed table).
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -195,6 +200,12 @@ def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
+def _in_write_caches(slots: Tensor, pool: Pool) -> Tensor:
+    """Slots (entry * block_size + offset) as slots of the caches new KV is written into (`kv_views`)."""
+    base = slot_base(pool)
+    return slots - base if base else slots
+
+
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """RoPE of x (tokens, heads, head_dim) with cos/sin (tokens, head_dim) in x's dtype."""
     half = x.shape[-1] // 2
@@ -257,9 +268,10 @@ class PagedLlama:
                    limit, backend)
 
     # -- the shared layer ---------------------------------------------------------------------------------
-    def _layer(self, h: Tensor, i: int, pool: Tensor, slots: Tensor, rope: tuple[Tensor, Tensor], attend: Any) -> Tensor:
-        """One decoder layer over h (tokens, hidden): writes the tokens' KV into `slots` of layer i, then
-        `attend(i, q, k, v)` -> (tokens, q_heads, head_dim)."""
+    def _layer(self, h: Tensor, i: int, views: PoolViews, slots: Tensor, rope: tuple[Tensor, Tensor], attend: Any
+               ) -> Tensor:
+        """One decoder layer over h (tokens, hidden): writes the tokens' KV into `slots` of layer i's write
+        caches (`PoolViews.write`), then `attend(i, q, k, v)` -> (tokens, q_heads, head_dim)."""
         s, w = self.shape, self.layers[i]
         t = h.shape[0]
         x = _rms_norm(h, w.input_norm, s.rms_norm_eps)
@@ -268,7 +280,7 @@ class PagedLlama:
         qk = _rotate(qkv[:, : rotated * s.head_dim].view(t, rotated, s.head_dim), *rope)
         q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         v = qkv[:, rotated * s.head_dim :].view(t, s.num_kv_heads, s.head_dim)
-        self.backend.write_kv(k, v, pool[:, i, 0], pool[:, i, 1], slots)
+        self.backend.write_kv(k, v, *views.write(i), slots)
         o = attend(i, q, k, v)
         h = h + F.linear(o.reshape(t, s.num_heads * s.head_dim), w.o, w.o_bias)
         x = _rms_norm(h, w.post_norm, s.rms_norm_eps)
@@ -281,9 +293,21 @@ class PagedLlama:
     def _logits(self, h: Tensor) -> Tensor:
         return F.linear(_rms_norm(h, self.norm, self.shape.rms_norm_eps), self.lm_head).float()
 
-    def check_pool(self, pool: Tensor) -> None:
-        """ValueError unless `pool` is a block-major pool of this model's KV (shape, dtype, device)."""
+    def check_pool(self, pool: Pool) -> None:
+        """ValueError unless `pool` is a block-major pool of this model's KV (shape, dtype, device), or a
+        `QuantPool` whose staging blocks are one and whose slabs fit its format."""
         s = self.shape
+        if isinstance(pool, QuantPool):
+            self.check_pool(pool.staging)
+            slab = pool.format.slab_bytes(int(pool.staging.shape[3]), s.num_kv_heads, s.head_dim)
+            if (pool.pool.dtype != torch.uint8 or pool.pool.dim() != 4 or tuple(pool.pool.shape[1:]) != (s.num_layers, 2, slab)
+                    or pool.pool.device != self.device):
+                raise ValueError(f"quantized pool {pool.pool.dtype} {tuple(pool.pool.shape)} on {pool.pool.device} is not "
+                                 f"uint8 (blocks, {s.num_layers}, 2, {slab}) on {self.device} ({pool.format.name})")
+            return
+        if isinstance(pool, Tensor) and pool.dtype == torch.uint8:
+            raise ValueError("pool is uint8: a quantized pool is read through a QuantPool (its staging blocks and "
+                             "format); only the paged Llama backend serves one")
         if (not isinstance(pool, Tensor) or pool.dim() != 6 or pool.shape[1] != s.num_layers or pool.shape[2] != 2
                 or tuple(pool.shape[4:]) != (s.num_kv_heads, s.head_dim)):
             got = tuple(pool.shape) if isinstance(pool, Tensor) else type(pool).__name__
@@ -294,43 +318,44 @@ class PagedLlama:
     # -- forwards -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(
-        self, pool: Tensor, token_ids: Tensor, start: int, block_table: Tensor, path: PrefillPath | None = None
+        self, pool: Pool, token_ids: Tensor, start: int, block_table: Tensor, path: PrefillPath | None = None
     ) -> Tensor:
         """Runs the T new tokens `token_ids` (T,) of one sequence at positions start .. start + T - 1, whose
         block table (blocks,) covers them; returns the last token's logits (vocab,) in float32. With a cached
-        prefix (start > 0), `path` says how to attend (None: `gather_rule` chooses from the sizes)."""
+        prefix (start > 0), `path` says how to attend (None: `gather_rule` chooses from the sizes; a quantized
+        pool always takes the kernel path)."""
         t = int(token_ids.shape[0])
         if t < 1 or start < 0 or start + t > self.max_positions:
             raise ValueError(f"{t} tokens from position {start}: expected >= 1 token below {self.max_positions}")
         if path is not None and not isinstance(path, PrefillPath):
             raise TypeError(f"path must be a PrefillPath or None, got {path!r}")
-        bs = int(pool.shape[3])
+        bs = block_size_of(pool)
         if block_table.shape[0] * bs < start + t:
             raise ValueError(f"block table of {block_table.shape[0]} blocks cannot hold {start + t} tokens")
         positions = torch.arange(start, start + t, device=self.device)
         table = block_table.to(self.device, torch.int32)
-        slots = table[positions // bs].long() * bs + positions % bs
+        slots = _in_write_caches(table[positions // bs].long() * bs + positions % bs, pool)
         path = path if path is not None else self.gather_rule.choose(t, start)
+        lens = torch.tensor([start + t], dtype=torch.int32).to(self.device, non_blocking=True)
+        views = PoolViews(pool, self.backend, table[None], lens, max_seq_len=start + t)
         if start == 0:
             attend = self._causal_attend
-        elif path is PrefillPath.GATHERED:
+        elif path is PrefillPath.GATHERED and isinstance(pool, Tensor):
             attend = gathered_attention(pool, table, start, t, self.scale)
         else:
-            attend = self._paged_attend(pool, table, start, t)
+            attend = self._paged_attend(views, t)
         h = F.embedding(token_ids.to(self.device), self.embed)
         rope = self._rope(positions)
         for i in range(self.shape.num_layers):
-            h = self._layer(h, i, pool, slots, rope, attend)
+            h = self._layer(h, i, views, slots, rope, attend)
         return self._logits(h[-1:])[0]
 
-    def _paged_attend(self, pool: Tensor, table: Tensor, start: int, t: int) -> Any:
-        """The backend's paged prefill kernel over the cached prefix and the t new tokens."""
+    def _paged_attend(self, views: PoolViews, t: int) -> Any:
+        """The backend's paged prefill kernel over the cached prefix and the t new tokens of one sequence."""
         starts = torch.tensor([0, t], dtype=torch.int32).to(self.device, non_blocking=True)
-        lens = torch.tensor([start + t], dtype=torch.int32).to(self.device, non_blocking=True)
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            kv = PagedKV.from_pool(pool, i, table[None], lens, max_seq_len=start + t)
-            return self.backend.prefill_attention(q, starts, kv, max_query_len=t, scale=self.scale)
+            return self.backend.prefill_attention(q, starts, views.kv(i), max_query_len=t, scale=self.scale)
 
         return attend
 
@@ -345,44 +370,45 @@ class PagedLlama:
         return out[0].transpose(0, 1)
 
     @torch.no_grad()
-    def forward_packed(self, pool: Tensor, inputs: PackedInputs, all_logits: bool = False) -> Tensor:
+    def forward_packed(self, pool: Pool, inputs: PackedInputs, all_logits: bool = False) -> Tensor:
         """Runs the packed new tokens of several sequences; returns each sequence's last token's logits
         (n, vocab) in float32, or with `all_logits` the logits of every packed token (total, vocab)."""
         if inputs.max_seq_len > self.max_positions:
             raise ValueError(f"a sequence reaches position {inputs.max_seq_len - 1}; expected below {self.max_positions}")
-        bs = int(pool.shape[3])
+        bs = block_size_of(pool)
         positions, tables = inputs.positions, inputs.block_tables
         q_lens = (inputs.query_start[1:] - inputs.query_start[:-1]).long()
         rows = torch.repeat_interleave(torch.arange(tables.shape[0], device=tables.device), q_lens,
                                        output_size=int(positions.shape[0]))
-        slots = tables[rows, positions // bs].long() * bs + positions % bs
+        slots = _in_write_caches(tables[rows, positions // bs].long() * bs + positions % bs, pool)
+        views = PoolViews(pool, self.backend, tables, inputs.seq_lens, max_seq_len=inputs.max_seq_len)
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            kv = PagedKV.from_pool(pool, i, tables, inputs.seq_lens, max_seq_len=inputs.max_seq_len)
-            return self.backend.prefill_attention(q, inputs.query_start, kv, max_query_len=inputs.max_query_len,
-                                                  scale=self.scale)
+            return self.backend.prefill_attention(q, inputs.query_start, views.kv(i),
+                                                  max_query_len=inputs.max_query_len, scale=self.scale)
 
         h = F.embedding(inputs.token_ids, self.embed)
         rope = self._rope(positions)
         for i in range(self.shape.num_layers):
-            h = self._layer(h, i, pool, slots, rope, attend)
+            h = self._layer(h, i, views, slots, rope, attend)
         return self._logits(h if all_logits else h[inputs.query_start[1:].long() - 1])
 
     @torch.no_grad()
-    def decode(self, pool: Tensor, inputs: DecodeInputs) -> Tensor:
+    def decode(self, pool: Pool, inputs: DecodeInputs) -> Tensor:
         """One token per sequence; returns logits (batch, vocab) in float32. Graph-capturable (module docstring)."""
-        bs = int(pool.shape[3])
+        bs = block_size_of(pool)
         positions = inputs.positions
         tables = inputs.block_tables
         seq_lens = (positions + 1).to(torch.int32)
-        slots = tables.gather(1, (positions // bs)[:, None])[:, 0].long() * bs + positions % bs
+        entries = tables.gather(1, (positions // bs)[:, None])[:, 0].long()
+        slots = _in_write_caches(entries * bs + positions % bs, pool)
+        views = PoolViews(pool, self.backend, tables, seq_lens)
 
         def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            kv = PagedKV.from_pool(pool, i, tables, seq_lens)
-            return self.backend.decode_attention(q, kv, scale=self.scale)
+            return self.backend.decode_attention(q, views.kv(i), scale=self.scale)
 
         h = F.embedding(inputs.token_ids, self.embed)
         rope = self._rope(positions)
         for i in range(self.shape.num_layers):
-            h = self._layer(h, i, pool, slots, rope, attend)
+            h = self._layer(h, i, views, slots, rope, attend)
         return self._logits(h)

@@ -74,6 +74,16 @@ class ReuseReport:
         return sum(self.row_cached_tokens)
 
 
+def quantized_pool_refusal(manager: KVCacheManager) -> str | None:
+    """Why a transformers cache cannot sit on `manager` (its pool is quantized), or None when it can."""
+    fmt = manager.spec.pool_format
+    if fmt is None:
+        return None
+    return (f"the KV pool is quantized (kv_dtype={fmt!r}): a transformers cache (engine.hf_cache(), the hf_generate "
+            "backend) reads and writes full-precision KV; use kv_dtype=None, or a Llama-family model on the "
+            "paged_llama backend, which reads quantized blocks")
+
+
 class PrefixCache(Cache):
     """See the module docstring.
 
@@ -85,6 +95,9 @@ class PrefixCache(Cache):
     def __init__(self, manager: KVCacheManager, *, model: nn.Module | None = None, max_new_tokens: int = 0) -> None:
         if not isinstance(manager, KVCacheManager):
             raise TypeError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
+        refusal = quantized_pool_refusal(manager)
+        if refusal is not None:
+            raise ValueError(refusal)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch nn.Module or None, got {type(model).__name__}")
         self.manager = manager
