@@ -32,8 +32,8 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def test_registry_has_the_seven_strategies():
-    assert sorted(POLICIES) == ["adaptive", "arc", "fifo", "lfu", "lru", "s3fifo", "s3fifo_adaptive"]
+def test_registry_has_the_eight_strategies():
+    assert sorted(POLICIES) == ["adaptive", "arc", "fifo", "lfu", "lru", "s3fifo", "s3fifo_adaptive", "twoq_adaptive"]
     for key, cls in POLICIES.items():
         assert cls.name == key
         assert type(make_policy(key.upper(), 4)) is cls

@@ -11,6 +11,7 @@ from .lfu import LFUPolicy
 from .lru import LRUPolicy
 from .s3fifo import S3FIFOPolicy
 from .s3fifo_adaptive import AdaptiveS3FIFOPolicy
+from .twoq_adaptive import TwoQAdaptivePolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     "lru": LRUPolicy,
@@ -19,6 +20,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "s3fifo": S3FIFOPolicy,
     "s3fifo_adaptive": AdaptiveS3FIFOPolicy,
     "arc": ARCPolicy,
+    "twoq_adaptive": TwoQAdaptivePolicy,
     "adaptive": AdaptivePolicy,
 }
 for _name in POLICIES:  # every built-in policy is a strategy a config can name (the enum is extensible)
