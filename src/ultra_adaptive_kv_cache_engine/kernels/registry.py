@@ -106,11 +106,8 @@ def _triton_backend() -> KernelBackend:
     from .triton_blocks import triton_gather_blocks, triton_scatter_blocks, triton_write_kv
     from .triton_decode import triton_decode_attention
     from .triton_prefill import triton_prefill_attention
+    from .triton_seal import triton_seal_blocks
 
-    try:
-        from .triton_seal import triton_seal_blocks
-    except ImportError:  # the Triton seal kernel is not there yet: quantize on write with the reference one
-        triton_seal_blocks = reference_seal_blocks
     return KernelBackend(
         "triton", triton_decode_attention, triton_prefill_attention, triton_write_kv,
         triton_gather_blocks, triton_scatter_blocks, triton_seal_blocks,
