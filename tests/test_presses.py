@@ -59,7 +59,7 @@ def test_params_are_normalised_to_sorted_pairs_and_the_config_is_hashable():
 def test_registry_builds_each_press_and_names_unknown_ones():
     assert sorted(PRESSES) == ["keys_norm", "sinks_window", "snapkv"]
     assert make_press(PressConfig("sinks_window", tokens=8, params={"sinks": 2})) == SinksWindowPress(sinks=2)
-    assert make_press(PressConfig("snapkv", ratio=0.5)) == SnapKVPress(window=32, kernel=5, pooling="avg")
+    assert make_press(PressConfig("snapkv", ratio=0.5)) == SnapKVPress(window=32, kernel=7, pooling="max")
     with pytest.raises(ValueError, match="unknown press 'h3o'; expected one of: keys_norm, sinks_window, snapkv"):
         make_press(PressConfig("h3o", ratio=0.5))
     with pytest.raises(ValueError, match="press 'snapkv' has no parameter 'sinks'; expected: kernel, pooling, window"):

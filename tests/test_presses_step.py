@@ -116,7 +116,7 @@ def test_without_inv_freq_the_kept_keys_keep_their_rope_and_the_offset_is_return
         assert torch.equal(pressed[0], keys[:, kept]) and torch.equal(pressed[1], values[:, kept])
 
 
-def brute_snapkv(attentions, window: int, kernel: int, kept: int, kv_heads: int) -> list[list[list[int]]]:
+def brute_snapkv(attentions, window: int, kernel: int, kept: int, kv_heads: int, pooling: str) -> list[list[list[int]]]:
     """SnapKV's choice computed independently, token by token, from transformers' attention probabilities."""
     chosen = []
     for att in attentions:
@@ -127,21 +127,23 @@ def brute_snapkv(attentions, window: int, kernel: int, kept: int, kv_heads: int)
         for h in range(kv_heads):
             votes = [sum(float(att[q, r, t]) for q in range(h * group, (h + 1) * group)
                          for r in range(length - window, length)) / group for t in range(prefix)]
-            pooled = [sum(votes[j] for j in range(t - kernel // 2, t + kernel // 2 + 1) if 0 <= j < prefix) / kernel
-                      for t in range(prefix)]
+            near = [[votes[j] for j in range(t - kernel // 2, t + kernel // 2 + 1) if 0 <= j < prefix]
+                    for t in range(prefix)]
+            pooled = [max(n) if pooling == "max" else sum(n) / kernel for n in near]  # avg counts the padding
             top = sorted(range(prefix), key=lambda t: (-pooled[t], t))[: kept - window]
             layer.append(sorted(top + list(range(prefix, length))))
         chosen.append(layer)
     return chosen
 
 
-def test_snapkv_press_keeps_what_the_paper_would_per_layer_and_head(lm, model):
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_snapkv_press_keeps_what_the_paper_would_per_layer_and_head(lm, model, pooling):
     prompt = random_ids(LENGTH, seed=7)
     cache, seq = prefilled(lm, model, prompt)
-    config = PressConfig("snapkv", ratio=0.5, params={"window": 3, "kernel": 3})
+    config = PressConfig("snapkv", ratio=0.5, params={"window": 3, "kernel": 3, "pooling": pooling})
     result = PressStep(config, model, cache).apply(seq.table, prompt)
     assert result is not None and result.kept == 12 and result.table == (5, 6, 7)
-    assert result.indices.tolist() == brute_snapkv(eager_attentions(lm, prompt), 3, 3, 12, 2)
+    assert result.indices.tolist() == brute_snapkv(eager_attentions(lm, prompt), 3, 3, 12, 2, pooling)
     assert len({tuple(row) for layer in result.indices.tolist() for row in layer}) > 1  # heads differ
 
 

@@ -1,7 +1,8 @@
 """SnapKV (Li et al., 2024): the last `window` prompt tokens (the observation window) vote for the tokens
 before them by their attention, summed over the window, smoothed by a 1-D pooling over neighbouring tokens
 (`kernel`, "avg" or "max"), averaged over the query heads of each KV head (GQA); each KV head keeps its top
-tokens and always the observation window itself."""
+tokens and always the observation window itself. Defaults are those of the paper's LongBench runs: a window of
+32 queries, max pooling over 7 tokens."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ class SnapKVPress(Press):
 
     name: ClassVar[str] = "snapkv"
     window: int = 32
-    kernel: int = 5
-    pooling: str = "avg"
+    kernel: int = 7
+    pooling: str = "max"
 
     def __post_init__(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
