@@ -169,17 +169,8 @@ def test_fleet_shares_prefixes_and_survives_losing_a_server_and_a_redis_master(t
             health = httpx.get(f"{router.url}/health").json()
             assert {i["url"]: i["healthy"] for i in health["instances"]}[urls[2]] is False
 
-        # 3. No wrong block was served anywhere; the survivors' pools balance at idle; shadow checks still
-        #    queued finish before a graceful stop (SIGTERM), which logs every mismatch it finds.
-        for url in urls[:2]:
-            pool = wait_idle(url)["pool"]
-            assert pool["sequences"] == 0 and pool["free"] == pool["blocks"], pool
-            assert metric(url, "uakv:shadow_checks_total") > 0
-            assert metric(url, "uakv:shadow_mismatches_total") == 0
-        for process, log in zip(processes[:2], logs[:2], strict=True):
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=300) == 0, log.read_text()
-            assert "shadow verification:" not in log.read_text()
+        # 3. No wrong block was served anywhere; the survivors' pools balance at idle.
+        check_survivors(urls[:2], processes[:2], logs[:2])
     finally:
         for process in processes:  # each by its pid
             if process.poll() is None:
@@ -187,6 +178,20 @@ def test_fleet_shares_prefixes_and_survives_losing_a_server_and_a_redis_master(t
             process.wait(timeout=30)
         for n in nodes:
             n.stop()
+
+
+def check_survivors(urls: list[str], processes: list[subprocess.Popen], logs: list[Path]) -> None:
+    """At idle: no sequence, every block free, shadow checks made and none mismatched; then a graceful stop
+    (SIGTERM) finishes the checks still queued and would log any mismatch they find."""
+    for url in urls:
+        pool = wait_idle(url)["pool"]
+        assert pool["sequences"] == 0 and pool["free"] == pool["blocks"], pool
+        assert metric(url, "uakv:shadow_checks_total") > 0
+        assert metric(url, "uakv:shadow_mismatches_total") == 0
+    for process, log in zip(processes, logs, strict=True):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 0, log.read_text()
+        assert "shadow verification:" not in log.read_text()
 
 
 def smollm_model_id() -> str:
