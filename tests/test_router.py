@@ -1,7 +1,8 @@
-"""`uakv route` in front of three in-thread `uakv serve` apps on the tiny model, through the official `openai`
-client and httpx: prefix-aware routing (a conversation's turns go where its prefix is, and are hits there),
-round robin, streams passed through, failover when an instance dies, 503 when none is left, the router's
-metrics and health; the prefix chunks and config validation in tiny worlds."""
+"""`uakv route` (digest routing, the tiny model's tokenizer) in front of three in-thread `uakv serve` apps on
+the tiny model, through the official `openai` client and httpx: prefix-aware routing (a conversation's turns go
+where its prefix is, and are hits there), round robin, streams passed through, failover when an instance dies,
+503 when none is left, the router's metrics and health; the prefix chunks and config validation in tiny
+worlds."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ultra_adaptive_kv_cache_engine.cli import build_parser
 from ultra_adaptive_kv_cache_engine.router import RouterConfig, create_router_app
 from ultra_adaptive_kv_cache_engine.router.commands import router_config_from_args
 from ultra_adaptive_kv_cache_engine.router.prefixes import InstancePrefixes, chunk_digests, prompt_text
+from ultra_adaptive_kv_cache_engine.router.tokens import PromptTokenizer
 from ultra_adaptive_kv_cache_engine.server.app import create_app
 from ultra_adaptive_kv_cache_engine.server.config import ServerConfig
 from ultra_adaptive_kv_cache_engine.server.run import BackgroundServer, bind_socket
@@ -57,7 +59,8 @@ def instances():
 
 def routed(urls: tuple[str, ...], **fields):
     fields.setdefault("health_interval_s", 0.2)
-    return BackgroundServer(create_router_app(RouterConfig(instances=urls, port=0, **fields)))
+    config = RouterConfig(instances=urls, port=0, **fields)
+    return BackgroundServer(create_router_app(config, PromptTokenizer(tiny_model().tokenizer)))
 
 
 def chat(client: openai.OpenAI, messages: list[dict], **extra):

@@ -265,7 +265,7 @@ def create_router_app(config: RouterConfig, tokenizer: PromptTokenizer | None = 
     """The router's ASGI app; its HTTP client, health checks and digest polls run from startup to shutdown
     (lifespan). `tokenizer`: the instances' (default with `prefix_source=digest`: `config.model_path`'s, see
     `load_tokenizer`)."""
-    if tokenizer is None and config.prefix_source == "digest":
+    if tokenizer is None and config.prefix_source == "digest" and config.instances:  # none: Router refuses it
         tokenizer = load_tokenizer(config)
     router = Router(config, tokenizer)
 
