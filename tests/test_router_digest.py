@@ -173,6 +173,20 @@ def test_an_instance_without_a_digest_is_routed_by_text_chunks():
         x.close()
 
 
+def test_an_instance_under_another_tokenizer_is_routed_by_text_chunks():
+    x = Instance()
+    try:
+        config = RouterConfig(instances=(x.url,), port=0, digest_interval_s=0.1)
+        with BackgroundServer(create_router_app(config)) as r:  # the default model's tokenizer: SmolLM2's
+            view = seen(r.url, x)  # the digest is polled, and names the tiny byte tokenizer
+            assert view["blocks"] == 0
+            complete(r.url, P)
+            assert metric(r.url, 'uakv_router:prefix_source_total{source="text"} 1.0')
+            assert httpx.get(f"{r.url}/health").json()["prefix_source"] == "digest"
+    finally:
+        x.close()
+
+
 def test_the_router_tokenizes_and_hashes_as_the_instances_do():
     lm = tiny_model()
     namespace = lm.namespace(lm.kv_spec(4))
