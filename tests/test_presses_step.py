@@ -4,11 +4,21 @@ continuation equals transformers' forward with the evicted tokens masked at thei
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 from model_fixtures import make_paged, random_ids, tiny_model
 
-from ultra_adaptive_kv_cache_engine.compression.presses import PressConfig, pressed_block_hashes
+from ultra_adaptive_kv_cache_engine.compression.presses import (
+    PRESSES,
+    LayerObservation,
+    Press,
+    PressConfig,
+    pressed_block_hashes,
+    register_press,
+)
 from ultra_adaptive_kv_cache_engine.engine.press_step import PressStep
 from ultra_adaptive_kv_cache_engine.engine.sequence_blocks import SequenceBlocks
 from ultra_adaptive_kv_cache_engine.model.paged_llama import PackedInputs, PagedLlama
@@ -156,3 +166,44 @@ def test_nothing_is_pressed_when_the_budget_keeps_all_or_the_pool_is_full(lm, mo
     assert cache.num_free_blocks == 2
     result = PressStep(PressConfig("keys_norm", tokens=8), model, cache).apply(seq.table, prompt)
     assert result is not None and result.table == (5, 6) and cache.num_free_blocks == 0
+
+
+@dataclass(frozen=True)
+class _HeadPatternPress(Press):
+    """A test press: KV head h keeps every token t with (t + h) % 3 != 0 first, then the latest ones (the same
+    choice in every layer), so the heads keep different tokens."""
+
+    name: ClassVar[str] = "test_head_pattern"
+
+    def select(self, obs: LayerObservation, kept: int) -> torch.Tensor:
+        rows = []
+        for h in range(obs.num_kv_heads):
+            liked = [t for t in range(obs.length) if (t + 0 * h) % 3 != 0]
+            rest = [t for t in range(obs.length) if t not in liked]
+            rows.append(sorted((liked[::-1] + rest[::-1])[:kept]))
+        return torch.tensor(rows)
+
+
+def test_heads_keeping_different_tokens_continue_as_transformers_with_per_head_masks(lm, model):
+    prompt, cont = random_ids(LENGTH, seed=9), random_ids(4, seed=10)
+    cache, seq = prefilled(lm, model, prompt)
+    register_press(_HeadPatternPress)
+    try:
+        config = PressConfig("test_head_pattern", tokens=12)
+        result = PressStep(config, model, cache, inv_freq=lm.model.model.rotary_emb.inv_freq).apply(seq.table, prompt)
+    finally:
+        PRESSES.pop("test_head_pattern")
+    assert result is not None and result.kept == 12
+    heads = result.indices[0].tolist()
+    assert result.indices[1].tolist() == heads
+    table = [*result.table, *cache.allocate_scratch(1)]
+    logits = model.forward_packed(cache.kv, PackedInputs.pack([(cont, 12, table)], model.device, BS), all_logits=True)
+    q_heads = lm.model.config.num_attention_heads
+    total = LENGTH + len(cont)
+    mask = torch.tril(torch.ones(q_heads, total, total, dtype=torch.bool))
+    for q in range(q_heads):  # query head q reads KV head q // (q_heads // kv_heads)
+        evicted = [t for t in range(LENGTH) if t not in set(heads[q // (q_heads // 2)])]
+        mask[q, LENGTH:, evicted] = False
+    with torch.no_grad():  # a boolean per-head mask (SDPA attention; eager would add booleans as numbers)
+        expected = lm.model(torch.tensor([prompt + cont]), attention_mask=mask[None]).logits[0, LENGTH:].float()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
