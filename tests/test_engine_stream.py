@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import threading
 
 import pytest
 import torch
 
 from ultra_adaptive_kv_cache_engine import KVCacheConfig, UltraAdaptiveKVCacheEngine
+from ultra_adaptive_kv_cache_engine.engine.incremental_text import IncrementalText
+from ultra_adaptive_kv_cache_engine.engine.loop_waker import LoopWaker
+from ultra_adaptive_kv_cache_engine.engine.request_stream import ChunkStream
 from ultra_adaptive_kv_cache_engine.engine.requests import RequestError
+from ultra_adaptive_kv_cache_engine.engine.sampling import SamplingParams
 from ultra_adaptive_kv_cache_engine.engine.scheduler import QueueFullError
 from ultra_adaptive_kv_cache_engine.engine.scheduler_config import SchedulerConfig
+from ultra_adaptive_kv_cache_engine.engine.sequence_state import SequenceState
 from ultra_adaptive_kv_cache_engine.engine.session import ModelSession
-from ultra_adaptive_kv_cache_engine.engine.stream import StreamChunk
+from ultra_adaptive_kv_cache_engine.engine.stream import StreamChunk, merge_chunks
 from ultra_adaptive_kv_cache_engine.model.tiny import build_tiny_llama
 
 CONFIG = KVCacheConfig(max_tokens=4096, block_size=4, max_new_tokens=12, max_memory=2 * 1024**2)
@@ -167,3 +173,119 @@ async def test_a_full_waiting_queue_raises_queue_full(tiny):
     session.stream({"text": "two"})
     with pytest.raises(QueueFullError, match="max_waiting=2"):
         session.stream({"text": "three"})
+
+
+# -- merging and batched wake-ups (engine/stream.py, engine/request_stream.py, engine/loop_waker.py) ----------
+
+def chunk(text: str, ids: tuple[int, ...], done: int, reason: str | None = None) -> StreamChunk:
+    return StreamChunk(text=text, token_ids=ids, finish_reason=reason, prompt_tokens=7, cached_tokens=4,
+                       completion_tokens=done)
+
+
+def test_merge_chunks_concatenates_and_keeps_the_last_counts():
+    merged = merge_chunks([chunk("a", (1,), 1), chunk("", (2,), 2), chunk("bc", (3, 4), 4, "length")])
+    assert merged == chunk("abc", (1, 2, 3, 4), 4, "length")
+    one = chunk("x", (9,), 1)
+    assert merge_chunks([one]) is one
+    with pytest.raises(ValueError, match="at least one chunk"):
+        merge_chunks([])
+    with pytest.raises(ValueError, match="only the last chunk"):
+        merge_chunks([chunk("a", (1,), 1, "stop"), chunk("b", (2,), 2)])
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts the wake-ups other threads send it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakeups = 0
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        self.wakeups += 1
+        return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+def on_thread(fn) -> None:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
+def test_a_reader_behind_the_steps_gets_them_merged_in_one_read_and_an_error_after_them():
+    loop = CountingLoop()
+    stream = ChunkStream(SequenceState(prompt=[1], params=SamplingParams(max_new_tokens=4),
+                                       text=IncrementalText(lambda ids: "")), cancel=lambda state: None)
+
+    def steps():
+        for item in (chunk("a", (1,), 1), chunk("b", (2,), 2), RuntimeError("step failed"), chunk("c", (3,), 3)):
+            assert stream.put(item)
+
+    async def read():
+        await asyncio.sleep(0)  # the steps ran before the first read
+        first = await stream.__anext__()
+        with pytest.raises(RuntimeError, match="step failed"):
+            await stream.__anext__()
+        return first
+
+    on_thread(steps)
+    assert loop.run_until_complete(read()) == chunk("ab", (1, 2), 2) and stream.done
+    loop.close()
+
+
+def test_one_wakeup_per_loop_per_batch_and_dead_loops_cancel_their_streams():
+    waker = LoopWaker()
+    loop = CountingLoop()
+    cancelled: list[SequenceState] = []
+    streams = [ChunkStream(SequenceState(prompt=[1], params=SamplingParams(max_new_tokens=4),
+                                         text=IncrementalText(lambda ids: "")), cancelled.append, waker)
+               for _ in range(5)]
+
+    async def read_all():
+        return await asyncio.gather(*(s.__anext__() for s in streams))
+
+    def one_step():
+        with waker.batch():
+            for i, s in enumerate(streams):
+                assert s.put(chunk(str(i), (i,), 1))
+            assert loop.wakeups == 0  # held until the batch ends
+
+    task = loop.create_task(read_all())
+    loop.run_until_complete(asyncio.sleep(0.01))  # every reader waits now
+    on_thread(one_step)
+    got = loop.run_until_complete(task)
+    assert [c.text for c in got] == ["0", "1", "2", "3", "4"] and loop.wakeups == 1
+    # readers that wait on a loop that closes: the batch's end cancels their requests
+    waiting = loop.create_task(streams[0].__anext__())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+
+    def dead_step():
+        with waker.batch():
+            streams[0].put(chunk("x", (9,), 2))
+
+    on_thread(dead_step)
+    assert cancelled == [streams[0].state] and not waiting.done()
+    with pytest.raises(RuntimeError, match="already open"), waker.batch(), waker.batch():
+        pass
+
+
+def test_the_step_loop_wakes_a_step_s_streams_once(tiny):
+    session = ModelSession(CONFIG, loaded=tiny)
+    session.steps.threaded = False
+    loop = CountingLoop()
+    streams = [session.stream({"text": f"q{i}", "raw": True, "max_new_tokens": 6}) for i in range(4)]
+
+    async def first_chunks():
+        return await asyncio.gather(*(s.__anext__() for s in streams))
+
+    task = loop.create_task(first_chunks())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    on_thread(session.steps.step)  # one step: every prompt prefilled, each stream's first token
+    got = loop.run_until_complete(task)
+    assert [c.completion_tokens for c in got] == [1, 1, 1, 1] and loop.wakeups == 1
+    for s in streams:
+        s.cancel()
+    session.steps.run_until_idle()
+    assert balanced(session)
+    session.close()
+    loop.close()

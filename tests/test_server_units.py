@@ -1,9 +1,10 @@
 """The server's small parts in tiny worlds: ServerConfig validation and its options, request parsing into the
-engine's request, admission counts with an injected clock."""
+engine's request, admission counts with an injected clock, content events built from per-response bytes."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 
 import pytest
@@ -14,6 +15,7 @@ from ultra_adaptive_kv_cache_engine.server.errors import APIError
 from ultra_adaptive_kv_cache_engine.server.metrics import ServerMetrics
 from ultra_adaptive_kv_cache_engine.server.options import add_server_options, server_config_from_args
 from ultra_adaptive_kv_cache_engine.server.protocol import parse_chat, parse_completion
+from ultra_adaptive_kv_cache_engine.server.responses import CHAT, COMPLETION, ResponseWriter, sse_event
 
 
 def test_defaults_listen_on_loopback_only():
@@ -165,3 +167,14 @@ def test_engine_errors_become_openai_errors():
     assert (bad.status, bad.message) == (400, "max_tokens=9 is too many")
     crash = engine_error(KeyError("boom"), retry_after_s=4)
     assert (crash.status, crash.type) == (500, "server_error") and "KeyError" in crash.message
+
+
+@pytest.mark.parametrize("shape", [CHAT, COMPLETION])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_content_events_are_the_chunks_json(shape, include_usage):
+    writer = ResponseWriter(shape, 'm"odel\\', include_usage=include_usage)
+    for text in ("hello", 'quo"te\\back', "line\nbreak\ttab\x01", "ünï 字 🚀", "</script>"):
+        event = writer.content_event(text)
+        assert event == sse_event(writer.chunk(text))
+        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
+        assert json.loads(event[6:]) == writer.chunk(text)

@@ -99,7 +99,7 @@ class ModelSession:
             eos_token_id=codec.eos_token_id, priority=_priority(request),
             generator=request_generator(params, self.cache.kv.device), conversation=conversation_key(request),
         )
-        stream = ChunkStream(state, self.steps.cancel)
+        stream = ChunkStream(state, self.steps.cancel, self.steps.waker)
         self.steps.submit(state, stream.sink())
         return stream
 

@@ -2,7 +2,9 @@
 
 One step: the scheduler plans (`Scheduler.schedule`), the backend computes (`ModelBackend.execute`), the
 sampler picks the sampled rows' tokens, the scheduler applies them (`Scheduler.update`), and each request's
-sink gets a `StreamChunk` when its step released text or ended it. The thread sleeps while there is no work
+sink gets a `StreamChunk` when its step released text or ended it. The sinks of one step are called inside
+one `waker.batch()`: the streams' consumers are woken together at the end of the step, one event-loop wake-up
+per step (see `LoopWaker`). The thread sleeps while there is no work
 and wakes on `submit` and `cancel`. A step that raises fails the requests it was computing (their sinks get
 the exception, their KV is released); the others go on.
 
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from ..metrics import LOGGER_NAME
+from .loop_waker import LoopWaker
 from .sampler import Sampler
 from .scheduler import Scheduler, StepOutput
 from .sequence_state import SequenceState
@@ -40,6 +43,7 @@ class StepLoop:
         self.scheduler = scheduler
         self.sampler = sampler if sampler is not None else Sampler()
         self.on_finished = on_finished
+        self.waker = LoopWaker()  # the streams' consumers are woken through it, once per step
         self._sinks: dict[int, tuple[SequenceState, Sink]] = {}
         self._emitted: dict[int, int] = {}
         self._wakeup = threading.Condition()
@@ -84,8 +88,9 @@ class StepLoop:
                 progressed = self.step()
             except Exception as exc:  # a fault outside the model (scheduling, bookkeeping): fail every request
                 logger.exception("the step loop failed; failing every queued request")
-                for state in self.scheduler.drain():
-                    self._deliver_error(state, exc)
+                with self.waker.batch():
+                    for state in self.scheduler.drain():
+                        self._deliver_error(state, exc)
                 progressed = True
             if not progressed:  # work that cannot be scheduled now (no room): wait a little
                 with self._wakeup:
@@ -120,13 +125,16 @@ class StepLoop:
             logger.exception("a step of %d sequences failed", len(plan.chunks))
             failed = [c.state for c in plan.chunks]
             self.scheduler.fail(failed)
-            for state in failed:
-                self._deliver_error(state, exc)
-            for state in plan.ended:
-                self._deliver(StepOutput(state, None, state.text.finish(), "cancelled"))
+            with self.waker.batch():
+                for state in failed:
+                    self._deliver_error(state, exc)
+                for state in plan.ended:
+                    self._deliver(StepOutput(state, None, state.text.finish(), "cancelled"))
             return True
-        for output in self.scheduler.update(plan, tokens, time.perf_counter() - start):
-            self._deliver(output)
+        outputs = self.scheduler.update(plan, tokens, time.perf_counter() - start)
+        with self.waker.batch():
+            for output in outputs:
+                self._deliver(output)
         return True
 
     def _deliver(self, output: StepOutput) -> None:

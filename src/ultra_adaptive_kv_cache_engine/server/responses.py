@@ -4,9 +4,11 @@ and `/v1/chat/completions` (`chat.completion`, choices carry a `message` or a `d
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any
 
 
@@ -56,6 +58,7 @@ class ResponseWriter:
     include_usage: bool = False
     id: str = field(default="")
     created: int = field(default=0)
+    _content: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{self.shape.id_prefix}{uuid.uuid4().hex}"
@@ -77,6 +80,23 @@ class ResponseWriter:
             out["usage"] = None
         return out
 
+    def content_event(self, text: str) -> bytes:
+        """The server-sent event of `self.chunk(text)` (a content delta, no finish reason), built from bytes
+        made once per response: only `text` is encoded per event (the same bytes as `sse_event` writes)."""
+        if self._content is None:
+            marker = f"<uakv-content-{uuid.uuid4().hex}>"
+            framed = sse_event(self.chunk(marker))
+            head, sep, tail = framed.partition(encode_basestring(marker).encode())
+            assert sep and sep not in tail, "the marker occurs once in the chunk"
+            self._content = (head, tail)
+        head, tail = self._content
+        return head + encode_basestring(text).encode() + tail
+
     def usage_chunk(self, tokens: dict[str, Any]) -> dict[str, Any]:
         """The last chunk before [DONE] when `stream_options.include_usage` is set: no choices, the usage."""
         return {**self._head(self.shape.chunk_object), "choices": [], "usage": tokens}
+
+
+def sse_event(obj: dict[str, Any]) -> bytes:
+    """One server-sent event carrying `obj` as JSON (UTF-8, not ASCII-escaped)."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"

@@ -2,18 +2,19 @@
 `data: [DONE]\\n\\n` (OpenAI's framing).
 
 `sse_events` turns the engine's chunks into events: chat streams open with the role, then one event per
-step that produced text, then an empty delta carrying the finish reason. An engine failure after the
-headers went out is sent as an `{"error": ...}` event before [DONE]. `EventStreamResponse` guarantees the
-cleanup: whether the stream ends, fails, or the client disconnects (Starlette cancels the body), the
-engine's iterator is closed (the generation is cancelled and its blocks freed) and the request's ticket is
-released, with the request counted as `cancelled` when it did not finish.
+chunk that carries text (one step's text, or several steps' merged when this response fell behind the
+engine: `ChunkStream` merges what was not read yet, so a slow client gets fewer, longer deltas), then an
+empty delta carrying the finish reason. Content events are built from bytes made once per response
+(`ResponseWriter.content_event`). An engine failure after the headers went out is sent as an
+`{"error": ...}` event before [DONE]. `EventStreamResponse` guarantees the cleanup: whether the stream ends,
+fails, or the client disconnects (Starlette cancels the body), the engine's iterator is closed (the
+generation is cancelled and its blocks freed) and the request's ticket is released, with the request counted
+as `cancelled` when it did not finish.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -22,14 +23,10 @@ from ..engine.stream import StreamChunk
 from .admission import Ticket
 from .errors import APIError
 from .generation import close_chunks, next_chunk
-from .responses import ResponseWriter, usage
+from .responses import ResponseWriter, sse_event, usage
 
 DONE = b"data: [DONE]\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
 
 class StreamState:
@@ -45,28 +42,28 @@ async def sse_events(first: StreamChunk, chunks: AsyncIterator[StreamChunk], wri
     """The events of one streamed response whose first chunk was already taken (so errors before any token
     could still be answered with a status)."""
     if writer.shape.chat:
-        yield event(writer.chunk(None))
+        yield sse_event(writer.chunk(None))
     chunk: StreamChunk | None = first
     try:
         while chunk is not None:
             state.last = chunk
             ticket.step(chunk.completion_tokens)
             if chunk.text:
-                yield event(writer.chunk(chunk.text))
+                yield writer.content_event(chunk.text)
             if chunk.finish_reason is not None:
                 break
             chunk = await next_chunk(chunks, retry_after_s)
     except APIError as exc:
         state.finished = True
         ticket.fail(exc.status)
-        yield event(exc.body())
+        yield sse_event(exc.body())
         yield DONE
         return
     last = state.last
     reason = last.finish_reason or "stop"
-    yield event(writer.chunk("", reason))
+    yield sse_event(writer.chunk("", reason))
     if writer.include_usage:
-        yield event(writer.usage_chunk(usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)))
+        yield sse_event(writer.usage_chunk(usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)))
     yield DONE
     state.finished = True
     ticket.finish(reason, last.prompt_tokens, last.cached_tokens, last.completion_tokens)
