@@ -4,6 +4,7 @@ continuation equals transformers' forward with the evicted tokens masked at thei
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,6 +12,10 @@ import pytest
 import torch
 from model_fixtures import make_paged, random_ids, tiny_model
 
+from ultra_adaptive_kv_cache_engine.cache.kv_input import gather_layer
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
+from ultra_adaptive_kv_cache_engine.cache.tier_list import namespace_codec
+from ultra_adaptive_kv_cache_engine.compression.pool_formats import get_pool_format
 from ultra_adaptive_kv_cache_engine.compression.presses import (
     PRESSES,
     LayerObservation,
@@ -19,8 +24,10 @@ from ultra_adaptive_kv_cache_engine.compression.presses import (
     pressed_block_hashes,
     register_press,
 )
+from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.engine.press_step import PressStep
 from ultra_adaptive_kv_cache_engine.engine.sequence_blocks import SequenceBlocks
+from ultra_adaptive_kv_cache_engine.engine.staging import StagingBlocks
 from ultra_adaptive_kv_cache_engine.model.paged_llama import PackedInputs, PagedLlama
 from ultra_adaptive_kv_cache_engine.model.press_scores import observe, pool_reader
 
@@ -207,3 +214,32 @@ def test_heads_keeping_different_tokens_continue_as_transformers_with_per_head_m
     with torch.no_grad():  # a boolean per-head mask (SDPA attention; eager would add booleans as numbers)
         expected = lm.model(torch.tensor([prompt + cont]), attention_mask=mask[None]).logits[0, LENGTH:].float()
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_quantized_pool_is_read_dequantised_and_the_pressed_blocks_are_sealed(lm, model):
+    fmt = "int8"
+    config = KVCacheConfig(block_size=BS, kv_dtype=fmt, cpu_tier_bytes=0, device="cpu")
+    spec = dataclasses.replace(lm.kv_spec(BS), pool_format=fmt)
+    cache = KVCacheManager(config, spec, 11, lm.namespace(spec, namespace_codec(config)))
+    staging = StagingBlocks(spec, cache.kv, model.backend, 8)
+    prompt = random_ids(LENGTH, seed=11)
+    seq = SequenceBlocks(cache).open(prompt)
+    staging.open(seq.seq_id, 0)
+    staging.stage(seq.seq_id, LENGTH)
+    row = staging.row(seq.seq_id, seq.table)
+    model.forward_packed(staging.pools, PackedInputs.pack([(prompt, 0, row)], model.device, BS))
+    assert staging.seal([(seq.seq_id, LENGTH, seq.table)]) == 4  # the tail (3 tokens) stays in staging
+    row = staging.row(seq.seq_id, seq.table)
+    assert row[:4] == seq.table[:4] and row[4] >= 11
+    tail = staging.pools.staging[row[4] - 11]  # (layers, 2, bs, heads, dim)
+    step = PressStep(PressConfig("snapkv", tokens=8, params={"window": 3}), model, cache)
+    result = step.apply(row, prompt, pool=staging.pools)
+    assert result is not None and (result.kept, result.table, result.freed) == (8, (5, 6), tuple(row))
+    layout = get_pool_format(fmt)
+    for layer in range(2):
+        keys, values = (torch.cat([x[:, :16], tail[layer, kv, :3].transpose(0, 1)], dim=1)  # (heads, 19, dim)
+                        for kv, x in enumerate(gather_layer(cache.kv, spec, seq.table[:4], 16, layer)))
+        for kv, source in enumerate((keys, values)):
+            kept = torch.stack([source[h, result.indices[layer, h]] for h in range(2)], dim=1)  # (8, heads, dim)
+            expected = layout.quantize(kept.reshape(2, BS, 2, 16), kv == 0)
+            assert torch.equal(cache.kv[list(result.table), layer, kv], expected)

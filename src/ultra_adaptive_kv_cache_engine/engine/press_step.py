@@ -5,7 +5,8 @@ the observation window's attention or the keys (`model.press_scores.observe`: th
 written), selects per layer and KV head the tokens kept, takes fresh blocks from the cache
 (`allocate_scratch`: the prompt's own blocks may be named and shared, so they are never written) and compacts
 the kept tokens into them (`reference_compact_kv`). It returns the new table; the old one is the caller's to
-release (its named blocks stay cached: they hold the correct full-precision KV of the prompt).
+release (its named blocks stay cached: they hold the correct KV of the prompt). A quantized pool (`QuantPool`):
+the prompt is read dequantised, pressed in full precision and the pressed blocks quantized on write (sealed).
 
 Budget: the press's budget rounded UP to whole blocks (capped at the prompt), so every pressed block is full
 and the pressed chain can be named whole (`pressed_block_hashes`). Positions: the kept keys carry RoPE of their
@@ -30,8 +31,9 @@ from ..compression.presses import PressConfig, make_press, press_namespace, pres
 from ..kernels.reference_compact import reference_compact_kv
 from ..memory import OutOfBlocksError
 from ..metrics import LOGGER_NAME
+from ..model.kv_views import Pool, QuantPool
 from ..model.paged_llama import PagedLlama
-from ..model.press_scores import KVReader, observe, pool_reader
+from ..model.press_scores import dequantized_blocks, observe, pool_reader
 from ..model.rope_shift import shift_key_positions
 from ..prefix import Namespace
 
@@ -71,35 +73,50 @@ class PressStep:
         bs = self.cache.block_size
         return min(length, math.ceil(self.config.budget(length) / bs) * bs)
 
-    def select(self, table: Sequence[int], prompt: Sequence[int], read_kv: KVReader | None = None) -> Tensor:
-        """Kept token indices (layers, kv_heads, kept) int64 of the prefilled `prompt` held in `table`."""
+    def select(self, table: Sequence[int], prompt: Sequence[int], source: Tensor | None = None) -> Tensor:
+        """Kept token indices (layers, kv_heads, kept) int64 of the prefilled `prompt` held in blocks `table` of
+        the full-precision pool `source` (default: the cache's pool)."""
         length = len(prompt)
-        read = read_kv if read_kv is not None else pool_reader(self.cache.kv, table, length)
+        read = pool_reader(source if source is not None else self.cache.kv, table, length)
         window = self.press.observation_window(length)
         kept = self.kept_tokens(length)
         rows = [self.press.select(obs, kept) for obs in observe(self.model, read, prompt, window, self.press.needs_keys)]
         return torch.stack(rows)
 
-    def apply(self, table: Sequence[int], prompt: Sequence[int], read_kv: KVReader | None = None) -> PressResult | None:
+    def apply(self, table: Sequence[int], prompt: Sequence[int], pool: Pool | None = None) -> PressResult | None:
         """Presses the prefilled `prompt` (all its tokens have KV, in `table`); None when the budget keeps every
-        token or the cache has no free blocks for the pressed copy (logged), nothing changed then."""
+        token or the cache has no free blocks for the pressed copy (logged), nothing changed then.
+
+        `pool` is what the model reads (default: the cache's pool). For a `QuantPool`, `table` is the sequence's
+        KERNEL row (staging entries for unsealed blocks): the prompt is read dequantised, pressed in full
+        precision, and the pressed blocks (all full) are quantized on write into the new pool blocks, sealed."""
         length = len(prompt)
         kept = self.kept_tokens(length)
         if kept >= length:
             return None
-        indices = self.select(table, prompt, read_kv)
+        pool = pool if pool is not None else self.cache.kv
+        quant = pool if isinstance(pool, QuantPool) else None
+        source = dequantized_blocks(quant, table, length) if quant is not None else pool
+        src_table = list(range(int(source.shape[0]))) if quant is not None else list(table)
+        indices = self.select(src_table, prompt, source)
+        count = -(-kept // self.cache.block_size)
         try:
-            blocks = self.cache.allocate_scratch(-(-kept // self.cache.block_size))
+            blocks = self.cache.allocate_scratch(count)
         except OutOfBlocksError as exc:
             logger.warning("prompt of %d tokens not pressed: %s", length, exc)
             return None
-        pool, device = self.cache.kv, self.cache.kv.device
-        reference_compact_kv(pool, torch.tensor(list(table), dtype=torch.long, device=device), indices.to(device),
-                             torch.tensor(blocks, dtype=torch.long, device=device))
+        device = source.device
+        dst = torch.empty((count, *source.shape[1:]), dtype=source.dtype, device=device) if quant else source
+        dst_ids = list(range(count)) if quant is not None else blocks
+        reference_compact_kv(source, torch.tensor(src_table, dtype=torch.long, device=device), indices.to(device),
+                             torch.tensor(dst_ids, dtype=torch.long, device=device), dst_pool=dst)
         offset = length - kept
         if self.inv_freq is not None:
-            shift_key_positions(pool, blocks, kept, offset, self.inv_freq)
+            shift_key_positions(dst, dst_ids, kept, offset, self.inv_freq)
             offset = 0
+        if quant is not None:
+            self.model.backend.seal_blocks(dst, torch.arange(count, device=device), quant.pool,
+                                           torch.tensor(blocks, dtype=torch.long, device=device), quant.format)
         hashes = pressed_block_hashes(prompt, self.cache.namespace, self.config, kept)
         return PressResult(tuple(blocks), tuple(table), kept, length, offset, indices.cpu(), tuple(hashes),
                            self.namespace)

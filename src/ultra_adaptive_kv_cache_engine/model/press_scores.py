@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..compression.presses import LayerObservation
+from .kv_views import QuantPool
 from .paged_llama import PagedLlama
 
 #: layer -> (keys, values), each (length, kv_heads, head_dim) in the model dtype, of the prompt's tokens in order.
@@ -39,6 +40,31 @@ def pool_reader(pool: Tensor, table: Sequence[int], length: int) -> KVReader:
         return keys, values
 
     return read
+
+
+def dequantized_blocks(pool: QuantPool, row: Sequence[int], length: int) -> Tensor:
+    """The blocks of a sequence of a quantized pool, in full precision: (ceil(length / bs), layers, 2, bs, heads,
+    head_dim) in the staging dtype, from its kernel row (entries < N: sealed slabs, dequantised by the pool
+    format; others: staging blocks, copied)."""
+    bs, n = pool.block_size, pool.num_sealed
+    entries = list(row[: -(-length // bs)])
+    if len(entries) * bs < length:
+        raise ValueError(f"a row of {len(entries)} blocks of {bs} cannot hold {length} tokens")
+    out = torch.empty((len(entries), *pool.staging.shape[1:]), dtype=pool.staging.dtype, device=pool.device)
+    sealed = [i for i, e in enumerate(entries) if e < n]
+    staged = [i for i, e in enumerate(entries) if e >= n]
+    if staged:
+        ids = torch.tensor([entries[i] - n for i in staged], dtype=torch.long, device=pool.device)
+        out[staged] = pool.staging.index_select(0, ids)
+    if sealed:
+        ids = torch.tensor([entries[i] for i in sealed], dtype=torch.long, device=pool.device)
+        slabs = pool.pool.index_select(0, ids)  # (sealed, layers, 2, slab)
+        layers, _, size, heads, dim = (int(d) for d in pool.staging.shape[1:])
+        for kv in (0, 1):
+            flat = slabs[:, :, kv].reshape(-1, slabs.shape[-1])
+            dense = pool.format.dequantize(flat, kv == 0, size, heads, dim, pool.staging.dtype)
+            out[sealed, :, kv] = dense.view(len(sealed), layers, size, heads, dim)
+    return out
 
 
 def _window_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> tuple[Tensor, Tensor]:
