@@ -144,6 +144,10 @@ def test_cuda_round_trip_through_pinned_staging() -> None:
     assert all(torch.frombuffer(s.payload, dtype=torch.uint8).is_pinned() for s in stored)
     load_records(target, [0, 1, 2], stored)
     assert torch.equal(target[:3], pool[[5, 2, 7]])
+    original = pool.clone()
     with AsyncTransfer(tier) as transfer:  # device blocks: one device-to-host copy, then background writes
         assert transfer.put_blocks([key(10), key(11)], pool[[0, 1]], IDENTITY) == 2
-    assert torch.equal(tier.get(key(11)).tensor().cuda(), pool[1])
+        assert transfer.put_blocks([key(12)], pool[3:4], IDENTITY, copy=False) == 1  # a view of the pool
+        pool.zero_()  # the next step reuses the slots at once, on the same stream: the copies came first
+    assert torch.equal(tier.get(key(11)).tensor().cuda(), original[1])
+    assert torch.equal(tier.get(key(12)).tensor().cuda(), original[3])
