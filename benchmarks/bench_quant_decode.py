@@ -23,6 +23,7 @@ UAKV_RESULTS_DIR points (the H200 results live in benchmarks/results/h200/).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import statistics
 import sys
@@ -151,7 +152,8 @@ def run_arm(model: PagedLlama, args: argparse.Namespace, fmt: str | None, prompt
               "seal_ms_per_call": round(statistics.fmean(seals) * 1e3, 3) if seals else 0.0,
               "seal_share_of_decode": round(sum(seals) / sum(times), 4),
               "graphs_captured": any(st.captured for st in backend._steps.values())}
-    del loop, backend, cache
+    del loop, backend, cache, states
+    gc.collect()  # the scheduler, backend and cache refer to each other: free the pool before the next arm
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
 
