@@ -82,9 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the run's deadline: later phases are cut or skipped (default 540; quick 150; GPU 450)")
     p.add_argument("--no-save", action="store_true", help="only print the JSON line")
     # GPU mode sizes (serving_gpu.py)
-    p.add_argument("--gpu-clients", type=int, default=64)
-    p.add_argument("--gpu-prompt-tokens", type=int, default=512)
-    p.add_argument("--gpu-new-tokens", type=int, default=128)
+    p.add_argument("--gpu-clients", type=int, default=None, help="default 64; dry run 8")
+    p.add_argument("--gpu-prompt-tokens", type=int, default=None, help="default 512; dry run 64")
+    p.add_argument("--gpu-new-tokens", type=int, default=None, help="default 128; dry run 16")
+    p.add_argument("--gpu-client-procs", type=int, default=None,
+                   help="processes the HTTP clients run in (default 4; dry run 1)")
     p.add_argument("--gpu-rounds", type=int, default=2, help="requests per client (the runner: batches of 64)")
     p.add_argument("--gpu-block-size", type=int, default=16)
     p.add_argument("--gpu-pool-bytes", type=int, default=None, help="our server's KV pool (default 16 GiB; dry 64 MiB)")
@@ -100,7 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.max_prompt_tokens = args.max_prompt_tokens or (256 if q else 512)
     args.max_output_tokens = args.max_output_tokens or (8 if q else 32)
     args.time_budget_s = args.time_budget_s or (450.0 if args.gpu else 150.0 if q else 540.0)
-    args.gpu_pool_bytes = args.gpu_pool_bytes or (64 * 2**20 if args.dry_run_cpu else 16 * 2**30)
+    dry = args.dry_run_cpu
+    args.gpu_pool_bytes = args.gpu_pool_bytes or (64 * 2**20 if dry else 16 * 2**30)
+    args.gpu_clients = args.gpu_clients or (8 if dry else 64)
+    args.gpu_prompt_tokens = args.gpu_prompt_tokens or (64 if dry else 512)
+    args.gpu_new_tokens = args.gpu_new_tokens or (16 if dry else 128)
+    args.gpu_client_procs = args.gpu_client_procs or (1 if dry else 4)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if not args.workloads or set(args.workloads) - {"chat", "trace"}:
         p.error(f"--workloads={','.join(args.workloads)!r}: expected a comma-separated subset of chat,trace")

@@ -1,29 +1,31 @@
 """The GPU mode of bench_serving.py (`--gpu`): our server under 64 concurrent clients on a Llama-3-8B-shaped model
-(random bf16 weights, e2e_model.build_hf), against (a) our `ModelRunner` running the same prompts as fixed
-batches of 64 and (b) transformers' `generate_batch`, in the same run, one after the other on one GPU.
+(random bf16 weights, serving_gpu_model.py), against, in the same run, one after the other on one GPU:
+(a) the same engine driven in-process (asyncio consumers of `engine.stream`, no HTTP): what the HTTP and SSE
+path costs; (b) our `ModelRunner` running the same prompts as fixed batches of 64; (c) transformers'
+`generate_batch`.
 
 Workload: `--gpu-clients` closed-loop clients, each sending `--gpu-rounds` text completions of
 `--gpu-prompt-tokens` random ASCII bytes (one token per byte) and `--gpu-new-tokens` new tokens; eos is
 disabled everywhere (`BenchCodec`), so every request yields exactly that many tokens, as the fixed batches do.
-Output tok/s = all new tokens / wall time (prefills included) for all three. Goals: ours >= 0.7x ModelRunner,
->= 5x transformers.
+The HTTP clients run in `--gpu-client-procs` processes (serving_client_procs.py), so that parsing 64 event
+streams is not what limits the figure. Output tok/s = all new tokens / wall time (prefills included) for all.
+Goals: ours through HTTP >= 0.7x ModelRunner, >= 5x transformers.
 
 The server is a subprocess (`python serving_gpu.py --serve PORT ...`: the model built there, then
 `serve_command` with that model); it is stopped before the in-process parts build the model again. Each part
 is skipped when too little of `--time-budget-s` is left, and a failing part is reported while the others
 run. What the machine lacks (fastapi/uvicorn for the server, `generate_batch` in older transformers) is
-named in the JSON. `--dry-run-cpu` runs a tiny random Llama on the CPU through the same code (8 clients,
-64-token prompts, 16 new tokens).
+named in the JSON. `--dry-run-cpu` runs a tiny random Llama on the CPU through the same code (by default 8
+clients, 64-token prompts, 16 new tokens; `--gpu-clients` and the other sizes apply when given).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import os
-import random
-import string
 import sys
 import time
 import traceback
@@ -31,54 +33,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from serving_gpu_model import BenchCodec, build_model, kv_config, loaded_model, prompts
+
 SERVER_MODULES = ("fastapi", "uvicorn", "starlette", "httpx")
+SERVER_VARIANTS = {
+    "ours_server": {},
+    "ours_server_pool_only": {"cpu_tier_bytes": 0},
+    "ours_server_step_tokens_2048": {"max_step_tokens": 2048},
+}
+"""Our server's runs, each a `KVCacheConfig` override of the default config: the default (the CPU tier below
+the pool written through), the pool alone (no tier: what the write-through costs), and steps of 2048 tokens
+instead of 512 (prefill in fewer, larger forwards). The goals are the default's."""
 REPO = Path(__file__).resolve().parent.parent
-
-
-class BenchCodec:
-    """The tiny Llama's byte codec with no eos, decoding every token to one character (so each decode step
-    streams one chunk): bytes as bytes, other ids as a CJK ideograph."""
-
-    def __init__(self) -> None:
-        from ultra_adaptive_kv_cache_engine.model.text import ByteTextCodec
-
-        self.bytes = ByteTextCodec()
-        self.pad_token_id = self.bytes.pad_token_id
-        self.identity = self.bytes.identity + "-bench-no-eos"
-        self.eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return self.bytes.encode(text)
-
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return "".join(chr(0x4E00 + i % 0x5000) for i in token_ids)
-
-    def chat(self, messages: Any, add_generation_prompt: bool = True) -> list[int]:
-        return self.bytes.chat(messages, add_generation_prompt)
 
 
 def sizes(args: argparse.Namespace) -> tuple[int, int, int]:
     """(clients, prompt tokens, new tokens) of the run."""
-    if args.dry_run_cpu:
-        return 8, 64, 16
     return args.gpu_clients, args.gpu_prompt_tokens, args.gpu_new_tokens
-
-
-def build_model(dry_run: bool, max_tokens: int, seed: int, init_std: float) -> Any:
-    """The seeded random LlamaForCausalLM (Llama-3-8B shape, bf16 on CUDA; tiny, float32 on the CPU)."""
-    import torch
-    from e2e_model import build_hf
-
-    device = torch.device("cpu" if dry_run else "cuda")
-    dtype = torch.float32 if dry_run else torch.bfloat16
-    spec = argparse.Namespace(quick=dry_run, prompt_tokens=max_tokens, seed=seed, init_std=init_std)
-    return build_hf(spec, device, dtype)
-
-
-def prompts(n: int, length: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    alphabet = string.ascii_letters + string.digits + " "
-    return ["".join(rng.choice(alphabet) for _ in range(length)) for _ in range(n)]
 
 
 def serve(argv: list[str]) -> int:
@@ -91,20 +62,15 @@ def serve(argv: list[str]) -> int:
         p.add_argument(name, type=int, required=True)
     p.add_argument("--init-std", type=float, required=True)
     p.add_argument("--dry-run-cpu", action="store_true")
+    p.add_argument("--variant", choices=sorted(SERVER_VARIANTS), default="ours_server")
     a = p.parse_args(argv)
-    from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
-    from ultra_adaptive_kv_cache_engine.model.loaded import LoadedModel
     from ultra_adaptive_kv_cache_engine.server.config import ServerConfig
     from ultra_adaptive_kv_cache_engine.server.run import serve_command
 
     hf = build_model(a.dry_run_cpu, a.max_tokens, a.seed, a.init_std)
-    shape = "tiny" if a.dry_run_cpu else "llama3-8b-shape"
-    loaded = LoadedModel(model=hf, tokenizer=BenchCodec(), model_id=f"random-{shape}",
-                         weights_fingerprint=f"random-{shape}-seed{a.seed}-std{a.init_std}", dtype=hf.dtype,
-                         device=hf.device, max_context=int(hf.config.max_position_embeddings))
-    config = KVCacheConfig(device=hf.device.type, block_size=a.block_size, max_memory=a.pool_bytes,
-                           reject_non_finite=False)
+    loaded = loaded_model(hf, a.dry_run_cpu, a.seed, a.init_std)
     server = ServerConfig(host="127.0.0.1", port=a.serve, max_queue=4096, max_tokens_limit=max(4096, a.max_tokens))
+    config = kv_config(hf.device.type, a.block_size, a.pool_bytes, **SERVER_VARIANTS[a.variant])
     return serve_command(config, server, model=loaded)
 
 
@@ -137,8 +103,11 @@ class Parts:
         return self.results.get(name)
 
 
-def part_server(args: argparse.Namespace, texts: list[str], logs: Path, parts: Parts) -> dict[str, Any]:
-    from serving_client import run_completions
+def part_server(args: argparse.Namespace, texts: list[str], logs: Path, parts: Parts,
+                env: dict[str, str] | None = None, variant: str = "ours_server") -> dict[str, Any]:
+    """Our server (a subprocess; its config one of `SERVER_VARIANTS`) under the closed-loop clients
+    (`--gpu-client-procs` processes); `env`: extra environment of the server."""
+    from serving_client_procs import run_completions_procs
     from serving_servers import ServerProcess, free_port, offline_env
     from serving_stats import summarize
 
@@ -147,23 +116,70 @@ def part_server(args: argparse.Namespace, texts: list[str], logs: Path, parts: P
     argv = [sys.executable, str(Path(__file__).resolve()), "--serve", str(port), "--seed", str(args.seed),
             "--init-std", str(args.init_std), "--max-tokens", str(prompt_tokens + new),
             "--block-size", str(args.gpu_block_size), "--pool-bytes", str(args.gpu_pool_bytes)]
-    argv += ["--dry-run-cpu"] if args.dry_run_cpu else []
-    env = offline_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))})
+    argv += ["--variant", variant] + (["--dry-run-cpu"] if args.dry_run_cpu else [])
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    env = offline_env({"PYTHONPATH": path, **(env or {})})
+    procs = args.gpu_client_procs
     with ServerProcess("uakv serve (random Llama)", argv, port, logs / "gpu_server.log", env=env) as server:
         ready = server.wait_ready(max(30.0, min(300.0, parts.left() - 60)))
         model = asyncio.run(_model_id(server.url))
         warm = prompts(clients, prompt_tokens, args.seed + 999)
-        asyncio.run(run_completions(server.url, model, warm, min(8, new), clients, "warm", "warm", 0))
-        records = asyncio.run(run_completions(server.url, model, texts, new, clients, "ours", "gpu", 0))
+        run_completions_procs(server.url, model, warm, min(8, new), clients, procs, "warm", "warm", 0)
+        records = run_completions_procs(server.url, model, texts, new, clients, procs, "ours", "gpu", 0)
         summary = summarize(records)
         status = server.stop()
-    return {"ready_s": round(ready, 1), "exit_status": status, **summary}
+    return {"ready_s": round(ready, 1), "exit_status": status, "client_procs": procs,
+            "config": SERVER_VARIANTS[variant], **summary}
 
 
 async def _model_id(url: str) -> str:
     from serving_client import get_model_id
 
     return await get_model_id(url)
+
+
+def part_in_process(hf: Any, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The server's engine (same config, same model) driven in this process by closed-loop asyncio consumers of
+    `engine.stream`, as the HTTP clients drive the server (a warm-up round first)."""
+    from serving_stats import summarize
+
+    from ultra_adaptive_kv_cache_engine.engine.engine import UltraAdaptiveKVCacheEngine
+
+    clients, prompt_tokens, new = sizes(args)
+    config = kv_config(hf.device.type, args.gpu_block_size, args.gpu_pool_bytes)
+    engine = UltraAdaptiveKVCacheEngine(config, model=loaded_model(hf, args.dry_run_cpu, args.seed, args.init_std))
+    try:
+        asyncio.run(_consume(engine, prompts(clients, prompt_tokens, args.seed + 999), min(8, new), clients))
+        records = asyncio.run(_consume(engine, texts, new, clients))
+    finally:
+        engine.close()
+    return summarize(records)
+
+
+async def _consume(engine: Any, texts: Sequence[str], new: int, clients: int) -> list[Any]:
+    """Client i streams texts i, i + clients, ... in turn (as `run_completions` does over HTTP)."""
+    from serving_stats import RequestRecord
+
+    records: list[RequestRecord] = []
+
+    async def loop(i: int, t0: float) -> None:
+        for turn, text in enumerate(texts[i::clients]):
+            record = RequestRecord("ours_in_process", "gpu", 0, i, turn, 0.0, new)
+            records.append(record)
+            sent = time.perf_counter()
+            record.sent_s = sent - t0
+            request = {"text": text, "raw": True, "max_new_tokens": new, "temperature": 0.0}
+            async for chunk in engine.stream(request):
+                if chunk.text:
+                    record.chunk_s.append(time.perf_counter() - sent)
+                record.text += chunk.text
+                record.prompt_tokens, record.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                record.cached_tokens = chunk.cached_tokens
+            record.done_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(loop(i, t0) for i in range(clients)))
+    return records
 
 
 def part_runner(hf: Any, ids: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
@@ -207,12 +223,43 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+def run_parts(args: argparse.Namespace, parts: Parts, missing: list[str]) -> None:
+    """Our server first (its subprocess holds the GPU alone), then, on a model built here: our engine in-process,
+    ModelRunner, transformers."""
     import tempfile
 
-    import torch
-    from bench_end_to_end_gpu import STUBBED
     from serving_hf import generate_batch
+
+    clients, prompt_tokens, new = sizes(args)
+    texts = prompts(clients * args.gpu_rounds, prompt_tokens, args.seed)
+    ids = [BenchCodec().encode(t) for t in texts]
+    for variant in SERVER_VARIANTS:
+        if missing:
+            parts.errors[variant] = f"missing Python modules for the server: {', '.join(missing)}"
+            continue
+        with tempfile.TemporaryDirectory(prefix="uakv-bench-serving-gpu-") as tmp:
+            parts.run(variant, 90, functools.partial(part_server, args, texts, Path(tmp), parts, variant=variant))
+    hf = parts.run("build_model", 30, lambda: build_model(args.dry_run_cpu, prompt_tokens + new, args.seed,
+                                                           args.init_std))
+    # On the CPU transformers would size its cache from the free RAM (gigabytes): give it the runner's size.
+    cb = {"num_blocks": 8, "max_batch_tokens": 512} if args.dry_run_cpu else None
+    if hf is not None:
+        parts.run("ours_in_process", 45, lambda: part_in_process(hf, texts, args))
+        release_memory()
+        parts.run("model_runner", 30, lambda: part_runner(hf, ids, args))
+        release_memory()
+        parts.run("transformers_generate_batch", 40, lambda: generate_batch(hf, ids[:clients], new, cb))
+        parts.results.pop("build_model", None)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 4) if a and b else None
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+    from bench_end_to_end_gpu import STUBBED
     from serving_stats import goal
 
     clients, prompt_tokens, new = sizes(args)
@@ -220,42 +267,26 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         return {"mode": "gpu", "errors": {"setup": "no CUDA device; use --dry-run-cpu to try the code path"}}
     parts = Parts(args.time_budget_s)
     missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
-    texts = prompts(clients * args.gpu_rounds, prompt_tokens, args.seed)
-    ids = [BenchCodec().encode(t) for t in texts]
-    with tempfile.TemporaryDirectory(prefix="uakv-bench-serving-gpu-") as tmp:
-        if missing:
-            parts.errors["ours_server"] = f"missing Python modules for the server: {', '.join(missing)}"
-        else:
-            parts.run("ours_server", 120, lambda: part_server(args, texts, Path(tmp), parts))
-    hf = parts.run("build_model", 30, lambda: build_model(args.dry_run_cpu, prompt_tokens + new, args.seed,
-                                                           args.init_std))
-    # On the CPU transformers would size its cache from the free RAM (gigabytes): give it the runner's size.
-    cb = {"num_blocks": 8, "max_batch_tokens": 512} if args.dry_run_cpu else None
-    if hf is not None:
-        parts.run("model_runner", 30, lambda: part_runner(hf, ids, args))
-        release_memory()
-        parts.run("transformers_generate_batch", 40, lambda: generate_batch(hf, ids[:clients], new, cb))
-        parts.results.pop("build_model", None)
-    r = parts.results
-    ours = r.get("ours_server", {}).get("output_tok_s")
-    runner = r.get("model_runner", {}).get("output_tok_s")
-    hf_tok_s = r.get("transformers_generate_batch", {}).get("output_tok_s")
-    ratio = {"ours_over_model_runner": round(ours / runner, 4) if ours and runner else None,
-             "ours_over_transformers": round(ours / hf_tok_s, 4) if ours and hf_tok_s else None}
-    import transformers
-
+    run_parts(args, parts, missing)
+    tok_s = {k: v.get("output_tok_s") for k, v in parts.results.items()}
+    ours, runner = tok_s.get("ours_server"), tok_s.get("model_runner")
+    ratio = {"ours_over_model_runner": _ratio(ours, runner),
+             "ours_over_transformers": _ratio(ours, tok_s.get("transformers_generate_batch")),
+             "ours_over_in_process": _ratio(ours, tok_s.get("ours_in_process")),
+             "in_process_over_model_runner": _ratio(tok_s.get("ours_in_process"), runner),
+             **{f"{v}_over_model_runner": _ratio(tok_s.get(v), runner) for v in SERVER_VARIANTS if v != "ours_server"}}
     return {"mode": "gpu_dry_run_cpu" if args.dry_run_cpu else "gpu",
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry_run_cpu else "cpu",
             "model": "random tiny Llama" if args.dry_run_cpu else "random Llama-3-8B shape, bf16",
             "clients": clients, "prompt_tokens": prompt_tokens, "new_tokens": new, "requests_per_client": args.gpu_rounds,
-            "block_size": args.gpu_block_size, "pool_bytes": args.gpu_pool_bytes, "seed": args.seed,
-            "transformers": transformers.__version__, "missing_modules": missing, "stubbed_modules": STUBBED,
-            "ratios": ratio,
+            "client_procs": args.gpu_client_procs, "block_size": args.gpu_block_size, "pool_bytes": args.gpu_pool_bytes,
+            "seed": args.seed, "transformers": transformers.__version__, "missing_modules": missing,
+            "stubbed_modules": STUBBED, "ratios": ratio,
             "goals": [goal("output tok/s: our server / ModelRunner fixed batches", ratio["ours_over_model_runner"],
                            ">= 0.7"),
                       goal("output tok/s: our server / transformers generate_batch", ratio["ours_over_transformers"],
                            ">= 5")],
-            "results": r, "errors": parts.errors, "skipped": parts.skipped, "seconds": parts.seconds}
+            "results": parts.results, "errors": parts.errors, "skipped": parts.skipped, "seconds": parts.seconds}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The pure parts of benchmarks/bench_serving.py: workloads from a small synthetic trace and from text, and the
-reductions (percentiles, one server's summary, ratios, goals). No server, no model."""
+reductions (percentiles, one server's summary, ratios, goals); and its load generator spread over processes,
+against a tiny-model server."""
 
 from __future__ import annotations
 
@@ -165,3 +166,28 @@ def test_first_answers_identical_compares_same_prompts() -> None:
     recs += [_record("baseline", 0, c, 0.0, [0.1], text=t) for c, t in enumerate(["x", "q"])]
     recs.append(RequestRecord("ours", "chat", 0, 0, 1, 0.0, 8, chunk_s=[0.1], done_s=1.0, text="later turn"))
     assert first_answers_identical(recs, "ours", "baseline") == {"identical": 1, "compared": 2}
+
+
+def test_clients_spread_over_processes_send_what_one_process_sends() -> None:
+    """serving_client_procs: 3 closed-loop clients over 2 processes against a tiny-model server get, client by
+    client and turn by turn, the greedy answers one process gets; times share one origin."""
+    from model_fixtures import tiny_model
+    from serving_client_procs import run_completions_procs
+
+    from ultra_adaptive_kv_cache_engine import KVCacheConfig, UltraAdaptiveKVCacheEngine
+    from ultra_adaptive_kv_cache_engine.server.app import create_app
+    from ultra_adaptive_kv_cache_engine.server.config import ServerConfig
+    from ultra_adaptive_kv_cache_engine.server.run import BackgroundServer
+
+    lm = tiny_model()
+    prompts = [f"prompt {i}" for i in range(6)]
+    engine = UltraAdaptiveKVCacheEngine(KVCacheConfig(max_tokens=4096, block_size=4, max_memory=2 * 1024**2), model=lm)
+    with BackgroundServer(create_app(engine, ServerConfig(), lm)) as server:
+        runs = [run_completions_procs(server.url, lm.model_id, prompts, 5, 3, procs, "ours", "w", 0) for procs in (1, 2)]
+    engine.close()
+    answers = [{(r.client, r.turn): (r.text, r.completion_tokens) for r in records} for records in runs]
+    assert all(r.ok for records in runs for r in records) and len(answers[0]) == 6
+    assert answers[1] == answers[0] and sorted(answers[0]) == [(c, t) for c in range(3) for t in range(2)]
+    assert all(r.done_s is not None and r.done_s >= r.sent_s >= 0 for r in runs[1])
+    with pytest.raises(ValueError, match="procs=0"):
+        run_completions_procs("http://127.0.0.1:1", "m", prompts, 5, 3, 0, "ours", "w", 0)
