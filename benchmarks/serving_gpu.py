@@ -36,14 +36,17 @@ from typing import Any
 from serving_gpu_model import BenchCodec, build_model, kv_config, loaded_model, prompts
 
 SERVER_MODULES = ("fastapi", "uvicorn", "starlette", "httpx")
-SERVER_VARIANTS = {
+SERVER_VARIANTS: dict[str, dict[str, Any]] = {
     "ours_server": {},
     "ours_server_pool_only": {"cpu_tier_bytes": 0},
     "ours_server_step_tokens_2048": {"max_step_tokens": 2048},
+    "ours_server_wake_at_step_end": {"defer_wakeups": False},
 }
-"""Our server's runs, each a `KVCacheConfig` override of the default config: the default (the CPU tier below
-the pool written through), the pool alone (no tier: what the write-through costs), and steps of 2048 tokens
-instead of 512 (prefill in fewer, larger forwards). The goals are the default's."""
+"""Our server's runs, each an override of the default config (`KVCacheConfig` fields, and `defer_wakeups` of
+the step loop): the default (the CPU tier below the pool written through; on CUDA the readers of a step woken
+once the next step is launched), the pool alone (no tier: what the write-through costs), steps of 2048 tokens
+instead of 512 (prefill in fewer, larger forwards), and the readers woken at the end of each step (what the
+deferred wake-up gains). The goals are the default's."""
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -64,14 +67,26 @@ def serve(argv: list[str]) -> int:
     p.add_argument("--dry-run-cpu", action="store_true")
     p.add_argument("--variant", choices=sorted(SERVER_VARIANTS), default="ours_server")
     a = p.parse_args(argv)
+    from ultra_adaptive_kv_cache_engine.engine.engine import UltraAdaptiveKVCacheEngine
+    from ultra_adaptive_kv_cache_engine.server.app import create_app
     from ultra_adaptive_kv_cache_engine.server.config import ServerConfig
-    from ultra_adaptive_kv_cache_engine.server.run import serve_command
+    from ultra_adaptive_kv_cache_engine.server.run import run_server
 
     hf = build_model(a.dry_run_cpu, a.max_tokens, a.seed, a.init_std)
     loaded = loaded_model(hf, a.dry_run_cpu, a.seed, a.init_std)
     server = ServerConfig(host="127.0.0.1", port=a.serve, max_queue=4096, max_tokens_limit=max(4096, a.max_tokens))
-    config = kv_config(hf.device.type, a.block_size, a.pool_bytes, **SERVER_VARIANTS[a.variant])
-    return serve_command(config, server, model=loaded)
+    overrides = dict(SERVER_VARIANTS[a.variant])
+    defer = overrides.pop("defer_wakeups", None)
+    engine = UltraAdaptiveKVCacheEngine(kv_config(hf.device.type, a.block_size, a.pool_bytes, **overrides),
+                                        model=loaded)
+    try:  # what `uakv serve` does (serve_command), with the step loop's variant set once the model is open
+        app = create_app(engine, server, loaded)
+        if defer is not None:
+            engine._session.steps.defer_wakeups = defer
+        run_server(app, server)
+    finally:
+        engine.close()
+    return 0
 
 
 class Parts:

@@ -265,27 +265,35 @@ def test_one_wakeup_per_loop_per_batch_and_dead_loops_cancel_their_streams():
 
     on_thread(dead_step)
     assert cancelled == [streams[0].state] and not waiting.done()
-    with pytest.raises(RuntimeError, match="already open"), waker.batch(), waker.batch():
+    with pytest.raises(RuntimeError, match="inside a hold"), waker.batch(), waker.batch():
         pass
 
 
-def test_the_step_loop_wakes_a_step_s_streams_once(tiny):
+@pytest.mark.parametrize("defer", [False, True])
+def test_the_step_loop_wakes_a_step_s_streams_once(tiny, defer):
+    """One wake-up per step; deferred (as on CUDA), a step's wake-up goes out at the next step's launch."""
     session = ModelSession(CONFIG, loaded=tiny)
-    session.steps.threaded = False
+    session.steps.threaded, session.steps.defer_wakeups = False, defer
     loop = CountingLoop()
     streams = [session.stream({"text": f"q{i}", "raw": True, "max_new_tokens": 6}) for i in range(4)]
 
-    async def first_chunks():
+    async def next_chunks():
         return await asyncio.gather(*(s.__anext__() for s in streams))
 
-    task = loop.create_task(first_chunks())
+    task = loop.create_task(next_chunks())
     loop.run_until_complete(asyncio.sleep(0.01))
     on_thread(session.steps.step)  # one step: every prompt prefilled, each stream's first token
+    assert loop.wakeups == (0 if defer else 1)
+    if defer:
+        on_thread(session.steps.step)  # the second step's launch sends the first step's wake-up
     got = loop.run_until_complete(task)
-    assert [c.completion_tokens for c in got] == [1, 1, 1, 1] and loop.wakeups == 1
-    for s in streams:
-        s.cancel()
-    session.steps.run_until_idle()
-    assert balanced(session)
+    assert loop.wakeups == 1 and all(1 <= c.completion_tokens <= 1 + defer for c in got)
+    steps: list[int] = []
+    task = loop.create_task(next_chunks())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    on_thread(lambda: steps.append(session.steps.run_until_idle()))  # idle: what the last step held goes out
+    got = loop.run_until_complete(task)  # every stream read up to its end in one read: merged
+    assert [(c.finish_reason, c.completion_tokens) for c in got] == [("length", 6)] * 4
+    assert 2 <= loop.wakeups <= 1 + steps[0] and balanced(session)
     session.close()
     loop.close()

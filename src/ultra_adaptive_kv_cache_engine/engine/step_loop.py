@@ -2,10 +2,13 @@
 
 One step: the scheduler plans (`Scheduler.schedule`), the backend computes (`ModelBackend.execute`), the
 sampler picks the sampled rows' tokens, the scheduler applies them (`Scheduler.update`), and each request's
-sink gets a `StreamChunk` when its step released text or ended it. The sinks of one step are called inside
-one `waker.batch()`: the streams' consumers are woken together at the end of the step, one event-loop wake-up
-per step (see `LoopWaker`). The thread sleeps while there is no work
-and wakes on `submit` and `cancel`. A step that raises fails the requests it was computing (their sinks get
+sink gets a `StreamChunk` when its step released text or ended it. The sinks of one step are called while
+`waker` holds: the streams' consumers are woken together, one event-loop wake-up per step (see `LoopWaker`).
+When the step ran on the CPU, they are woken at the end of the step. When it ran on CUDA (`defer_wakeups`),
+they are woken once the NEXT step's kernels are launched (or when the loop goes idle): the event loop then
+turns the chunks into HTTP writes while the device computes, instead of holding the GIL while this thread
+schedules and launches the next step. The thread sleeps while there is no work and wakes on `submit` and
+`cancel`. A step that raises fails the requests it was computing (their sinks get
 the exception, their KV is released); the others go on.
 
 `on_finished(state)` is called on the step thread once per request that ended (finished, cancelled or
@@ -33,13 +36,16 @@ Sink = Callable[[StreamChunk | BaseException], bool]
 
 class StepLoop:
     """Runs steps on one daemon thread, started at the first `submit` (see the module docstring). With
-    `threaded=False` no thread is started: the caller drives `step()` / `run_until_idle()` (tests, scripts)."""
+    `threaded=False` no thread is started: the caller drives `step()` / `run_until_idle()` (tests, scripts).
+    `defer_wakeups`: None decides by the backend's device (True on CUDA)."""
 
     def __init__(
         self, scheduler: Scheduler, sampler: Sampler | None = None,
         on_finished: Callable[[SequenceState], None] | None = None, threaded: bool = True,
+        defer_wakeups: bool | None = None,
     ) -> None:
         self.threaded = threaded
+        self.defer_wakeups = _on_cuda(scheduler) if defer_wakeups is None else defer_wakeups
         self.scheduler = scheduler
         self.sampler = sampler if sampler is not None else Sampler()
         self.on_finished = on_finished
@@ -79,18 +85,22 @@ class StepLoop:
 
     def _run(self) -> None:
         while True:
+            if not self.scheduler.has_work():
+                self.waker.release()  # nothing to overlap with: the last step's readers run now
             with self._wakeup:
                 while not self._closed and not self.scheduler.has_work():
                     self._wakeup.wait()
                 if self._closed:
+                    self.waker.release()
                     return
             try:
                 progressed = self.step()
             except Exception as exc:  # a fault outside the model (scheduling, bookkeeping): fail every request
                 logger.exception("the step loop failed; failing every queued request")
-                with self.waker.batch():
-                    for state in self.scheduler.drain():
-                        self._deliver_error(state, exc)
+                self.waker.hold()
+                for state in self.scheduler.drain():
+                    self._deliver_error(state, exc)
+                self.waker.release()
                 progressed = True
             if not progressed:  # work that cannot be scheduled now (no room): wait a little
                 with self._wakeup:
@@ -107,34 +117,41 @@ class StepLoop:
             steps += 1
             if steps >= max_steps:
                 raise RuntimeError(f"still busy after {max_steps} steps")
+        self.waker.release()
         return steps
 
     def step(self) -> bool:
-        """Runs one step; False when there was nothing to compute or end."""
+        """Runs one step; False when there was nothing to compute or end. The wake-ups of the chunks it
+        delivered are sent before it returns, unless `defer_wakeups` (then at the next step's launch)."""
         plan = self.scheduler.schedule()
         if not plan.chunks and not plan.ended:
+            self.waker.release()
             return False
         start = time.perf_counter()
         tokens: list[int] = []
         try:
             if plan.chunks:
                 logits = self.scheduler.backend.execute(plan.chunks)
+                self.waker.release()  # the last step's readers run while the device computes this one
                 states = [c.state for c in plan.chunks if c.samples]
                 tokens = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states])
         except Exception as exc:
             logger.exception("a step of %d sequences failed", len(plan.chunks))
             failed = [c.state for c in plan.chunks]
             self.scheduler.fail(failed)
-            with self.waker.batch():
-                for state in failed:
-                    self._deliver_error(state, exc)
-                for state in plan.ended:
-                    self._deliver(StepOutput(state, None, state.text.finish(), "cancelled"))
+            self.waker.hold()
+            for state in failed:
+                self._deliver_error(state, exc)
+            for state in plan.ended:
+                self._deliver(StepOutput(state, None, state.text.finish(), "cancelled"))
+            self.waker.release()
             return True
         outputs = self.scheduler.update(plan, tokens, time.perf_counter() - start)
-        with self.waker.batch():
-            for output in outputs:
-                self._deliver(output)
+        self.waker.hold()
+        for output in outputs:
+            self._deliver(output)
+        if not self.defer_wakeups:
+            self.waker.release()
         return True
 
     def _deliver(self, output: StepOutput) -> None:
@@ -171,3 +188,9 @@ class StepLoop:
                 self.on_finished(state)
             except Exception:  # figures must never stop the serving loop
                 logger.exception("on_finished failed")
+
+
+def _on_cuda(scheduler: Scheduler) -> bool:
+    """Whether the scheduler's backend computes on a CUDA device (its kernels asynchronous to the step thread)."""
+    device = getattr(getattr(scheduler.backend.cache, "kv", None), "device", None)
+    return getattr(device, "type", None) == "cuda"
