@@ -8,8 +8,8 @@ When the step ran on the CPU, they are woken at the end of the step. When it ran
 they are woken once the NEXT step's kernels are launched (or when the loop goes idle): the event loop then
 turns the chunks into HTTP writes while the device computes, instead of holding the GIL while this thread
 schedules and launches the next step. The thread sleeps while there is no work and wakes on `submit` and
-`cancel`. A step that raises fails the requests it was computing (their sinks get
-the exception, their KV is released); the others go on.
+`cancel`. A step that raises fails the requests it was computing (their sinks get the exception, their KV is
+released); the others go on.
 
 `on_finished(state)` is called on the step thread once per request that ended (finished, cancelled or
 failed): the one place per-request figures are recorded. Keep it quick: the next step waits for it.
