@@ -16,6 +16,12 @@ product (as FlashAttention does); float32 inputs use IEEE (not TF32) dot product
 block_tables is read on the host (no synchronisation); a sequence of length 0 yields zeros. Semantics and
 invariants: see `reference_attention` and `paged_kv`.
 
+Quantized views (`kv.quant` set): the same kernel specialised by the QUANT constexpr (the unquantized
+specialisation compiles to exactly the code it had before) reads each tile's sealed keys straight from their
+slabs and its staged keys from the full-precision staging blocks (`triton_slabs.quant_tile_update`),
+planned by `plan_quant_decode`; numerics there: float16 tensor-core operands (queries must stay within
+float16's range), see `triton_slabs`.
+
 This module imports triton at import time; import it only through `kernels.registry`.
 """
 
@@ -36,10 +42,10 @@ except ImportError:  # an older or newer layout of triton: nothing to catch by n
         """Stands in for triton's shared-memory error when triton does not export it."""
 
 from .checks import require_out, require_positive_scale, require_tensor
-from .launch_plan import DecodeLaunch, plan_decode
+from .launch_plan import DecodeLaunch, plan_decode, plan_quant_decode
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms, softmax_update
-from .triton_slabs import SlabArgs, paged_tile
+from .triton_slabs import SlabArgs, column_order, quant_operands, quant_tile_update, sub_block
 
 #: Largest grid extent along y (CUDA): a batch beyond it launches batch-major.
 MAX_GRID_Y = 65535
@@ -58,6 +64,7 @@ def _decode_partition_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, HEADS_FIRST: tl.constexpr,
     QUANT: tl.constexpr, FMT: tl.constexpr, PACK: tl.constexpr, HEADS: tl.constexpr, ALIGNED: tl.constexpr,
+    SUB: tl.constexpr, WORDS: tl.constexpr,
 ):
     if HEADS_FIRST:  # one sequence's KV heads are adjacent programs: they read the same blocks together
         kvh = tl.program_id(0)
@@ -75,47 +82,48 @@ def _decode_partition_kernel(
     heads = kvh * GROUP + rows
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    col = column_order(d, PACK, WORDS)  # memory column of operand column d (d itself unless WORDS)
     q = tl.load(
-        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + col[None, :],
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     )
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    if QUANT:
+        q_op, q_sum = quant_operands(q, IEEE_DOT)
     for t0 in range(start, end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_ok = t < end
-        page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)  # all the tile's block ids at once
-        slot = t % PAGE
         if QUANT:  # ids below num_slabs are quantized slabs, the others staging blocks (see triton_slabs)
-            k_t = tl.trans(paged_tile(ks_ptr, stride_ks, k_ptr, stride_kn, stride_kt, stride_kh, num_slabs,
-                                      page, slot, t_ok, kvh, d, d_ok,
-                                      True, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED))
+            allowed = (rows >= 0)[:, None] & t_ok[None, :]
+            m_i, l_i, acc = quant_tile_update(
+                q, q_op, q_sum, m_i, l_i, acc, ks_ptr, vs_ptr, stride_ks, stride_vs,
+                k_ptr, v_ptr, stride_kn, stride_kt, stride_kh, stride_vn, stride_vt, stride_vh,
+                bt_row, t0, end, allowed, kvh, col, d_ok, num_slabs, scale_log2,
+                FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_N, BLOCK_D, SUB, ALIGNED, WORDS, IEEE_DOT)
         else:
+            page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)  # the tile's block ids at once
+            slot = t % PAGE
             k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
-            k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
-        s = mma(q, k_t, IEEE_DOT)
-        s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
-        if QUANT:
-            v = paged_tile(vs_ptr, stride_vs, v_ptr, stride_vn, stride_vt, stride_vh, num_slabs,
-                           page, slot, t_ok, kvh, d, d_ok,
-                           False, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED)
-        else:
             v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
+            k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+            s = mma(q, k_t, IEEE_DOT)
+            s = tl.where(t_ok[None, :], s * scale_log2, float("-inf"))
             v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
+            m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
 
     has_keys = l_i > 0.0
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     mask = row_ok[:, None] & d_ok[None, :]
     if SPLIT:
         base = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
-        tl.store(part_ptr + base[:, None] + d[None, :], o, mask=mask)
+        tl.store(part_ptr + base[:, None] + col[None, :], o, mask=mask)
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b.to(tl.int64) * stride_lb + heads * stride_lh + split, lse, mask=row_ok)
     else:
-        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        o_ptrs = out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + col[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -192,7 +200,7 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
         GROUP=group, HEAD_DIM=dim, PAGE=kv.block_size,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         SPLIT=split, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=heads_first,
-        **slabs.constexprs(), num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **slabs.constexprs(), SUB=sub_block(kv.block_size, plan.block_n), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     if split:
         _decode_merge_kernel[(batch * heads,)](
@@ -221,7 +229,8 @@ def triton_decode_attention(
     if batch == 0:
         return out
     shape = kv.decode_shape(query)
-    plan = launch if launch is not None else plan_decode(shape, num_sms(query.device))
+    planner = plan_decode if kv.quant is None else plan_quant_decode
+    plan = launch if launch is not None else planner(shape, num_sms(query.device))
     if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
         raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
     try:
@@ -229,7 +238,7 @@ def triton_decode_attention(
     except OutOfResources:
         if launch is not None or plan.block_n <= 64:
             raise
-        small = plan_decode(shape, num_sms(query.device), num_splits=plan.num_splits, block_n=64)
+        small = planner(shape, num_sms(query.device), num_splits=plan.num_splits, block_n=64)
         small = dataclasses.replace(small, heads_first=plan.heads_first)
         _launch_partitions(query, kv, out, small, group, scale)
     return out

@@ -11,6 +11,9 @@ Numerics as in `triton_decode`: float32 scores and accumulators, probabilities r
 before P@V, IEEE dot products for float32 inputs. Values of seq_lens and query_start_loc are never read on
 the host, except to find `max_query_len` when the caller does not give it (one synchronisation).
 
+Quantized views (`kv.quant` set): the QUANT constexpr specialisation reads sealed keys straight from their
+slabs and staged keys from the staging blocks, tile by tile (`triton_slabs.quant_tile_update`).
+
 This module imports triton at import time; import it only through `kernels.registry`.
 """
 
@@ -27,7 +30,7 @@ from .checks import require_like, require_out, require_positive_scale, require_q
 from .launch_plan import plan_prefill
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, softmax_update
-from .triton_slabs import SlabArgs, paged_tile
+from .triton_slabs import SlabArgs, column_order, quant_operands, quant_tile_update, sub_block
 
 
 @triton.jit
@@ -42,6 +45,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE_DOT: tl.constexpr,
     QUANT: tl.constexpr, FMT: tl.constexpr, PACK: tl.constexpr, HEADS: tl.constexpr, ALIGNED: tl.constexpr,
+    SUB: tl.constexpr, WORDS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     b = tl.program_id(1)
@@ -59,9 +63,10 @@ def _prefill_kernel(
     q_pos = tl.where(row_ok, context + tok, seq_len - 1)  # padding rows see every key: no empty softmax
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    col = column_order(d, PACK, WORDS)  # memory column of operand column d (d itself unless WORDS)
     q_rows = (q_start + tok).to(tl.int64)
     q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+        q_ptr + q_rows[:, None] * stride_qt + heads[:, None] * stride_qh + col[None, :],
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
     )
     # keys up to the tile's last query position; none when the tile holds no new token
@@ -70,32 +75,31 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    if QUANT:
+        q_op, q_sum = quant_operands(q, IEEE_DOT)
     for t0 in range(0, kv_end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         t_ok = t < kv_end
-        page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)
-        slot = t % PAGE
-        if QUANT:  # ids below num_slabs are quantized slabs, the others staging blocks (see triton_slabs)
-            k_t = tl.trans(paged_tile(ks_ptr, stride_ks, k_ptr, stride_kn, stride_kt, stride_kh, num_slabs,
-                                      page, slot, t_ok, kvh, d, d_ok,
-                                      True, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED))
-        else:
-            k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
-            k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
-        s = mma(q, k_t, IEEE_DOT)
         allowed = t_ok[None, :] & (t[None, :] <= q_pos[:, None])
-        s = tl.where(allowed, s * scale_log2, float("-inf"))
-        if QUANT:
-            v = paged_tile(vs_ptr, stride_vs, v_ptr, stride_vn, stride_vt, stride_vh, num_slabs,
-                           page, slot, t_ok, kvh, d, d_ok,
-                           False, FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_D, ALIGNED)
+        if QUANT:  # ids below num_slabs are quantized slabs, the others staging blocks (see triton_slabs)
+            m_i, l_i, acc = quant_tile_update(
+                q, q_op, q_sum, m_i, l_i, acc, ks_ptr, vs_ptr, stride_ks, stride_vs,
+                k_ptr, v_ptr, stride_kn, stride_kt, stride_kh, stride_vn, stride_vt, stride_vh,
+                bt_row, t0, kv_end, allowed, kvh, col, d_ok, num_slabs, scale_log2,
+                FMT, PACK, HEADS, HEAD_DIM, PAGE, BLOCK_N, BLOCK_D, SUB, ALIGNED, WORDS, IEEE_DOT)
         else:
+            page = tl.load(bt_row + t // PAGE, mask=t_ok, other=0).to(tl.int64)
+            slot = t % PAGE
+            k_off = page * stride_kn + slot * stride_kt + kvh * stride_kh
             v_off = page * stride_vn + slot * stride_vt + kvh * stride_vh
+            k_t = tl.load(k_ptr + k_off[None, :] + d[:, None], mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+            s = mma(q, k_t, IEEE_DOT)
+            s = tl.where(allowed, s * scale_log2, float("-inf"))
             v = tl.load(v_ptr + v_off[:, None] + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
+            m_i, l_i, acc = softmax_update(s, v, m_i, l_i, acc, IEEE_DOT)
 
     o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    o_ptrs = out_ptr + q_rows[:, None] * stride_ot + heads[:, None] * stride_oh + col[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -146,6 +150,7 @@ def triton_prefill_attention(
         GROUP=group, HEAD_DIM=kv.head_dim, PAGE=kv.block_size,
         BLOCK_M=plan.block_m, BLOCK_Q=plan.block_q, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         IEEE_DOT=ieee_dot(query.dtype), **slabs.constexprs(),
+        SUB=sub_block(kv.block_size, plan.block_n),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out
