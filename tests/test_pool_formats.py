@@ -149,3 +149,23 @@ def test_dtype_device_and_bad_input(name: str) -> None:
     with pytest.raises(ValueError, match="dequantizes uint8 slabs"):
         fmt.dequantize(slabs[:, 1:], True, 4, 2, 8, torch.float32)
     assert isinstance(fmt, PoolFormat)
+
+
+@pytest.mark.parametrize("name", list(POOL_FORMATS))
+def test_dequantize_params_at_an_odd_byte_offset(name: str) -> None:
+    # One slab whose float16 parameters start at an odd byte of its storage: int4 keeps 3 tokens of one
+    # 2-channel head in 3 data bytes; every format's slab also sits at byte 1 of a larger buffer.
+    fmt = POOL_FORMATS[name]
+    dim = 4 if name == "int2" else 2
+    x = torch.randn((1, 3, 1, dim), generator=torch.Generator().manual_seed(1)) * 2.0
+    for is_key in (True, False):
+        slab = fmt.quantize(x, is_key)
+        expected = fmt.dequantize(slab.clone(), is_key, 3, 1, dim, torch.float32)
+        buffer = torch.zeros(slab.numel() + 1, dtype=torch.uint8)
+        buffer[1:] = slab.reshape(-1)
+        shifted = buffer[1:].view(1, -1)
+        assert shifted.storage_offset() == 1
+        assert torch.equal(fmt.dequantize(shifted, is_key, 3, 1, dim, torch.float32), expected)
+        assert torch.equal(fmt.dequantize(slab, is_key, 3, 1, dim, torch.float32), expected)
+    if name == "int4":
+        assert fmt.data_bytes(3, 1, 2) == 3  # the parameters of the unshifted slab start at byte 3

@@ -106,7 +106,9 @@ class PoolFormat(ABC):
         nbytes = self.data_bytes(block_size, num_kv_heads, head_dim)
         count = self.param_count(block_size, num_kv_heads, head_dim, bool(is_key))
         data = slabs[:, :nbytes].reshape(n, block_size, num_kv_heads, -1)
-        params = slabs[:, nbytes : nbytes + 2 * count].contiguous().view(torch.float16).float()
+        # a copy, not .contiguous(): a slice that is already contiguous (one slab, or a slab inside a larger
+        # buffer) may start at an odd byte, and uint8 at an odd storage offset cannot be viewed as float16
+        params = slabs[:, nbytes : nbytes + 2 * count].clone().view(torch.float16).float()
         return self._decode(data, params, bool(is_key), head_dim).to(dtype)
 
     @abstractmethod
