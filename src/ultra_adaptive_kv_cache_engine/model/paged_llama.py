@@ -235,6 +235,7 @@ class PagedLlama:
         self.max_positions = max_positions
         cos, sin = _rope_table(inv_freq.to(self.device), float(attention_scaling), max_positions)
         self._cos, self._sin = cos, sin
+        self.inv_freq = inv_freq.float().to(self.device)  # RoPE frequencies (head_dim // 2,): a press shifts keys by them
         self.backend = backend if backend is not None else select_backend(self.device)
         self.scale = shape.head_dim**-0.5
         self.gather_rule = gather_rule if gather_rule is not None else GatherRule()
