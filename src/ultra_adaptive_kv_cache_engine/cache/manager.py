@@ -392,7 +392,8 @@ class KVCacheManager:
                     new_hashes.append(parent)
                 seq.hashes.append(parent)
             if self.lower is not None and new_ids:
-                index = torch.tensor(new_ids, dtype=torch.long, device=self.pool.kv.device)
+                # non_blocking: a pageable copy that does not wait for the step's kernels (no stream sync)
+                index = torch.tensor(new_ids, dtype=torch.long).to(self.pool.kv.device, non_blocking=True)
                 self.lower.write(new_hashes, self.pool.kv.index_select(0, index))
             self.counters.add("committed_blocks", len(new_ids))
             return len(new_ids)
