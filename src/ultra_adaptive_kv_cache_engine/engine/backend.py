@@ -9,6 +9,7 @@ A backend owns the KV of the sequences it serves (through the cache façade) and
   chunks that `sample`, in order.
 - `close(state, keep)`: releases the state's KV; with `keep`, the KV of its generated tokens is written back
   and committed first, so a later turn reuses it.
+`pause_at(state)` names a token count the state's chunks stop at (a press at the end of the prompt's prefill).
 `blocks_to_open(state)` estimates the free blocks `open` needs (admission control); `blocks_for(n)` is what a
 sequence of n tokens holds in the pool at most (a request that cannot fit alone is refused up front).
 """
@@ -65,3 +66,8 @@ class ModelBackend(ABC):
 
     @abstractmethod
     def close(self, state: SequenceState, keep: bool) -> None: ...
+
+    def pause_at(self, state: SequenceState) -> int | None:
+        """A token count at which the state's chunks must stop for one step (the backend then acts on its KV:
+        a press), or None. The scheduler never plans a chunk across it."""
+        return None

@@ -14,7 +14,7 @@ MAX_SEED = (1 << 64) - 1
 """Seeds are what a torch generator takes: integers from 0 to 2**64 - 1."""
 PROCESS_FIELDS = frozenset({
     "action", "text", "messages", "raw", "stream", "max_new_tokens", "temperature", "top_p", "stop", "seed",
-    "priority", "conversation_id", "user",
+    "priority", "conversation_id", "user", "kv_press",
 })
 """The fields a `process` request may carry; any other is refused (a typo must not be silently ignored)."""
 
