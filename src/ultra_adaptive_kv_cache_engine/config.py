@@ -187,6 +187,10 @@ class KVCacheConfig:
         "help": "precision of KV blocks in the pool: none keeps dtype; fp8, int8, int4 or int2 quantizes sealed "
                 "blocks (int4/int2 KIVI-style: keys per channel, values per token; a sequence's last, unfilled "
                 "block stays in full precision); tier codecs must then be lossless (identity or zstd)"})
+    kv_press: str | None = field(default=None, metadata={
+        "help": "token eviction at the end of each prompt's prefill (paged_llama backend): none, or NAME:BUDGET"
+                "[,PARAM=VALUE...] with NAME sinks_window, snapkv or keys_norm and BUDGET a ratio (snapkv:0.5) or "
+                "tokens (sinks_window:tokens=512); pressed blocks are cached under a namespace of their own"})
     device: DeviceKind | str = field(default=DeviceKind.AUTO, metadata={
         "help": "where the pool and the model live: auto (CUDA when present), cpu or cuda"})
     reject_non_finite: bool = field(default=True, metadata={
@@ -306,6 +310,11 @@ class KVCacheConfig:
                 raise ValueError(f"kv_dtype={self.kv_dtype!r} is not a pool format; expected none or one of: "
                                  f"{', '.join(POOL_FORMAT_NAMES)}")
             set_(self, "kv_dtype", self.kv_dtype.lower())
+        if self.kv_press is not None:  # the press registry (compression, L1) parses it: parse_press
+            if not isinstance(self.kv_press, str):
+                raise ValueError(f"kv_press={self.kv_press!r} must be a string such as 'snapkv:0.5' or None")
+            if self.kv_press.strip().lower() in ("", "none"):
+                set_(self, "kv_press", None)
         if self.tiers is not None:
             if isinstance(self.tiers, str | bytes) or not all(isinstance(t, TierConfig) for t in self.tiers):
                 raise ValueError(f"tiers={self.tiers!r} must be a sequence of TierConfig or None")

@@ -5,8 +5,8 @@ index (`prefix.PrefixIndex`), the eviction policy the configured strategy names 
 and the ordered tiers below the pool (`LowerTiers`, built from `config.tier_list`). The engine, the model
 runners, the Hugging Face cache adapter and the tensor-parallel runner use only its public methods:
 `lookup`, `new_sequence` (reserve a sequence, reusing and promoting its cached prefix), `append`, `commit`,
-`fork`, `free`, `allocate_scratch` / `free_scratch`, `read_layer`, `persist`, `durable_blocks`, `held_blocks`, `stats`,
-`close`.
+`fork`, `free`, `allocate_scratch` / `free_scratch`, `commit_named` / `acquire_named` (`NamedChains`: pressed
+chains), `read_layer`, `persist`, `durable_blocks`, `held_blocks`, `stats`, `close`.
 
 Ownership and invariants (all public methods hold `self._lock`):
 - A sequence holds one reference to each block in its block table; the table covers exactly
@@ -48,6 +48,7 @@ from ..tiers import FlushResult
 from .budget import PoolBudget, plan_pool
 from .kv_input import check_kv, gather_layer, token_list, usage_dict
 from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
+from .manager_named import NamedChains
 from .namespaces import check_namespace, default_namespace
 from .results import HeldBlocks, PrefixMatch, SequenceHits
 from .tier_controls import BlockSource, TierControl
@@ -65,7 +66,7 @@ class _Sequence:
     refused: bool = False  # the policy refused one of its blocks: the rest of it is never named
 
 
-class KVCacheManager:
+class KVCacheManager(NamedChains):
     """Paged KV for sequences, with prefix caching, over a `BlockPool` of blocks of `spec`, and tiers below it.
 
     `num_blocks` (tests, benchmarks) fixes the pool size; otherwise the memory budget decides (`plan_pool`:

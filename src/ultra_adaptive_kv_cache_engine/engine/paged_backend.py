@@ -19,6 +19,17 @@ step every staging block that is full now is sealed (quantized into the sequence
 `seal_blocks` call) and freed, and only then are blocks committed, so a named block always holds its quantized
 bytes. A partial last block stays in staging across steps (the full-precision window) and is never committed;
 closing with `keep` writes back the sealed generated blocks only.
+
+A press (`SequenceState.press`, from `KVCacheConfig.kv_press` or the request): the sequence opens its prompt
+but the last token (`pause_at`: the scheduler stops its chunks there), first reusing a pressed chain of that
+prompt if the cache holds one entire (`PressStep.acquire`: then nothing is prefilled or pressed and all those
+tokens count as cached). Otherwise, at the end of the step that computed them (after their blocks were sealed
+and committed under their own names, so a request without the press reuses them), `PressStep` presses them
+into new blocks, names these by the press (`commit_named`) and the sequence continues on them
+(`SequenceBlocks.adopt_pressed`): its last prompt token and everything after run at slot = RoPE position
+``token - offset`` (the kept keys are shifted by the same offset). Every request with the same press, its
+sampled tokens included, thus sees the same KV whether it pressed or reused. A budget that keeps the whole
+prompt (or a prompt of one token) presses nothing; a pool without room for the pressed copy neither (logged).
 """
 
 from __future__ import annotations
@@ -31,12 +42,14 @@ import torch
 from torch import Tensor
 
 from ..cache.manager import KVCacheManager
+from ..compression.presses import PressConfig
 from ..memory import OutOfBlocksError
 from ..model.decode_step import DecodeStep
 from ..model.kv_views import Pool
 from ..model.loaded import LoadedModel
 from ..model.paged_llama import PackedInputs, PagedLlama
 from .backend import ModelBackend
+from .press_step import PressStep
 from .scheduler_config import SchedulerConfig
 from .sequence_blocks import PooledSequence, SequenceBlocks
 from .sequence_state import SequenceState
@@ -75,6 +88,7 @@ class PagedLlamaBackend(ModelBackend):
         self._pad_blocks: list[int] = []
         self._rows: dict[int, tuple[Tensor, int]] = {}  # seq_id -> (host table row, entries filled or row version)
         self._open = 0  # sequences open (pad blocks are given back when none is)
+        self._presses: dict[PressConfig, PressStep] = {}
 
     @property
     def pool(self) -> Pool:
@@ -107,10 +121,64 @@ class PagedLlamaBackend(ModelBackend):
     def blocks_to_open(self, state: SequenceState) -> int:
         return self.blocks.blocks_to_open(state.tokens())
 
-    def open(self, state: SequenceState) -> None:
-        seq = self.blocks.open(state.tokens())
+    # -- presses ------------------------------------------------------------------------------------------
+    def press_step(self, config: PressConfig) -> PressStep:
+        """The press step of `config` (one per press, kept: it remembers the lengths it pressed)."""
+        step = self._presses.get(config)
+        if step is None:
+            step = self._presses[config] = PressStep(config, self.model, self._cache, inv_freq=self.model.inv_freq)
+        return step
+
+    def _press_boundary(self, state: SequenceState) -> int | None:
+        """Where the state's prompt is pressed: all of it but the last token, when the press keeps fewer."""
+        length = len(state.prompt) - 1
+        if state.press is None or length < 1 or self.press_step(state.press).kept_tokens(length) >= length:
+            return None
+        return length
+
+    def pause_at(self, state: SequenceState) -> int | None:
+        seq: PooledSequence | None = state.kv
+        return self._press_boundary(state) if seq is None else seq.press_at
+
+    def _press(self, state: SequenceState) -> None:
+        """Presses the state's opened tokens (all have KV, committed) and continues the sequence on the pressed
+        blocks; nothing changes when the press does not apply (see `PressStep.apply`)."""
+        seq: PooledSequence = state.kv
+        step = self.press_step(state.press)  # type: ignore[arg-type]
+        prompt = state.prompt[: seq.opened]
+        if self.staging is None:
+            result = step.apply(seq.table, prompt)
+        else:
+            result = step.apply(self.staging.row(seq.seq_id, seq.table), prompt, pool=self.staging.pools)
+        if result is None:
+            return
+        assert result.rope_offset == 0  # the kept keys are shifted: slot == RoPE position
+        self._cache.commit_named(result.table, result.hashes)
+        step.remember(result.length)
+        old = seq.seq_id
+        self.blocks.adopt_pressed(seq, result.table, result.kept)
+        self._rows.pop(old, None)
         if self.staging is not None:
-            self.staging.open(seq.seq_id, seq.cached // self._cache.block_size)
+            self.staging.close(old)
+            self.staging.open(seq.seq_id, result.kept // self._cache.block_size)
+
+    # -- opening and closing ------------------------------------------------------------------------------
+    def open(self, state: SequenceState) -> None:
+        press_at = self._press_boundary(state)
+        hit = None
+        if state.press is not None and len(state.prompt) > 1:
+            hit = self.press_step(state.press).acquire(state.prompt, len(state.prompt) - 1)
+        if hit is not None:
+            seq = self.blocks.open_pressed(hit.blocks, hit.length, hit.kept)
+            if not self.blocks.grow(seq, state.num_tokens):  # the admission chunk computes every other token
+                self.blocks.release(seq)
+                raise OutOfBlocksError(f"no room for the {state.num_tokens - hit.length} tokens after a pressed prompt")
+        else:
+            tokens = state.tokens()
+            seq = self.blocks.open(tokens[:press_at] if press_at is not None else tokens)
+            seq.press_at = press_at
+        if self.staging is not None:
+            self.staging.open(seq.seq_id, seq.slot(seq.cached) // self._cache.block_size)
         self._open += 1
         state.kv, state.num_computed = seq, seq.cached
         if state.cached_tokens is None:
@@ -140,6 +208,8 @@ class PagedLlamaBackend(ModelBackend):
     def _write_back(self, seq: PooledSequence, state: SequenceState) -> None:
         """The KV of the generated tokens that have it, appended and committed (a quantized pool: the sealed,
         full blocks only)."""
+        if seq.pressed:
+            return  # pressed KV is never named by its tokens
         end = max(seq.opened, state.num_computed)
         if self.staging is None:
             self.blocks.write_back(seq, state.tokens(seq.opened, end))
@@ -151,7 +221,8 @@ class PagedLlamaBackend(ModelBackend):
     def execute(self, chunks: Sequence[Chunk]) -> Tensor:
         if self.staging is not None:
             for chunk in chunks:
-                self.staging.stage(chunk.state.kv.seq_id, chunk.start + chunk.count)
+                seq = chunk.state.kv
+                self.staging.stage(seq.seq_id, seq.slot(chunk.start + chunk.count))
         rows: list[Tensor | None] = [None] * len(chunks)
         decodes = [i for i, c in enumerate(chunks) if c.is_decode] if self.on_cuda else []
         if decodes and len(decodes) == len(chunks):  # decode only: the logits rows are the result as they are
@@ -178,20 +249,25 @@ class PagedLlamaBackend(ModelBackend):
 
     def _commit_computed(self, chunks: Sequence[Chunk]) -> None:
         """Seals the blocks the step filled (a quantized pool), then names the opened tokens' blocks of every
-        sequence whose opened tokens all have KV now."""
+        sequence whose opened tokens all have KV now, then presses the sequences that reached `press_at`."""
         if self.staging is not None:
-            self.staging.seal([(c.state.kv.seq_id, c.start + c.count, c.state.kv.table) for c in chunks])
+            self.staging.seal([(c.state.kv.seq_id, c.state.kv.slot(c.start + c.count), c.state.kv.table)
+                               for c in chunks])
         for chunk in chunks:
             seq: PooledSequence = chunk.state.kv
             if not seq.committed and chunk.start + chunk.count >= seq.opened:
                 self.blocks.commit_opened(seq)
+            if seq.press_at is not None and chunk.start + chunk.count >= seq.press_at:
+                seq.press_at = None
+                self._press(chunk.state)
 
     def _kernel_table(self, seq: PooledSequence) -> list[int]:
         """The sequence's block table as the kernels read it (staging entries for unsealed blocks)."""
         return seq.table if self.staging is None else self.staging.row(seq.seq_id, seq.table)
 
     def _packed(self, chunks: list[Chunk]) -> Tensor:
-        inputs = PackedInputs.pack([(c.token_ids(), c.start, self._kernel_table(c.state.kv)) for c in chunks],
+        inputs = PackedInputs.pack([(c.token_ids(), c.state.kv.slot(c.start), self._kernel_table(c.state.kv))
+                                    for c in chunks],
                                    self.model.device, self._cache.block_size)
         return self.model.forward_packed(self.pool, inputs)
 
@@ -200,7 +276,7 @@ class PagedLlamaBackend(ModelBackend):
         seq: PooledSequence = chunk.state.kv
         ids = torch.tensor(chunk.token_ids(), dtype=torch.int64).to(device, non_blocking=True)
         table = torch.tensor(self._kernel_table(seq), dtype=torch.int32).to(device, non_blocking=True)
-        return self.model.prefill(self.pool, ids, chunk.start, table)
+        return self.model.prefill(self.pool, ids, seq.slot(chunk.start), table)
 
     def _decode(self, chunks: list[Chunk]) -> Tensor:
         n = len(chunks)
@@ -215,7 +291,7 @@ class PagedLlamaBackend(ModelBackend):
         rows = [self._table_row(c.state.kv) for c in chunks]
         tables = torch.stack(rows + [torch.zeros_like(rows[0])] * (batch - n))
         tokens = [c.token_ids()[0] for c in chunks]
-        positions = [c.start for c in chunks]
+        positions = [c.state.kv.slot(c.start) for c in chunks]
         if batch > n:  # padding row j writes position j of the pad blocks
             tables[n:, : len(pads)] = torch.tensor(pads, dtype=torch.int32)
             tokens += [0] * (batch - n)

@@ -14,6 +14,11 @@ original positions; the next token must run at RoPE position ``length`` while it
 With `inv_freq` given, the kept keys are rotated by ``-(length - kept)`` (`model.rope_shift`) and the next
 token runs at position ``kept`` like any paged sequence (`PressResult.rope_offset` 0); without it the caller
 adds ``rope_offset = length - kept`` to the RoPE position of every later token of the sequence.
+
+Reuse (`acquire`): the pressed chain of a prompt is named by the whole prompt (`pressed_block_hashes`), so a
+later prompt reuses it only for a prefix of exactly the pressed length. `acquire` tries the longest first of
+the lengths this step pressed lately (`remember`, at most `MEMORY` of them) and the whole given length, and
+takes the chain found entire (`KVCacheManager.acquire_named`, all or nothing).
 """
 
 from __future__ import annotations
@@ -57,6 +62,19 @@ class PressResult:
     namespace: Namespace
 
 
+MEMORY = 16  # pressed lengths `acquire` tries besides the prompt's own
+
+
+@dataclass(frozen=True)
+class PressHit:
+    """A reused pressed chain: `blocks` (one reference each, the caller's to give back with `free_scratch`) hold
+    `kept` tokens of KV standing for the first `length` tokens of the prompt."""
+
+    blocks: tuple[int, ...]
+    length: int
+    kept: int
+
+
 class PressStep:
     """Presses prefilled prompts of `model` held in `cache` by `config` (see the module docstring)."""
 
@@ -67,6 +85,27 @@ class PressStep:
         self.model, self.cache = model, cache
         self.inv_freq = inv_freq
         self.namespace = press_namespace(cache.namespace, config)
+        self._lengths: dict[int, None] = {}  # pressed lengths, oldest first
+
+    def remember(self, length: int) -> None:
+        """A prompt of `length` tokens was pressed and its chain named: `acquire` tries that length."""
+        self._lengths.pop(length, None)
+        self._lengths[length] = None
+        while len(self._lengths) > MEMORY:
+            del self._lengths[next(iter(self._lengths))]
+
+    def acquire(self, tokens: Sequence[int], limit: int) -> PressHit | None:
+        """The longest pressed chain the cache holds entire for a prefix of `tokens[:limit]` (lengths: `limit`
+        and the remembered ones below it), its blocks taken; None when there is none."""
+        for length in sorted({limit, *(n for n in self._lengths if n < limit)}, reverse=True):
+            kept = self.kept_tokens(length) if length >= 1 else length
+            if kept >= length:
+                continue
+            hashes = pressed_block_hashes(tokens[:length], self.cache.namespace, self.config, kept)
+            blocks = self.cache.acquire_named(hashes, length)
+            if blocks is not None:
+                return PressHit(blocks, length, kept)
+        return None
 
     def kept_tokens(self, length: int) -> int:
         """Tokens kept of a `length`-token prompt: the budget rounded up to whole blocks, at most `length`."""

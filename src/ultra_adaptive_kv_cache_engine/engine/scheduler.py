@@ -173,9 +173,13 @@ class Scheduler:
 
     # -- helpers (lock held) ------------------------------------------------------------------------------
     def _chunk_size(self, state: SequenceState, budget: int, others: bool) -> int:
-        """Tokens of `state` to compute now: up to the budget; for a backend without chunked prefill, all or
-        nothing (all even past the budget when nothing else is scheduled, so a long prompt cannot starve)."""
+        """Tokens of `state` to compute now: up to the budget and never past the backend's `pause_at`; for a
+        backend without chunked prefill, all or nothing (all even past the budget when nothing else is
+        scheduled, so a long prompt cannot starve)."""
         remaining = state.num_tokens - state.num_computed
+        pause = self.backend.pause_at(state)
+        if pause is not None and pause > state.num_computed:  # the backend acts on the KV there (a press)
+            remaining = pause - state.num_computed
         if self.backend.chunked_prefill:
             return min(remaining, budget)
         return remaining if remaining <= budget or not others else 0

@@ -14,6 +14,12 @@ Invariants:
   blocks, which it frees first) and commits, so a later turn reuses them; `write_back_sealed` does the same
   for a quantized pool's sealed blocks (their slabs copied as they are).
 - `release` gives back every block (scratch and the sequence's references); cached blocks stay reusable.
+
+A pressed sequence (`compression.presses`, see `engine.press_step`): its prompt's first `opened` tokens are
+held as `kept` tokens of KV in blocks named by the press (`open_pressed`: reused; `adopt_pressed`: just
+pressed, the cache's sequence of the unpressed prompt released), held like scratch blocks, under a new empty
+cache sequence; ``offset = opened - kept`` and token ``t >= opened`` lives in slot ``t - offset``. Its KV is
+never written back (the pressed KV is not the KV of its tokens' names).
 """
 
 from __future__ import annotations
@@ -42,6 +48,13 @@ class PooledSequence:
     scratch: list[int] = field(default_factory=list)
     committed: bool = False
     hit_tiers: tuple[str, ...] = ()  # where each reused block was ("pool" or a tier's name)
+    offset: int = 0  # tokens a press evicted: token t >= opened lives in slot t - offset
+    pressed: bool = False
+    press_at: int | None = None  # the backend presses the sequence once its first press_at tokens have KV
+
+    def slot(self, token: int) -> int:
+        """The KV slot of token index `token` (its RoPE position too: pressed keys are shifted)."""
+        return token - self.offset
 
 
 class SequenceBlocks:
@@ -74,10 +87,27 @@ class SequenceBlocks:
             raise
         return PooledSequence(seq_id, len(tokens), cached, table, hit_tiers=cache.sequence_hits(seq_id).tiers)
 
+    def open_pressed(self, blocks: tuple[int, ...], length: int, kept: int) -> PooledSequence:
+        """A sequence over a reused pressed chain: `blocks` (one reference each, taken by `acquire_named`) hold
+        `kept` tokens of KV standing for the prompt's first `length` tokens."""
+        seq_id = self.cache.new_sequence(())
+        return PooledSequence(seq_id, length, length, list(blocks), list(blocks), committed=True,
+                              offset=length - kept, pressed=True)
+
+    def adopt_pressed(self, seq: PooledSequence, blocks: tuple[int, ...], kept: int) -> None:
+        """Replaces the KV of `seq`'s `opened` tokens by their pressed copy in scratch `blocks` (`kept` tokens):
+        the cache's sequence of the unpressed tokens is released (its named blocks stay cached), a new empty
+        one takes its place."""
+        self._free_scratch(seq)
+        self.cache.free(seq.seq_id)
+        seq.seq_id = self.cache.new_sequence(())
+        seq.table, seq.scratch = list(blocks), list(blocks)
+        seq.offset, seq.pressed, seq.committed = seq.opened - kept, True, True
+
     def grow(self, seq: PooledSequence, total_tokens: int) -> bool:
-        """Makes `seq.table` cover `total_tokens` tokens with scratch blocks; False (nothing taken) if the pool
-        lacks them."""
-        missing = math.ceil(total_tokens / self.block_size) - len(seq.table)
+        """Makes `seq.table` cover `total_tokens` tokens (their slots) with scratch blocks; False (nothing taken)
+        if the pool lacks them."""
+        missing = math.ceil(seq.slot(total_tokens) / self.block_size) - len(seq.table)
         if missing <= 0:
             return True
         try:

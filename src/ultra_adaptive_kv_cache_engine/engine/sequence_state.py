@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..compression.presses import PressConfig
 from .incremental_text import IncrementalText
 from .sampling import SamplingParams
 
@@ -54,6 +55,7 @@ class SequenceState:
     preemptions: int = 0
     conversation: str | None = None  # the conversation the request continues (controllers.conversation_key)
     hit_tiers: tuple[str, ...] = ()  # where each reused block was at the first admission ("pool", a tier)
+    press: PressConfig | None = None  # token eviction at the end of the prompt's prefill (a paged backend's)
 
     @property
     def sort_key(self) -> tuple[int, int]:

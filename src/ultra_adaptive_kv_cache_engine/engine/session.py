@@ -6,6 +6,10 @@ transformers' generate otherwise), the `Scheduler` (continuous batching) and the
 its steps. Every `process` and `stream` request goes through the scheduler, so concurrent requests share
 steps instead of queueing. Bad requests raise `RequestError` (a ValueError) before anything touches the cache;
 a full waiting queue raises `QueueFullError`.
+
+A press (`KVCacheConfig.kv_press`, or a request's own `kv_press`, "none" for none) evicts prompt tokens at the
+end of each prefill (`PagedLlamaBackend`); only a backend with `pause_at` presses (`supports_press`), others
+refuse a press by name when the session starts or the request arrives.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from ..cache.manager import KVCacheManager
 from ..cache.tier_list import namespace_codec
+from ..compression.presses import PressConfig, parse_press
 from ..config import KVCacheConfig
 from ..metrics import Counters, Profiler
 from ..model.loaded import LoadedModel
@@ -49,6 +54,7 @@ class ModelSession:
         scheduler_config: SchedulerConfig | None = None,
     ) -> None:
         self.config = config
+        self.press = parse_press(config.kv_press)  # a bad line fails before the model loads
         self.profiler = profiler or Profiler(enabled=False)
         self.loaded = loaded if loaded is not None else load_model(config)
         self.optimizer = optimizer or PerformanceOptimizer()
@@ -61,6 +67,9 @@ class ModelSession:
         self.counters = Counters()
         self.scheduler_config = scheduler_config if scheduler_config is not None else SchedulerConfig.from_config(config)
         self.backend = make_backend(self.scheduler_config.backend, self.loaded, self.cache, self.scheduler_config)
+        if self.press is not None and not self.supports_press:
+            raise ValueError(f"kv_press={config.kv_press!r} needs the paged_llama backend; {self.backend.name!r} "
+                             f"serves {self.loaded.model_id!r} and cannot press (set kv_press none)")
         self.scheduler = Scheduler(self.backend, self.scheduler_config)
         self.steps = StepLoop(self.scheduler, on_finished=self._finished)
         self.controllers = Controllers(config, self.cache.tier_controls(), self.cache.block_source(),
@@ -98,6 +107,7 @@ class ModelSession:
             prompt=ids, params=params, text=IncrementalText(codec.decode, params.stop),
             eos_token_id=codec.eos_token_id, priority=_priority(request),
             generator=request_generator(params, self.cache.kv.device), conversation=conversation_key(request),
+            press=self._request_press(request),
         )
         stream = ChunkStream(state, self.steps.cancel, self.steps.waker)
         self.steps.submit(state, stream.sink())
@@ -167,6 +177,25 @@ class ModelSession:
         total = sum(moved.values())
         for tier, nbytes in moved.items():
             self.optimizer.observe_transfer(tier, nbytes, max(seconds * nbytes / total, 1e-9))
+
+    @property
+    def supports_press(self) -> bool:
+        """Whether the backend presses (`PagedLlamaBackend`)."""
+        return getattr(self.backend, "press_step", None) is not None
+
+    def _request_press(self, request: dict[str, Any]) -> PressConfig | None:
+        """The request's `kv_press` ("none": no press), else the session's; RequestError for a bad line or a
+        backend that cannot press."""
+        if "kv_press" not in request:
+            return self.press
+        try:
+            press = parse_press(request["kv_press"])
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+        if press is not None and not self.supports_press:
+            raise RequestError(f"kv_press={request['kv_press']!r} needs the paged_llama backend; this model is "
+                               f"served by {self.backend.name!r}")
+        return press
 
     def _check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
         context = self.loaded.max_context
