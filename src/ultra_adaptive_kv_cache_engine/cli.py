@@ -204,10 +204,13 @@ def _replay_parser(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .compression.presses import parse_press
     from .server.options import server_config_from_args
     from .server.run import serve_command
 
-    return serve_command(config_from_args(args), server_config_from_args(args))
+    config = config_from_args(args)
+    parse_press(config.kv_press)  # a bad --kv-press fails before the server starts
+    return serve_command(config, server_config_from_args(args))
 
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:

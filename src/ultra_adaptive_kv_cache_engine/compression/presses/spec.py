@@ -26,9 +26,9 @@ def _number(text: str) -> ParamValue:
 
 
 def _bad(text: str, why: str) -> ValueError:
-    return ValueError(f"kv_press={text!r}: {why}; expected none or NAME:BUDGET[,PARAM=VALUE...] with NAME one of "
-                      f"{', '.join(press_names())} and BUDGET a ratio in (0, 1] (0.5, ratio=0.5) or a token count "
-                      f"(512, tokens=512)")
+    return ValueError(f"kv_press={text!r}: {why}. Expected none or NAME:BUDGET[,PARAM=VALUE...], NAME one of "
+                      f"{', '.join(press_names())}, BUDGET a ratio in (0, 1] (0.5 or ratio=0.5) or a token count "
+                      f"(512 or tokens=512)")
 
 
 def parse_press(text: str | None) -> PressConfig | None:
