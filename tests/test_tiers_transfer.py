@@ -74,6 +74,23 @@ def test_put_blocks_copies_so_the_pool_is_free_at_once() -> None:
         assert torch.equal(tier.get(key(block_id)).tensor(), original[block_id])
 
 
+def test_raw_blocks_given_away_are_copied_once_by_a_tier_that_keeps_them() -> None:
+    pool = torch.randn(4, *BLOCK, generator=torch.Generator().manual_seed(2))
+    given = pool[[1, 2]]  # a fresh host tensor (a gather), given away: its rows are borrowed, not copied here
+    tier = CPUTier(NS, 1 << 20, pin_memory=False)
+    with AsyncTransfer(tier) as transfer:
+        assert transfer.put_blocks([key(1), key(2)], given, IDENTITY, copy=False) == 2
+        assert transfer.put_blocks([key(3)], pool[3:4], IDENTITY) == 1  # copied: a block of its own, adopted
+        transfer.flush()
+    given.zero_()  # had the tier kept views of the batch, these records would change now
+    pool.zero_()
+    stored = [tier.get(key(i)) for i in (1, 2, 3)]
+    assert not any(r.borrowed for r in stored)
+    expected = torch.randn(4, *BLOCK, generator=torch.Generator().manual_seed(2))
+    for i, record in zip((1, 2, 3), stored, strict=True):
+        assert record.meta.codec.value == "identity" and torch.equal(record.tensor(), expected[i])
+
+
 def test_worker_errors_are_counted_and_the_worker_survives(caplog) -> None:
     tier = CPUTier(NS, 1 << 20, pin_memory=False)
     with AsyncTransfer(tier) as transfer:
@@ -145,9 +162,15 @@ def test_cuda_round_trip_through_pinned_staging() -> None:
     load_records(target, [0, 1, 2], stored)
     assert torch.equal(target[:3], pool[[5, 2, 7]])
     original = pool.clone()
-    with AsyncTransfer(tier) as transfer:  # device blocks: one device-to-host copy, then background writes
+    with AsyncTransfer(tier) as transfer:  # device blocks: device-to-host copies, then background writes
         assert transfer.put_blocks([key(10), key(11)], pool[[0, 1]], IDENTITY) == 2
-        assert transfer.put_blocks([key(12)], pool[3:4], IDENTITY, copy=False) == 1  # a view of the pool
+        assert transfer.put_blocks([key(12)], pool[3:4], IDENTITY) == 1  # a view of the pool
         pool.zero_()  # the next step reuses the slots at once, on the same stream: the copies came first
-    assert torch.equal(tier.get(key(11)).tensor().cuda(), original[1])
-    assert torch.equal(tier.get(key(12)).tensor().cuda(), original[3])
+        given = original[[4, 6]]  # a fresh gather given away: copied on a side stream after the gather
+        assert transfer.put_blocks([key(14), key(16)], given, IDENTITY, copy=False) == 2
+        del given
+        torch.empty_like(original).fill_(7.0)  # may not take the gather's memory before the copy has read it
+    for k, block_id in ((11, 1), (12, 3), (14, 4), (16, 6)):
+        stored = tier.get(key(k))
+        assert not stored.borrowed and stored.payload_tensor().is_pinned()  # the DMA's buffer, kept as it is
+        assert torch.equal(stored.tensor().cuda(), original[block_id])

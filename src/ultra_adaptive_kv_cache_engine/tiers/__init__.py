@@ -10,6 +10,7 @@ from .record import (
     NamespaceMismatchError,
     RecordError,
     UnsupportedFormatError,
+    adopt_block,
     borrow_block,
     encode_block,
     parse_record,
@@ -25,6 +26,6 @@ __all__ = [
     "DISK_LAYOUTS", "TIERS", "AsyncTransfer", "BlockRecord", "CPUTier", "CorruptBlockError", "DiskLayout",
     "DiskTier", "FlushResult", "SegmentDiskTier",
     "NamespaceMismatchError", "PutResult", "RecordError", "RedisTier", "Tier", "TierUsage", "TieredStore",
-    "UnsupportedFormatError", "borrow_block", "encode_block", "load_blocks", "load_records", "make_tier", "parse_record",
+    "UnsupportedFormatError", "adopt_block", "borrow_block", "encode_block", "load_blocks", "load_records", "make_tier", "parse_record",
     "records_to_host", "register_tier", "seal",
 ]  # fmt: skip

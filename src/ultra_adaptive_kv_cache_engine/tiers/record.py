@@ -204,6 +204,17 @@ def borrow_block(block_hash: bytes, namespace: bytes, tensor: torch.Tensor) -> B
     and queues that keep records take a copy (`owned()`). A tensor that is not a contiguous CPU tensor is
     encoded with one copy, as `encode_block` would (the record is then not borrowed).
     """
+    return _raw_record(block_hash, namespace, tensor, borrowed=True)
+
+
+def adopt_block(block_hash: bytes, namespace: bytes, tensor: torch.Tensor) -> BlockRecord:
+    """The identity record of `tensor` with NO copy, the tensor given away: its memory becomes the payload, which
+    tiers keep as it is (a page-locked tensor stays page-locked in a pinning CPU tier). The caller must never
+    change the tensor again. A tensor that is not a contiguous CPU tensor is encoded with one copy."""
+    return _raw_record(block_hash, namespace, tensor, borrowed=False)
+
+
+def _raw_record(block_hash: bytes, namespace: bytes, tensor: torch.Tensor, borrowed: bool) -> BlockRecord:
     view = writable_bytes(tensor) if isinstance(tensor, torch.Tensor) else None
     if view is None:
         return encode_block(block_hash, namespace, tensor, make_codec(CodecKind.IDENTITY))
@@ -211,7 +222,7 @@ def borrow_block(block_hash: bytes, namespace: bytes, tensor: torch.Tensor) -> B
     check_key(namespace, "namespace")
     meta = TensorMeta(CodecKind.IDENTITY, dtype_name(tensor.dtype), tuple(int(d) for d in tensor.shape))
     header = record_head(block_hash, namespace, meta_json(meta), view.nbytes)
-    return BlockRecord(block_hash, namespace, meta, view.toreadonly(), header, borrowed=True)
+    return BlockRecord(block_hash, namespace, meta, view.toreadonly(), header, borrowed=borrowed)
 
 
 def parse_prefix(data: bytes | memoryview) -> RecordPrefix:

@@ -4,10 +4,15 @@
   (backpressure); `block=False` returns False instead ("queue full"), and the caller keeps its block.
 - `put_blocks` takes n blocks as one tensor (e.g. gathered from the pool by `kernels.BlockTransfer`), makes
   ONE host copy of all of them, and queues the encoding and the writes, so the caller's blocks are free at once.
-  From a CUDA tensor the copy goes into page-locked memory without waiting for it (queued on the current
-  stream; the writer waits for its event): a serving step that commits blocks is not stalled by a
-  synchronous device-to-host copy (measured on an H200: our server's output tok/s 1,010 -> 2,045 at 64
-  streams of a Llama-3-8B shape with the default CPU tier).
+  From a CUDA tensor the copy goes into page-locked memory without waiting for it (the writer waits for its
+  event): a serving step that commits blocks is not stalled by a synchronous device-to-host copy (measured on
+  an H200: our server's output tok/s 1,010 -> 2,045 at 64 streams of a Llama-3-8B shape with the default CPU
+  tier). A device tensor the caller gives away (`copy=False`: a fresh gather) is copied on a side stream, so
+  the copy overlaps the caller's next kernels instead of queueing between them.
+- Raw blocks (the identity codec) are never encoded: each block's bytes are the record's payload as they are,
+  a page-locked buffer of its own when copied from a device, which a pinning CPU tier keeps as it is
+  (`tiers.cpu`). A block written through to the CPU tier costs its DMA and no host copy, and the writer
+  thread holds the GIL only to name and file it.
 - `prefetch(keys)` looks keys up in the background; a TieredStore promotes what it finds to its fastest tier.
 - `flush()` waits until every queued write is done, then flushes the target (persistence point).
 Worker errors never propagate: they are logged and counted (`errors`); refused puts count as `refused`.
@@ -25,8 +30,9 @@ import torch
 
 from ..compression import Codec
 from ..metrics import Counters
+from ..types import CodecKind
 from .base import LOGGER, FlushResult, Tier
-from .record import BlockRecord, check_key, encode_block
+from .record import BlockRecord, adopt_block, borrow_block, check_key, encode_block
 
 Job = Callable[[], BlockRecord]
 _STOP = None
@@ -47,6 +53,7 @@ class AsyncTransfer:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="uakv-prefetch")
         self._workers = [threading.Thread(target=self._run, name=f"uakv-writer-{i}", daemon=True)
                          for i in range(workers)]
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._closed = False
         for worker in self._workers:
             worker.start()
@@ -68,24 +75,68 @@ class AsyncTransfer:
     ) -> int:
         """Queue encode+write of blocks[i] under keys[i]; `blocks` is (n, *block_shape) on any device.
 
-        One copy of the whole batch is taken first (a single device-to-host copy for a device tensor, queued on
-        the current CUDA stream), so the caller may reuse `blocks` at once (on that stream); pass copy=False for
-        a fresh host tensor nobody else will touch (e.g. `pool[ids]`, which already is a copy). Returns how many were queued (fewer only when
-        block=False meets a full queue).
+        One copy of the whole batch is taken first (for a device tensor, device-to-host copies into page-locked
+        memory, queued without waiting), so the caller may change `blocks` at once (on the current stream).
+        copy=False: the caller gives `blocks` away and nobody else touches it (a fresh host tensor such as
+        `pool[ids]`, or a fresh device gather): a host tensor is not copied, a device tensor's copy runs on a
+        side stream. Returns how many were queued (fewer only when block=False meets a full queue).
         """
         if blocks.dim() < 1 or len(keys) != blocks.shape[0]:
             raise ValueError(f"{len(keys)} keys for a batch of shape {tuple(blocks.shape)}")
         for key in keys:
             check_key(key)
-        host, ready = _host_copy(blocks.detach(), copy)
+        raw = codec.kind is CodecKind.IDENTITY
+        parts, ready, own = self._host_copy(blocks.detach(), copy, raw)
         namespace = self.target.namespace
         queued = 0
-        for i, key in enumerate(keys):
-            job = functools.partial(_encode_when_copied, ready, key, namespace, host[i], codec)
+        for key, part in zip(keys, parts, strict=True):
+            job = functools.partial(_record_when_copied, ready, key, namespace, part, None if raw else codec, own)
             if not self._submit(key, job, block, None):
                 break
             queued += 1
         return queued
+
+    def _host_copy(self, blocks: torch.Tensor, copy: bool, raw: bool
+                   ) -> tuple[Sequence[torch.Tensor], torch.cuda.Event | None, bool]:
+        """Host tensors of the blocks that the writers own, the CUDA event after which they hold the data (None:
+        they do now), and whether each is a tensor of its own (else a view of one batch, which a record borrows).
+        Raw blocks get a buffer each (page-locked from a device), so that a record's payload can be it."""
+        if blocks.device.type == "cuda":
+            host, ready = self._device_copy(blocks, copy, raw)
+            return host, ready, raw
+        if blocks.device.type != "cpu":
+            return blocks.cpu(), None, False
+        if raw and copy:
+            return [b.clone() for b in blocks], None, True
+        return (blocks.clone() if copy else blocks), None, False
+
+    def _device_copy(self, blocks: torch.Tensor, copy: bool, raw: bool
+                     ) -> tuple[Sequence[torch.Tensor], torch.cuda.Event]:
+        """Device-to-host copies of `blocks` into page-locked memory, queued on the current stream, or for blocks
+        given away on a side stream (after the current stream's work so far)."""
+        current = torch.cuda.current_stream(blocks.device)
+        stream = current if copy else self._side_stream(blocks.device)
+        if stream is not current:
+            stream.wait_stream(current)  # the gather that made `blocks` comes first
+            blocks.record_stream(stream)  # its memory is not reused before the copy has read it
+        with torch.cuda.stream(stream):
+            if raw:
+                host: Sequence[torch.Tensor] = [torch.empty(blocks.shape[1:], dtype=blocks.dtype, pin_memory=True)
+                                                for _ in range(blocks.shape[0])]
+                for part, src in zip(host, blocks, strict=True):
+                    part.copy_(src, non_blocking=True)
+            else:
+                host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+                host.copy_(blocks, non_blocking=True)
+            ready = torch.cuda.Event(blocking=True)  # the writer sleeps on it rather than spin
+            ready.record(stream)
+        return host, ready
+
+    def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        return stream
 
     def prefetch(self, keys: Sequence[bytes]) -> Future[int]:
         """Look `keys` up in the background (promoting hits in a store); the future gives how many were found."""
@@ -143,21 +194,13 @@ class AsyncTransfer:
                 self._queue.task_done()
 
 
-def _host_copy(blocks: torch.Tensor, copy: bool) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """A host tensor the writers own, and the CUDA event after which it holds the data (None: it does now)."""
-    if blocks.device.type == "cuda":
-        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
-        host.copy_(blocks, non_blocking=True)
-        ready = torch.cuda.Event(blocking=True)  # the writer sleeps on it rather than spin
-        ready.record()
-        return host, ready
-    if blocks.device.type != "cpu":
-        return blocks.cpu(), None
-    return (blocks.clone() if copy else blocks), None
-
-
-def _encode_when_copied(ready: torch.cuda.Event | None, key: bytes, namespace: bytes, tensor: torch.Tensor,
-                        codec: Codec) -> BlockRecord:
+def _record_when_copied(ready: torch.cuda.Event | None, key: bytes, namespace: bytes, tensor: torch.Tensor,
+                        codec: Codec | None, own: bool) -> BlockRecord:
+    """The block's record once its copy has landed: with no codec (raw bytes) the tensor's memory is the payload,
+    adopted when it is a tensor of its own, borrowed when it is a view of a batch (a tier that keeps the record
+    then copies it once); otherwise the codec's encoding."""
     if ready is not None:
         ready.synchronize()
+    if codec is None:
+        return adopt_block(key, namespace, tensor) if own else borrow_block(key, namespace, tensor)
     return encode_block(key, namespace, tensor, codec)
