@@ -52,15 +52,16 @@ class DecodeStep:
 
     def load(self, token_ids: Sequence[int], positions: Sequence[int], block_tables: Tensor | None = None) -> None:
         """Copy one step's inputs into the static buffers (block tables only when given: they change per call,
-        not per step)."""
+        not per step). The copies are queued on the current stream without waiting for the work before them
+        (a pageable source is staged at once), so loading never stalls the host on the device."""
         if len(token_ids) != self.batch or len(positions) != self.batch:
             raise ValueError(f"{len(token_ids)} token ids and {len(positions)} positions for a step of batch {self.batch}")
-        self.inputs.token_ids.copy_(torch.tensor(token_ids, dtype=torch.int64))
-        self.inputs.positions.copy_(torch.tensor(positions, dtype=torch.int64))
+        self.inputs.token_ids.copy_(torch.tensor(token_ids, dtype=torch.int64), non_blocking=True)
+        self.inputs.positions.copy_(torch.tensor(positions, dtype=torch.int64), non_blocking=True)
         if block_tables is not None:
             if tuple(block_tables.shape) != (self.batch, self.table_width):
                 raise ValueError(f"block tables {tuple(block_tables.shape)}; expected {(self.batch, self.table_width)}")
-            self.inputs.block_tables.copy_(block_tables)
+            self.inputs.block_tables.copy_(block_tables, non_blocking=True)
 
     def _eager(self) -> tuple[Tensor, Tensor]:
         logits = self.model.decode(self.pool, self.inputs)
