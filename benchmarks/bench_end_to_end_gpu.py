@@ -12,7 +12,10 @@ Questions, on one GPU, same weights, same run:
     CPUTier, the blocks were written through at commit in (a), every block is evicted from the pool, and the
     runner's prefix lookup promotes them through the cache's own path (`LowerTiers.load` ->
     `tiers.load_records`: one direct copy per block from its page-locked payload into its pool slot; the
-    figure counts as ours only if every block went that way). References in the same run: the former staged
+    figure counts as ours only if every block went that way). The load is timed by CUDA events around its
+    copies and nothing waits for them, so the host launches the prefill while they run, as in serving (until
+    2026-12-03 the load was timed by synchronising the device before and after it, which kept the prefill's
+    launch from overlapping the copies and added it to the TTFT). References in the same run: the former staged
     load (every record decoded into one fresh pinned buffer, then one host-to-device copy), and one pinned
     host-to-device copy of the same bytes (the link's ceiling);
 (d) decode tokens per second at batch 1 and 32 (prompt 512, 128 new tokens): our runner with CUDA graphs

@@ -45,25 +45,51 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+class LoadTimer:
+    """The time of one load: CUDA events around the copies on the device (the host does not wait for them, so the
+    prefill is launched while they run, as in serving), or host time on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) \
+            if device.type == "cuda" else None
+        self.start = time.perf_counter()
+        if self.events is not None:
+            self.events[0].record()
+        self.host_s = 0.0
+
+    def stop(self) -> LoadTimer:
+        self.host_s = time.perf_counter() - self.start
+        if self.events is not None:
+            self.events[1].record()
+        return self
+
+    @property
+    def seconds(self) -> float:
+        """The load's own time (waits for its copies on CUDA: read it after the TTFT is taken)."""
+        if self.events is None:
+            return self.host_s
+        self.events[1].synchronize()
+        return self.events[0].elapsed_time(self.events[1]) / 1e3
+
+
 class PromotionTiers(LowerTiers):
-    """The cache's lower tiers, timing each promotion's load. `staged` swaps in the former load (every record
-    decoded into one fresh pinned host buffer, one host-to-device copy, one index_copy_) as a reference."""
+    """The cache's lower tiers, timing each promotion's load (`LoadTimer`: nothing is synchronised, so the load
+    overlaps the prefill's launch as in serving). `staged` swaps in the former load (every record decoded into
+    one fresh pinned host buffer, one host-to-device copy, one index_copy_) as a reference."""
 
     staged = False
-    loads: list[tuple[float, LoadResult]]
+    loads: list[tuple[LoadTimer, LoadResult]]
 
     def load(self, pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[Any]) -> LoadResult:  # type: ignore[override]
-        sync()
-        start = time.perf_counter()
+        timer = LoadTimer(pool_kv.device)
         if self.staged:
             host = records_to_host(records, tuple(pool_kv.shape[1:]), pool_kv.dtype, pin_memory=pool_kv.is_cuda)
-            index = torch.tensor([int(b) for b in block_ids], dtype=torch.long, device=pool_kv.device)
+            index = torch.tensor([int(b) for b in block_ids], dtype=torch.long).to(pool_kv.device, non_blocking=True)
             pool_kv.index_copy_(0, index, host.to(pool_kv.device, non_blocking=True))
             result = LoadResult(decoded=len(records))
         else:
             result = super().load(pool_kv, block_ids, records)
-        sync()
-        self.loads.append((time.perf_counter() - start, result))
+        self.loads.append((timer.stop(), result))
         return result
 
 

@@ -39,14 +39,14 @@ SERVER_MODULES = ("fastapi", "uvicorn", "starlette", "httpx")
 SERVER_VARIANTS: dict[str, dict[str, Any]] = {
     "ours_server": {},
     "ours_server_pool_only": {"cpu_tier_bytes": 0},
-    "ours_server_step_tokens_2048": {"max_step_tokens": 2048},
+    "ours_server_step_tokens_512": {"max_step_tokens": 512},
     "ours_server_wake_at_step_end": {"defer_wakeups": False},
 }
 """Our server's runs, each an override of the default config (`KVCacheConfig` fields, and `defer_wakeups` of
-the step loop): the default (the CPU tier below the pool written through; on CUDA the readers of a step woken
-once the next step is launched), the pool alone (no tier: what the write-through costs), steps of 2048 tokens
-instead of 512 (prefill in fewer, larger forwards), and the readers woken at the end of each step (what the
-deferred wake-up gains). The goals are the default's."""
+the step loop): the default (the CPU tier below the pool written through; steps of up to 2048 tokens; on CUDA a
+step's chunks delivered and their readers woken once the next step is launched), the pool alone (no tier: what
+the write-through costs), steps of 512 tokens (the former default: prefill in more, smaller forwards), and the
+chunks delivered at the end of each step (what the deferred delivery gains). The goals are the default's."""
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -245,7 +245,7 @@ class KVCacheConfig:
     # Scheduler (continuous batching).
     max_running: int = field(default=64, metadata={
         "help": "requests in the running batch at once (decoding or prefilling)"})
-    max_step_tokens: int = field(default=512, metadata={
+    max_step_tokens: int = field(default=2048, metadata={
         "help": "tokens one scheduler step computes: one per decoding request plus prefill chunks"})
     max_waiting: int = field(default=1024, metadata={
         "help": "requests waiting for admission; one more is refused (HTTP 429)"})

@@ -4,12 +4,13 @@ One step: the scheduler plans (`Scheduler.schedule`), the backend computes (`Mod
 sampler picks the sampled rows' tokens, the scheduler applies them (`Scheduler.update`), and each request's
 sink gets a `StreamChunk` when its step released text or ended it. The sinks of one step are called while
 `waker` holds: the streams' consumers are woken together, one event-loop wake-up per step (see `LoopWaker`).
-When the step ran on the CPU, they are woken at the end of the step. When it ran on CUDA (`defer_wakeups`),
-they are woken once the NEXT step's kernels are launched (or when the loop goes idle): the event loop then
-turns the chunks into HTTP writes while the device computes, instead of holding the GIL while this thread
-schedules and launches the next step. The thread sleeps while there is no work and wakes on `submit` and
-`cancel`. A step that raises fails the requests it was computing (their sinks get the exception, their KV is
-released); the others go on.
+On the CPU a step's chunks are delivered, and their consumers woken, at the end of the step. On CUDA
+(`defer_wakeups`) they are delivered once the NEXT step's kernels are launched (or when the loop goes idle):
+building the chunks, calling the sinks and the event loop's HTTP writes then run while the device computes,
+instead of between two steps while the device waits (a chunk reaches its reader at the same moment as when
+only the wake-up was deferred). The thread sleeps while there is no work and wakes on `submit` and `cancel`.
+A step that raises fails the requests it was computing (their sinks get the exception, their KV is released);
+the others go on.
 
 `on_finished(state)` is called on the step thread once per request that ended (finished, cancelled or
 failed): the one place per-request figures are recorded. Keep it quick: the next step waits for it.
@@ -52,6 +53,7 @@ class StepLoop:
         self.waker = LoopWaker()  # the streams' consumers are woken through it, once per step
         self._sinks: dict[int, tuple[SequenceState, Sink]] = {}
         self._emitted: dict[int, int] = {}
+        self._pending: list[StepOutput] = []  # a step's outputs not yet delivered (deferred: until the next launch)
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -86,17 +88,18 @@ class StepLoop:
     def _run(self) -> None:
         while True:
             if not self.scheduler.has_work():
-                self.waker.release()  # nothing to overlap with: the last step's readers run now
+                self._flush()  # nothing to overlap with: the last step's chunks go out now
             with self._wakeup:
                 while not self._closed and not self.scheduler.has_work():
                     self._wakeup.wait()
                 if self._closed:
-                    self.waker.release()
+                    self._flush()
                     return
             try:
                 progressed = self.step()
             except Exception as exc:  # a fault outside the model (scheduling, bookkeeping): fail every request
                 logger.exception("the step loop failed; failing every queued request")
+                self._flush()
                 self.waker.hold()
                 for state in self.scheduler.drain():
                     self._deliver_error(state, exc)
@@ -117,26 +120,27 @@ class StepLoop:
             steps += 1
             if steps >= max_steps:
                 raise RuntimeError(f"still busy after {max_steps} steps")
-        self.waker.release()
+        self._flush()
         return steps
 
     def step(self) -> bool:
-        """Runs one step; False when there was nothing to compute or end. The wake-ups of the chunks it
-        delivered are sent before it returns, unless `defer_wakeups` (then at the next step's launch)."""
+        """Runs one step; False when there was nothing to compute or end. The chunks it made are delivered
+        before it returns, unless `defer_wakeups` (then once the next step is launched, or at idle)."""
         plan = self.scheduler.schedule()
         if not plan.chunks and not plan.ended:
-            self.waker.release()
+            self._flush()
             return False
         start = time.perf_counter()
         tokens: list[int] = []
         try:
             if plan.chunks:
                 logits = self.scheduler.backend.execute(plan.chunks)
-                self.waker.release()  # the last step's readers run while the device computes this one
+                self._flush()  # the last step's chunks go out while the device computes this one
                 states = [c.state for c in plan.chunks if c.samples]
                 tokens = self.sampler.sample(logits, [s.params for s in states], [s.generator for s in states])
         except Exception as exc:
             logger.exception("a step of %d sequences failed", len(plan.chunks))
+            self._flush()
             failed = [c.state for c in plan.chunks]
             self.scheduler.fail(failed)
             self.waker.hold()
@@ -146,13 +150,18 @@ class StepLoop:
                 self._deliver(StepOutput(state, None, state.text.finish(), "cancelled"))
             self.waker.release()
             return True
-        outputs = self.scheduler.update(plan, tokens, time.perf_counter() - start)
+        self._pending += self.scheduler.update(plan, tokens, time.perf_counter() - start)
+        if not self.defer_wakeups:
+            self._flush()
+        return True
+
+    def _flush(self) -> None:
+        """Delivers the outputs held so far, their consumers woken at once (one wake-up per event loop)."""
+        outputs, self._pending = self._pending, []
         self.waker.hold()
         for output in outputs:
             self._deliver(output)
-        if not self.defer_wakeups:
-            self.waker.release()
-        return True
+        self.waker.release()
 
     def _deliver(self, output: StepOutput) -> None:
         state = output.state
