@@ -32,8 +32,10 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def test_registry_has_the_eight_strategies():
-    assert sorted(POLICIES) == ["adaptive", "arc", "fifo", "lfu", "lru", "s3fifo", "s3fifo_adaptive", "twoq_adaptive"]
+def test_registry_has_the_nine_strategies():
+    assert sorted(POLICIES) == [
+        "adaptive", "arc", "fifo", "lfu", "lru", "s3fifo", "s3fifo_adaptive", "twoq_adaptive", "twoq_freq",
+    ]
     for key, cls in POLICIES.items():
         assert cls.name == key
         assert type(make_policy(key.upper(), 4)) is cls

@@ -1,6 +1,7 @@
 """Eviction and admission policies behind one interface and one registry.
 
-Registered: lru, lfu, fifo, s3fifo, s3fifo_adaptive, arc, twoq_adaptive, adaptive. The trace-replay lab (Belady's bound, synthetic
+Registered: lru, lfu, fifo, s3fifo, s3fifo_adaptive, arc, twoq_adaptive, twoq_freq,
+adaptive (the default: follows the best of twoq_adaptive, twoq_freq and LRU). The trace-replay lab (Belady's bound, synthetic
 Mooncake-schema workloads) lives in the `replay` subpackage.
 """
 
@@ -14,8 +15,9 @@ from .registry import POLICIES, has_policy, make_policy, register_policy
 from .s3fifo import S3FIFOPolicy
 from .s3fifo_adaptive import AdaptiveS3FIFOPolicy
 from .twoq_adaptive import TwoQAdaptivePolicy
+from .twoq_freq import TwoQFrequencyPolicy
 
 __all__ = [
     "ARCPolicy", "AdaptivePolicy", "AdaptiveS3FIFOPolicy", "EvictionPolicy", "FIFOPolicy", "LFUPolicy", "LRUPolicy", "POLICIES",
-    "S3FIFOPolicy", "TwoQAdaptivePolicy", "has_policy", "make_policy", "register_policy",
+    "S3FIFOPolicy", "TwoQAdaptivePolicy", "TwoQFrequencyPolicy", "has_policy", "make_policy", "register_policy",
 ]

@@ -6,12 +6,17 @@ from collections.abc import Hashable
 
 from .base import Clock, EvictionPolicy
 from .shadow import ShadowCache
-from .tick_policies import TickARCPolicy, TickLRUPolicy
+from .tick_policies import TickLRUPolicy
+from .twoq_adaptive import TwoQAdaptivePolicy
+from .twoq_freq import TwoQFrequencyPolicy
 
 HALF_LIFE_CAPACITIES = 8.0  # a hit weighs half after traffic of this many capacities (scale-free)
 
 
-EXPERTS: tuple[type[EvictionPolicy], ...] = (TickLRUPolicy, TickARCPolicy)
+# twoq_adaptive leads where its doorkeeper pays (small caches, one-off prompts); twoq_freq where popular
+# prompts must outlive recency (shared system prompts at small capacity); LRU where nearly all fits and
+# refusing first sightings a long stay costs hits (conversation at 25M tokens).
+EXPERTS: tuple[type[EvictionPolicy], ...] = (TwoQAdaptivePolicy, TwoQFrequencyPolicy, TickLRUPolicy)
 
 
 class AdaptivePolicy(EvictionPolicy):

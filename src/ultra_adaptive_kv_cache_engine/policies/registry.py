@@ -12,6 +12,7 @@ from .lru import LRUPolicy
 from .s3fifo import S3FIFOPolicy
 from .s3fifo_adaptive import AdaptiveS3FIFOPolicy
 from .twoq_adaptive import TwoQAdaptivePolicy
+from .twoq_freq import TwoQFrequencyPolicy
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     "lru": LRUPolicy,
@@ -21,6 +22,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "s3fifo_adaptive": AdaptiveS3FIFOPolicy,
     "arc": ARCPolicy,
     "twoq_adaptive": TwoQAdaptivePolicy,
+    "twoq_freq": TwoQFrequencyPolicy,
     "adaptive": AdaptivePolicy,
 }
 for _name in POLICIES:  # every built-in policy is a strategy a config can name (the enum is extensible)

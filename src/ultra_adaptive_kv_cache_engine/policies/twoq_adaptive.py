@@ -114,12 +114,16 @@ class TwoQAdaptivePolicy(EvictionPolicy):
         size = self._size.pop(key, None)
         if size is None:
             return
+        self._forget(key)
         c = self.target_capacity
         if self._probation.pop(key) is not None:
             self._probation_ghost.add(key, size, GHOST_CAPACITIES * c)
         else:
             self._main.pop(key)
             self._main_ghost.add(key, size, MAIN_GHOST_CAPACITIES * c)
+
+    def _forget(self, key: Hashable) -> None:
+        """Hook: `key` leaves the policy (subclasses drop what they keep per key)."""
 
     def victims(self, n: int) -> list[Hashable]:
         out: list[Hashable] = []
