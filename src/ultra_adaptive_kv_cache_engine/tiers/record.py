@@ -222,7 +222,9 @@ def _raw_record(block_hash: bytes, namespace: bytes, tensor: torch.Tensor, borro
     check_key(namespace, "namespace")
     meta = TensorMeta(CodecKind.IDENTITY, dtype_name(tensor.dtype), tuple(int(d) for d in tensor.shape))
     header = record_head(block_hash, namespace, meta_json(meta), view.nbytes)
-    return BlockRecord(block_hash, namespace, meta, view.toreadonly(), header, borrowed=borrowed)
+    # a borrowed payload is read-only (the caller's memory); an adopted one is the record's own, left writable so
+    # that aliasing it as a tensor (`payload_tensor`) needs no guard against torch's read-only-buffer warning
+    return BlockRecord(block_hash, namespace, meta, view.toreadonly() if borrowed else view, header, borrowed=borrowed)
 
 
 def parse_prefix(data: bytes | memoryview) -> RecordPrefix:
