@@ -151,17 +151,13 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
 
 
 def variants(kv: PagedKV, query: Tensor, plan: DecodeLaunch, sms: int) -> dict[str, DecodeLaunch]:
-    """Launch variants around the planned one: key tiles and split counts (more programs per SM hide the
-    latency of loads that go through registers), warps and stages at 64-key tiles."""
+    """Launch variants around the planned one: key tiles, stages and split counts (more programs per SM hide
+    the latency of loads), 8 warps at 128-key tiles."""
     shape = kv.decode_shape(query)
     found: dict[str, DecodeLaunch] = {}
-    for block_n in (32, 64, 128):
-        for splits in (1, 4):
-            base = plan_decode(shape, sms, num_splits=splits, block_n=block_n)
-            found[f"n{block_n}_x{splits}"] = dataclasses.replace(base, num_warps=4, num_stages=2)
-    for splits in (1, 4):
-        found[f"n64_x{splits}_w8"] = dataclasses.replace(found[f"n64_x{splits}"], num_warps=8)
-    found["n64_x1_s3"] = dataclasses.replace(found["n64_x1"], num_stages=3)
+    for block_n, stages, splits in ((64, 3, 1), (128, 2, 1), (128, 3, 1), (128, 3, 2), (128, 4, 1)):
+        base = plan_decode(shape, sms, num_splits=splits, block_n=block_n)
+        found[f"n{block_n}_s{stages}_x{splits}"] = dataclasses.replace(base, num_warps=4, num_stages=stages)
     return {name: launch for name, launch in found.items() if launch != plan}
 
 
@@ -180,14 +176,38 @@ def time_format(w: World, fmt: PoolFormat, args: argparse.Namespace, gen: torch.
     contenders = {"bf16": Contender(lambda: backend.decode_attention(w.query, base, out=out_b)),
                   fmt.name: Contender(lambda: backend.decode_attention(w.query, kv, out=out_q))}
     launches: dict[str, dict[str, Any]] = {}
-    if backend.name == "triton" and fmt.name in args.sweep:
+    if backend.name == "triton":
         from ultra_adaptive_kv_cache_engine.kernels.triton_common import num_sms
-        from ultra_adaptive_kv_cache_engine.kernels.triton_decode import triton_decode_attention
+        from ultra_adaptive_kv_cache_engine.kernels.triton_decode import (
+            _launch_partitions,
+            triton_decode_attention,
+        )
+        from ultra_adaptive_kv_cache_engine.kernels.triton_token_decode import TOKEN_SCALED_FORMATS
 
         sms = num_sms(w.device)
-        plan = plan_quant_decode(kv.decode_shape(w.query), sms)  # what decode_attention plans for itself
+        planner = plan_decode if fmt.name in TOKEN_SCALED_FORMATS else plan_quant_decode
+        plan = planner(kv.decode_shape(w.query), sms)  # what decode_attention plans for itself
         row["launch"] = dataclasses.asdict(plan)
-        for name, launch in variants(kv, w.query, plan, sms).items():
+        if fmt.name in TOKEN_SCALED_FORMATS:  # the generic QUANT kernel these formats took before, same launch
+            out_g = torch.empty_like(w.query)
+            generic = plan_quant_decode(kv.decode_shape(w.query), sms)
+            group = Q_HEADS // KV_HEADS
+
+            def run_generic() -> None:
+                _launch_partitions(w.query, kv, out_g, generic, group, HEAD_DIM**-0.5, specialised=False)
+
+            run_generic()
+            launches["generic"] = {**dataclasses.asdict(generic), "rel_err_vs_planned": rel_err(out_g, out_q)}
+            contenders["generic"] = Contender(run_generic, optional=True)
+            out_n = torch.empty_like(w.query)
+
+            def run_no_prefetch() -> None:  # the planned launch, each tile's scales loaded in its own iteration
+                _launch_partitions(w.query, kv, out_n, plan, group, HEAD_DIM**-0.5, prefetch=False)
+
+            run_no_prefetch()
+            launches["no_prefetch"] = {**dataclasses.asdict(plan), "rel_err_vs_planned": rel_err(out_n, out_q)}
+            contenders["no_prefetch"] = Contender(run_no_prefetch, optional=True)
+        for name, launch in variants(kv, w.query, plan, sms).items() if fmt.name in args.sweep else ():
             out_v = torch.empty_like(w.query)
             try:
                 triton_decode_attention(w.query, kv, out=out_v, launch=launch)
@@ -279,7 +299,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--sample-ms", type=float, default=4.0)
-    p.add_argument("--sweep", nargs="*", default=["fp8", "int4"], choices=list(POOL_FORMATS),
+    p.add_argument("--sweep", nargs="*", default=["fp8"], choices=list(POOL_FORMATS),
                    help="formats whose launch variants are timed too (CUDA); none: --sweep with no name")
     p.add_argument("--no-save", action="store_true", help="only print the JSON line")
     args = p.parse_args()

@@ -123,9 +123,6 @@ def _check_against_twins(out: torch.Tensor, qb: QBatch, fmt: PoolFormat, world: 
     """`out` within tolerance of the float64 oracle and of the reference kernel (on the CPU, same dtype)."""
     tol = qtolerance(world.dtype)
     assert_close_rel(out, oracle(qb.batch), tol)
-    bs, heads, dim = qb.staging.shape[3:]
-    if (bs * heads * dim * fmt.bits // 8) % 2:
-        return  # float16 parameters at an odd byte: PoolFormat.dequantize cannot view one slab's (the oracle did)
     kv, q = qb.kv(fmt, "cpu"), qb.batch.query
     ref = get_backend("reference")
     expected = (ref.prefill_attention(q, qb.batch.query_start_loc, kv) if prefill else ref.decode_attention(q, kv))
@@ -172,6 +169,32 @@ def test_decode_tiles_and_splits_over_mixed_blocks(name: str, launch: tuple[int,
     plan = plan_decode(kv.decode_shape(qb.batch.query), num_sms=132, num_splits=splits, block_n=block_n)
     out = triton_decode_attention(qb.batch.query.to(DEVICE), kv, launch=plan)
     _check_against_twins(out, qb, fmt, world, prefill=False)
+
+
+def test_fp8_kernel_and_its_switches_agree():
+    """fp8 views take triton_token_decode's kernel (the other formats the generic QUANT kernel); with its scale
+    prefetch off, and through the generic kernel, the same attention (split and not)."""
+    from ultra_adaptive_kv_cache_engine.kernels.triton_decode import _launch_partitions
+    from ultra_adaptive_kv_cache_engine.kernels.triton_token_decode import token_scaled
+
+    fmt = POOL_FORMATS["fp8"]
+    world = QWorld(seq_lens=(97, 1, 64, 40), q_lens=(1,) * 4, q_heads=8, kv_heads=2, head_dim=16,
+                   block_size=5, dtype=torch.float32, stage_every=2)
+    qb = build_quant(world, fmt, seed=45)
+    kv, query = qb.kv(fmt), qb.batch.query.to(DEVICE)
+    assert token_scaled(kv)
+    for other in ("int8", "int4", "int2"):
+        assert not token_scaled(build_quant(world, POOL_FORMATS[other], seed=45).kv(POOL_FORMATS[other]))
+    for splits in (1, 3):
+        plan = plan_decode(kv.decode_shape(query), num_sms=132, num_splits=splits, block_n=16)
+        outs = []
+        for switches in ({}, {"prefetch": False}, {"specialised": False}):
+            out = torch.full(query.shape, float("nan"), dtype=world.dtype, device=DEVICE)
+            _launch_partitions(query, kv, out, plan, 4, world.head_dim**-0.5, **switches)
+            outs.append(out)
+        _check_against_twins(outs[0], qb, fmt, world, prefill=False)
+        assert torch.equal(outs[1], outs[0])  # the same arithmetic, only the loads move
+        assert_close_rel(outs[2], outs[0], qtolerance(world.dtype))
 
 
 PREFILL_WORLDS = [

@@ -46,6 +46,7 @@ from .launch_plan import DecodeLaunch, plan_decode, plan_quant_decode
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms, softmax_update
 from .triton_slabs import SlabArgs, column_order, quant_operands, quant_tile_update, sub_block
+from .triton_token_decode import launch_token_decode, token_scaled
 
 #: Largest grid extent along y (CUDA): a batch beyond it launches batch-major.
 MAX_GRID_Y = 65535
@@ -175,33 +176,23 @@ def _check(query: Tensor, kv: PagedKV, out: Tensor | None) -> int:
     return group
 
 
-def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaunch, group: int, scale: float) -> None:
+def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaunch, group: int, scale: float,
+                       specialised: bool = True, prefetch: bool = True) -> None:
     """Kernel 1, then (when split) kernel 2; the partial buffers come from the caching allocator (or the
-    private pool of a CUDA graph being captured)."""
+    private pool of a CUDA graph being captured). fp8 / int8 views take `triton_token_decode`'s kernel 1
+    (scales loaded a tile ahead unless `prefetch` is False) unless `specialised` is False (the generic QUANT
+    path); both switches exist for the benchmark's comparisons."""
     batch, heads, dim = (int(x) for x in query.shape)
     split = plan.num_splits > 1
     parts, lse = out, out[:, :, 0]  # placeholders with the right rank when not split (never touched)
     if split:
         parts = torch.empty((batch, heads, plan.num_splits, plan.block_d), dtype=torch.float32, device=query.device)
         lse = torch.empty((batch, heads, plan.num_splits), dtype=torch.float32, device=query.device)
-    k, v = kv.key_cache, kv.value_cache
-    slabs = SlabArgs.of(kv)
     heads_first = plan.heads_first and batch <= MAX_GRID_Y
-    grid = (kv.num_kv_heads, batch) if heads_first else (batch, kv.num_kv_heads)
-    _decode_partition_kernel[(*grid, plan.num_splits)](
-        query, k, v, kv.block_tables, kv.seq_lens, out, parts, lse, slabs.keys, slabs.values,
-        scale * math.log2(math.e), plan.partition_size, slabs.num_slabs,
-        query.stride(0), query.stride(1),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        kv.block_tables.stride(0), out.stride(0), out.stride(1),
-        parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
-        slabs.keys.stride(0), slabs.values.stride(0),
-        GROUP=group, HEAD_DIM=dim, PAGE=kv.block_size,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
-        SPLIT=split, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=heads_first,
-        **slabs.constexprs(), SUB=sub_block(kv.block_size, plan.block_n), num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )
+    if specialised and token_scaled(kv):
+        launch_token_decode(query, kv, out, plan, group, scale, parts, lse, heads_first, prefetch)
+    else:
+        _launch_generic(query, kv, out, plan, group, scale, parts, lse, heads_first)
     if split:
         _decode_merge_kernel[(batch * heads,)](
             parts, lse, kv.seq_lens, out, heads, plan.num_splits, plan.partition_size,
@@ -229,7 +220,7 @@ def triton_decode_attention(
     if batch == 0:
         return out
     shape = kv.decode_shape(query)
-    planner = plan_decode if kv.quant is None else plan_quant_decode
+    planner = plan_decode if kv.quant is None or token_scaled(kv) else plan_quant_decode
     plan = launch if launch is not None else planner(shape, num_sms(query.device))
     if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
         raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
@@ -242,3 +233,27 @@ def triton_decode_attention(
         small = dataclasses.replace(small, heads_first=plan.heads_first)
         _launch_partitions(query, kv, out, small, group, scale)
     return out
+
+
+def _launch_generic(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaunch, group: int, scale: float,
+                    parts: Tensor, lse: Tensor, heads_first: bool) -> None:
+    """Kernel 1 of this module: unquantized views, and quantized ones of any pool format."""
+    batch, dim = int(query.shape[0]), int(query.shape[2])
+    k, v = kv.key_cache, kv.value_cache
+    slabs = SlabArgs.of(kv)
+    split = plan.num_splits > 1
+    grid = (kv.num_kv_heads, batch) if heads_first else (batch, kv.num_kv_heads)
+    _decode_partition_kernel[(*grid, plan.num_splits)](
+        query, k, v, kv.block_tables, kv.seq_lens, out, parts, lse, slabs.keys, slabs.values,
+        scale * math.log2(math.e), plan.partition_size, slabs.num_slabs,
+        query.stride(0), query.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        kv.block_tables.stride(0), out.stride(0), out.stride(1),
+        parts.stride(0), parts.stride(1), parts.stride(2), lse.stride(0), lse.stride(1),
+        slabs.keys.stride(0), slabs.values.stride(0),
+        GROUP=group, HEAD_DIM=dim, PAGE=kv.block_size,
+        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
+        SPLIT=split, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=heads_first,
+        **slabs.constexprs(), SUB=sub_block(kv.block_size, plan.block_n), num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
