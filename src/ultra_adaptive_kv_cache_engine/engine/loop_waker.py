@@ -5,8 +5,9 @@ A consumer waiting for its stream's next chunk awaits a future; the step thread 
 lets the event loop take it in the middle of the step). Between `hold()` and `release()` (or inside `batch()`)
 the wake-ups are held, and at the release each event loop gets ONE callback that sets all of its futures: a
 step of 64 streams costs one system call and one hand-over of the GIL, not 64. Outside a hold a wake-up is
-sent at once. The holder chooses when the consumers run: the step loop on CUDA releases a step's wake-ups
-once the next step's kernels are launched, so the event loop works while the device computes.
+sent at once. The holder chooses when the consumers run: the step loop releases a step's wake-ups at its end,
+or with `defer_wakeups` once the next step's kernels are launched (the event loop then works while the device
+computes).
 
 When a loop is closed (nobody will read), the `on_dead` callbacks of the futures it held are called on the
 releasing thread, so their requests are cancelled.
