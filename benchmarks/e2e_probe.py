@@ -1,5 +1,6 @@
 """Where the host time of our forwards goes on a GPU (a diagnostic, not a goal): Llama-3-8B shape, bf16, random
-weights. Prints one JSON line and writes it to $OUT/e2e_probe.json (or the results folder).
+weights, seeded; CUDA only (it measures launches and syncs, which the CPU does not have). Prints one JSON line and
+writes it to `results/e2e_probe.json` (or to $UAKV_RESULTS_DIR; the H200 run is `results/h200/e2e_probe.json`).
 
 (a) decode step time (CUDA graph replays, events, median of 30) at batch 1 and 64, the current layer vs the
     former one (the RMSNorm formula in eight ops and separate residual adds), same weights, same run;
@@ -14,18 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
 import traceback
 import warnings
-from pathlib import Path
 from typing import Any
 
 import bench_end_to_end_gpu  # noqa: F401 - stands in for missing optional modules
 import torch
 import torch.nn.functional as F
+from bench_common import emit
 from e2e_model import build_hf, make_cache, sync
 
 from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
@@ -156,6 +156,7 @@ def main() -> int:
     p.add_argument("--parts", default="a,b,c")
     args_in = p.parse_args()
     parts = set(args_in.parts.split(","))
+    torch.manual_seed(0)
     spec = argparse.Namespace(quick=False, prompt_tokens=8192, seed=0, init_std=0.02)
     hf = build_hf(spec, torch.device("cuda"), torch.bfloat16)
     model = PagedLlama.from_hf(hf)
@@ -202,11 +203,7 @@ def main() -> int:
         except Exception as exc:
             out["c_serving"] = f"{type(exc).__name__}: {exc}"[:800]
             traceback.print_exc()
-    text = json.dumps(out)
-    print(text)
-    target = Path(os.environ.get("OUT", "benchmarks/results/quick"))
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "e2e_probe.json").write_text(text + "\n")
+    emit("e2e_probe", out)
     return 0
 
 
