@@ -185,12 +185,11 @@ def time_format(w: World, fmt: PoolFormat, args: argparse.Namespace, gen: torch.
         from ultra_adaptive_kv_cache_engine.kernels.triton_token_decode import TOKEN_SCALED_FORMATS
 
         sms = num_sms(w.device)
-        planner = plan_decode if fmt.name in TOKEN_SCALED_FORMATS else plan_quant_decode
-        plan = planner(kv.decode_shape(w.query), sms)  # what decode_attention plans for itself
+        plan = plan_quant_decode(kv.decode_shape(w.query), sms)  # what decode_attention plans for itself
         row["launch"] = dataclasses.asdict(plan)
         if fmt.name in TOKEN_SCALED_FORMATS:  # the generic QUANT kernel these formats took before, same launch
             out_g = torch.empty_like(w.query)
-            generic = plan_quant_decode(kv.decode_shape(w.query), sms)
+            generic = plan
             group = Q_HEADS // KV_HEADS
 
             def run_generic() -> None:

@@ -59,10 +59,11 @@ LONG_PARTITION_SMALL_BLOCKS = 2048
 MAX_SPLITS = 128
 #: SM count assumed when the device does not say (an H100/H200 has 132).
 DEFAULT_NUM_SMS = 132
-#: Pipeline stages at most for decode over quantized slabs: their codes go through registers (dequantised
-#: there), so a third stage only adds shared memory. H200, batch 64 x 8k keys, block size 16, 128-key tiles,
-#: one partition: fp8 0.764 ms with 2 stages vs 0.857 ms with 3, int4 1.068 vs 1.133 (64-key tiles: 0.934
-#: and 1.285; 32-key tiles slower still; 8 warps about 2x slower).
+#: Pipeline stages at most for decode over quantized slabs: a third stage only adds shared memory and
+#: registers. H200, batch 64 x 8k keys, block size 16, 128-key tiles, one partition: the generic kernel, fp8
+#: 0.764 ms with 2 stages vs 0.857 ms with 3, int4 1.068 vs 1.133 (64-key tiles: 0.934 and 1.285; 32-key
+#: tiles slower still; 8 warps about 2x slower); the fp8 kernel (`triton_token_decode`) 0.571 ms with 2 stages
+#: vs 0.651 with 3 and 2.09 with 4 (bf16 blocks 0.504 ms in the same rounds).
 QUANT_MAX_STAGES = 2
 
 

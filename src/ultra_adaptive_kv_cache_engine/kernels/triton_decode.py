@@ -220,7 +220,7 @@ def triton_decode_attention(
     if batch == 0:
         return out
     shape = kv.decode_shape(query)
-    planner = plan_decode if kv.quant is None or token_scaled(kv) else plan_quant_decode
+    planner = plan_decode if kv.quant is None else plan_quant_decode
     plan = launch if launch is not None else planner(shape, num_sms(query.device))
     if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
         raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
