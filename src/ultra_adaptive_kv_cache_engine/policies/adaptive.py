@@ -48,7 +48,13 @@ class AdaptivePolicy(EvictionPolicy):
         self._size: dict[Hashable, int] = {}
         self._total = 0
         self._weight = 1.0
+        self._growth: tuple[int, int, float] = (0, 0, 1.0)  # (size, shadow capacity, weight factor): one pow per change
         self.leader = 0
+        # bound methods, looked up once: every event goes to every expert and every shadow
+        self._inserts = tuple(e.on_insert for e in self._experts)
+        self._accesses = tuple(e.on_access for e in self._experts)
+        self._removes = tuple(e.on_remove for e in self._experts)
+        self._touches = tuple(s.touch for s in self._shadows)
 
     @property
     def experts(self) -> list[str]:
@@ -66,16 +72,16 @@ class AdaptivePolicy(EvictionPolicy):
         if self.capacity is None and self._total > self._shadows[0].capacity:
             for shadow in self._shadows:
                 shadow.capacity = self._total
-        for expert in self._experts:
-            expert.on_insert(key, size)
+        for insert in self._inserts:
+            insert(key, size)
         self._reference(key, size)
 
     def on_access(self, key: Hashable) -> None:
         size = self._size.get(key)
         if size is None:
             return
-        for expert in self._experts:
-            expert.on_access(key)
+        for access in self._accesses:
+            access(key)
         self._reference(key, size)
 
     def on_remove(self, key: Hashable) -> None:
@@ -83,8 +89,8 @@ class AdaptivePolicy(EvictionPolicy):
         if size is None:
             return
         self._total -= size
-        for expert in self._experts:
-            expert.on_remove(key)
+        for remove in self._removes:
+            remove(key)
 
     def victims(self, n: int) -> list[Hashable]:
         best = max(range(len(self._shadows)), key=lambda i: (self._shadows[i].score, i == self.leader))
@@ -94,9 +100,14 @@ class AdaptivePolicy(EvictionPolicy):
     def _reference(self, key: Hashable, size: int) -> None:
         tick = self.clock()
         weight = self._weight
-        for shadow in self._shadows:
-            shadow.touch(key, size, tick, weight)
-        self._weight = weight * 2.0 ** (size / (HALF_LIFE_CAPACITIES * self._shadows[0].capacity))
+        for touch in self._touches:
+            touch(key, size, tick, weight)
+        capacity = self._shadows[0].capacity
+        cached_size, cached_capacity, factor = self._growth
+        if size != cached_size or capacity != cached_capacity:
+            factor = 2.0 ** (size / (HALF_LIFE_CAPACITIES * capacity))
+            self._growth = (size, capacity, factor)
+        self._weight = weight * factor
         if self._weight > 1e100:  # renormalise: only ratios of scores matter
             for shadow in self._shadows:
                 shadow.score /= self._weight

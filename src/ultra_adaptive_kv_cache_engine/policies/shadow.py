@@ -26,21 +26,24 @@ class ShadowCache:
         self._missed_tick: float | None = None
 
     def touch(self, key: Hashable, size: int, tick: float, weight: float) -> None:
-        if key in self._size:
-            self.policy.on_access(key)
+        sizes, policy = self._size, self.policy
+        if key in sizes:
+            policy.on_access(key)
             if tick != self._missed_tick:
                 self.score += weight * size
             return
         self._missed_tick = tick
-        if size > self.capacity:
+        capacity = self.capacity
+        if size > capacity:
             return
-        while self.used + size > self.capacity:
-            (victim,) = self.policy.victims(1)
-            self.policy.on_remove(victim)
-            self.used -= self._size.pop(victim)
-        self.policy.on_insert(key, size)
-        self._size[key] = size
-        self.used += size
+        used = self.used
+        while used + size > capacity:
+            (victim,) = policy.victims(1)
+            policy.on_remove(victim)
+            used -= sizes.pop(victim)
+        policy.on_insert(key, size)
+        sizes[key] = size
+        self.used = used + size
 
     def __contains__(self, key: object) -> bool:
         return key in self._size

@@ -52,6 +52,20 @@ class TickList:
         newest[key] = size
         self.total += size
 
+    def add(self, key: Hashable, size: int) -> None:
+        """`touch` of a key known not to be held (the caller checked): skips the lookups that remove it."""
+        newest = self._newest
+        now = self._tick()
+        if now > self._now:
+            self._now = now
+            if newest:
+                closed = self._closed
+                for k, v in reversed(newest.items()):
+                    closed[k] = v
+                newest.clear()
+        newest[key] = size
+        self.total += size
+
     def pop(self, key: Hashable) -> int | None:
         size = self._newest.pop(key, None)
         if size is None:
@@ -60,6 +74,14 @@ class TickList:
                 return None
         self.total -= size
         return size
+
+    def first(self) -> Hashable:
+        """The first key of the eviction order (KeyError when empty)."""
+        if self._closed:
+            return next(iter(self._closed))
+        if self._newest:
+            return next(reversed(self._newest))
+        raise KeyError("first() of an empty TickList")
 
     def items(self) -> Iterator[tuple[Hashable, int]]:
         yield from self._closed.items()

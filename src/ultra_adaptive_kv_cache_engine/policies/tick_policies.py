@@ -31,6 +31,8 @@ class TickLRUPolicy(EvictionPolicy):
         self._order.pop(key)
 
     def victims(self, n: int) -> list[Hashable]:
+        if n == 1 and len(self._order):
+            return [self._order.first()]
         return first_keys((key for key, _ in self._order.items()), n)
 
     def __len__(self) -> int:

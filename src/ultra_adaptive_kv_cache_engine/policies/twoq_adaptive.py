@@ -87,19 +87,21 @@ class TwoQAdaptivePolicy(EvictionPolicy):
             self._touch(key, size)
             return
         self._size[key] = size
-        c = self.target_capacity
         since = self._probation_ghost.pop(key)
         if since is not None:
+            c = self.target_capacity
             if since <= WINDOW * c:
                 self.share = min(MAX_SHARE, self.share + size / c)
-            self._main.touch(key, size)
+            self._main.add(key, size)
         elif (since := self._main_ghost.pop(key)) is not None:
+            c = self.target_capacity
             if since <= WINDOW * c:
                 self.share = max(MIN_SHARE, self.share - size / c)
-            self._main.touch(key, size)
+            self._main.add(key, size)
         else:
-            self._probation.touch(key, size)
-        self._high_water = max(self._high_water, self._probation.total + self._main.total)
+            self._probation.add(key, size)
+        if self.capacity is None:  # c is the largest total tracked so far
+            self._high_water = max(self._high_water, self._probation.total + self._main.total)
 
     def on_access(self, key: Hashable) -> None:
         size = self._size.get(key)
@@ -126,6 +128,11 @@ class TwoQAdaptivePolicy(EvictionPolicy):
         """Hook: `key` leaves the policy (subclasses drop what they keep per key)."""
 
     def victims(self, n: int) -> list[Hashable]:
+        if n == 1 and self._size:  # the common ask (one slot at a time): no iterators
+            p = self._probation
+            if len(p) and (p.total >= self.share * self.target_capacity or not len(self._main)):
+                return [p.first()]
+            return [self._main.first()]
         out: list[Hashable] = []
         probation, main = self._probation.items(), self._main.items()
         p_total, floor = self._probation.total, self.share * self.target_capacity
