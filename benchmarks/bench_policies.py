@@ -9,7 +9,7 @@ Output: one JSON line per trace (rates in percent, deltas in points) and a PNG o
 both under benchmarks/results/ as policies_<trace>.json / .png. Each line also carries `live_replay`: the
 trace's first requests replayed through the live `KVCacheManager` (as tests/test_live_replay.py does) next to
 the simulator's counts for every policy, and `cost_per_block_us`: a replay's CPU time per block of each
-policy (best of 5), with its ratio to LRU's (same run, same requests).
+policy (best of 5 interleaved rounds), with its ratio to LRU's (same run, same requests).
 """
 
 from __future__ import annotations
@@ -138,18 +138,16 @@ def live_agreement(requests: list[TraceRequest], block_tokens: int, policies: li
 def policy_cost(requests: list[TraceRequest], block_tokens: int, capacity: int, policies: list[str]) -> dict:
     """CPU microseconds per replayed block (every policy event of a replay, the simulator's loop included)."""
     trace = compile_trace(requests[:COST_REQUESTS], block_tokens, "cost")
-    us = {}
-    for p in policies:
-        if p == BELADY:
-            continue
-        best = float("inf")
-        for _ in range(COST_ROUNDS):
+    names = [p for p in policies if p != BELADY]
+    best = dict.fromkeys(names, float("inf"))
+    for _ in range(COST_ROUNDS):  # rounds interleaved: a change of the machine's load hits every policy alike
+        for p in names:
             clock = RequestClock()
             policy = make_policy(p, capacity, clock)
             started = time.process_time()
             simulate(trace, policy, capacity, clock)
-            best = min(best, time.process_time() - started)
-        us[p] = round(1e6 * best / trace.blocks, 3)
+            best[p] = min(best[p], time.process_time() - started)
+    us = {p: round(1e6 * t / trace.blocks, 3) for p, t in best.items()}
     base = us.get("lru")
     return {"capacity_tokens": capacity, "us": us,
             "ratio_vs_lru": {p: round(v / base, 2) for p, v in us.items()} if base else None}
