@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from test_policies_twoq import conversations
 
-from ultra_adaptive_kv_cache_engine.policies import AdaptivePolicy, FIFOPolicy, LRUPolicy
+from ultra_adaptive_kv_cache_engine.policies import AdaptivePolicy, FIFOPolicy, LRUPolicy, TwoQAdaptivePolicy
 from ultra_adaptive_kv_cache_engine.policies.adaptive import EXPERTS
+from ultra_adaptive_kv_cache_engine.policies.base import EvictionPolicy
+from ultra_adaptive_kv_cache_engine.policies.replay import CompiledTrace, compile_trace, simulate
+from ultra_adaptive_kv_cache_engine.policies.replay.simulator import RequestClock
+from ultra_adaptive_kv_cache_engine.policies.replay.trace import TraceRequest
 from ultra_adaptive_kv_cache_engine.policies.shadow import ShadowCache
+from ultra_adaptive_kv_cache_engine.policies.tick_policies import TickLRUPolicy
 
 
 def test_shadow_scores_hits_under_the_prefix_rule():
@@ -83,3 +89,37 @@ def test_capacity_none_sizes_shadows_from_what_is_tracked():
 def test_needs_an_expert():
     with pytest.raises(ValueError, match="experts"):
         AdaptivePolicy(4, experts=())
+
+
+def test_default_experts_are_the_two_2q_policies_and_lru():
+    assert AdaptivePolicy(8).experts == ["twoq_adaptive", "twoq_freq", "tick-lru"]
+
+
+def replay(cls: type[EvictionPolicy], trace: CompiledTrace, blocks: int) -> tuple[int, EvictionPolicy]:
+    clock = RequestClock()
+    policy = cls(blocks * 512, clock)
+    return simulate(trace, policy, blocks * 512, clock).hit_blocks, policy
+
+
+def test_follows_the_doorkeeper_when_second_turns_come_late():
+    """Second turns after 3 capacities of one-off prompts (see test_policies_twoq): LRU keeps nothing of the
+    first turns, twoq_adaptive's 4c ghost readmits them; the adaptive policy stays with twoq_adaptive."""
+    trace = compile_trace(conversations(pairs=6, filler=30), 512, "turns")
+    hits = {cls.name: replay(cls, trace, 20)[0] for cls in (TwoQAdaptivePolicy, TickLRUPolicy)}
+    got, policy = replay(AdaptivePolicy, trace, 20)
+    assert hits == {"twoq_adaptive": 12, "tick-lru": 0} and got == 12 and policy.leader == 0
+
+
+def test_follows_lru_when_first_sightings_come_back_within_the_capacity():
+    """Every prompt comes back once, 12 prompts later, never again: LRU of 30 blocks hits every return; twoq's
+    protected queue fills with keys that will not come back and squeezes probation. The adaptive policy
+    switches to LRU and loses only the returns before its shadows tell them apart."""
+    requests = []
+    for i in range(300):
+        requests.append(TraceRequest(0.0, 512, 1, (f"x{i}",)))
+        if i >= 12:
+            requests.append(TraceRequest(0.0, 512, 1, (f"x{i - 12}",)))
+    trace = compile_trace(requests, 512, "once")
+    hits = {cls.name: replay(cls, trace, 30)[0] for cls in (TwoQAdaptivePolicy, TickLRUPolicy)}
+    got, policy = replay(AdaptivePolicy, trace, 30)
+    assert hits == {"twoq_adaptive": 277, "tick-lru": 288} and got == 286 and policy.leader == 2
