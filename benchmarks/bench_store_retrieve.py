@@ -106,7 +106,7 @@ def main() -> None:
                                                 strategy=CacheStrategy.ADAPTIVE),
         "baseline_dict": measure_dict(n),
         "block_pool": pool_ops_per_second(20 if args.quick else 200),
-        "policy_arm": policy_arm(512 if args.quick else pressure, 2),
+        "policy_arm": policy_arm(512 if args.quick else pressure, 2 if args.quick else 3),
     }
     worst = max(result[k][op]["p99_us"] for k in ("no_eviction", "eviction_4096_entries") for op in ("store", "retrieve"))
     result["goal_p99_us"] = 100.0
