@@ -232,3 +232,25 @@ def test_a_bad_config_press_or_a_backend_that_cannot_press_fails_when_the_sessio
             process(eng, kv_press="snapkv:0.5")
     finally:
         eng.close()
+
+
+def test_a_pressed_chain_is_persisted_and_a_new_engine_reuses_it(lm, tmp_path):
+    fields = {"kv_press": "sinks_window:tokens=8", "enable_persistence": True, "persistence_path": str(tmp_path)}
+    first_engine = engine(lm, **fields)
+    try:
+        first = process(first_engine)
+        written = first_engine.persist()
+    finally:
+        first_engine.close()
+    n = first["prompt_tokens"]
+    # on disk: the unpressed prompt's full blocks (n - 1 tokens), the 2 pressed blocks; no generated blocks
+    assert written["kv_blocks"] == (n - 1) // BS + 2
+    fresh = engine(lm, **fields)
+    try:
+        fresh.load()
+        again = process(fresh)
+        assert (again["cached_tokens"], again["text"]) == (n - 1, first["text"])
+        counters = fresh.cache_manager().counters.snapshot()
+        assert (counters["named_tier_hit_blocks"], counters["named_hit_tokens"]) == (2, n - 1)
+    finally:
+        fresh.close()
