@@ -2,8 +2,9 @@
 weights, seeded; CUDA only (it measures launches and syncs, which the CPU does not have). Prints one JSON line and
 writes it to `results/e2e_probe.json` (or to $UAKV_RESULTS_DIR; the H200 run is `results/h200/e2e_probe.json`).
 
-(a) decode step time (CUDA graph replays, events, median of 30) at batch 1 and 64, the current layer vs the
-    former one (the RMSNorm formula in eight ops and separate residual adds), same weights, same run;
+(a) decode step time (CUDA graph replays, events, median of 30) at batch 1 and 64, the fused decode ops
+    ("triton": `kernels.fused_decode_ops`) vs the PyTorch formulas ("torch"), same weights, same run (the
+    variants in detail, with end-to-end rates and the products alone: e2e_decode_ab.py);
 (b) host enqueue time vs time to result of eager forwards (decode batch 1, prefill of 512 tokens, 64 tokens over
     a 4k cached prefix), and the top host ops of each (torch.profiler, self CPU time);
 (c) the host synchronisations (torch.cuda sync debug mode) of a promoted prefill and of the serving engine's steps
@@ -24,48 +25,20 @@ from typing import Any
 
 import bench_end_to_end_gpu  # noqa: F401 - stands in for missing optional modules
 import torch
-import torch.nn.functional as F
 from bench_common import emit
 from e2e_model import build_hf, make_cache, sync
 
 from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
-from ultra_adaptive_kv_cache_engine.model import paged_llama
 from ultra_adaptive_kv_cache_engine.model.decode_step import DecodeStep
 from ultra_adaptive_kv_cache_engine.model.paged_llama import DecodeInputs, PagedLlama
 
 
-def _old_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _old_plus_linear(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return h + F.linear(x, weight, bias)
-
-
-class Variant:
-    """Swaps the module's layer helpers for the former ones while active."""
-
-    def __init__(self, old: bool) -> None:
-        self.old = old
-        self.saved = (paged_llama._rms_norm, paged_llama._plus_linear)
-
-    def __enter__(self) -> None:
-        if self.old:
-            paged_llama._rms_norm, paged_llama._plus_linear = _old_norm, _old_plus_linear
-
-    def __exit__(self, *exc: object) -> None:
-        paged_llama._rms_norm, paged_llama._plus_linear = self.saved
-
-
-def graph_step_ms(model: PagedLlama, pool: torch.Tensor, batch: int, ctx: int, bs: int, old: bool) -> dict[str, Any]:
+def graph_step_ms(model: PagedLlama, pool: torch.Tensor, batch: int, ctx: int, bs: int, ops: str) -> dict[str, Any]:
     width = ctx // bs + 2
-    step = DecodeStep(model, pool, batch, width)
+    step = DecodeStep(model.with_decode_ops(ops), pool, batch, width)
     tables = torch.arange(batch * width, dtype=torch.int32).reshape(batch, width) % pool.shape[0]
-    with Variant(old):
-        step.load([5] * batch, [ctx] * batch, tables)
-        ok = step.capture()
+    step.load([5] * batch, [ctx] * batch, tables)
+    ok = step.capture()
     times = []
     for _ in range(30):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -166,10 +139,10 @@ def main() -> int:
     pool = cache.kv
     if "a" in parts:
         for batch in (1, 64):
-            for old in (False, True):
-                key = f"a_decode_b{batch}_{'former' if old else 'current'}"
+            for ops in ("triton", "torch"):
+                key = f"a_decode_b{batch}_{ops}_ops"
                 try:
-                    out[key] = graph_step_ms(model, pool, batch, 512, bs, old)
+                    out[key] = graph_step_ms(model, pool, batch, 512, bs, ops)
                 except Exception as exc:
                     out[key] = f"{type(exc).__name__}: {exc}"[:400]
                 print(key, out[key], file=sys.stderr, flush=True)

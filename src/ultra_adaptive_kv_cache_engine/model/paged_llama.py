@@ -21,7 +21,11 @@ and values into their slots with the backend's `write_kv`, then attends:
   kernel attending per sequence over its cached prefix and its new tokens (varlen, causal among the new).
 - `decode`: one token per sequence for a batch, with the backend's paged decode kernel. It reads only the
   tensors of its `DecodeInputs` (slots and lengths are derived on the device), never synchronises with the
-  host and allocates only through the caching allocator, so a CUDA graph can capture it (`DecodeStep`).
+  host and allocates only through the caching allocator, so a CUDA graph can capture it (`DecodeStep`). Its
+  layers run through `decode_ops` (`kernels.fused_decode_ops`): on CUDA with Triton the RoPE of q and k and the
+  KV store are one launch, the SiLU-multiply one, and at batch 1 the products are Triton matrix-vector kernels
+  with the norms, the SiLU-multiply and the residual adds fused in; elsewhere the PyTorch formulas (the
+  reference twin). A model with biases decodes through the shared layer.
 
 Invariants: the block table rows cover every position attended (``table[p // block_size]`` holds position
 p); positions are below `max_positions` (the RoPE table length; checked on the host in `prefill`, by the
@@ -32,6 +36,7 @@ in float32 (tests).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels import KernelBackend, select_backend
+from ..kernels.fused_decode_ops import DecodeOps, get_decode_ops, select_decode_ops
+from ..kernels.fused_decode_ops import rms_norm as _rms_norm  # one op: F.rms_norm (float32 statistics)
+from ..kernels.fused_decode_ops import rotate as _rotate
 from .gathered_prefill import GatherRule, PrefillPath, gathered_attention
 from .kv_views import Pool, PoolViews, QuantPool, block_size_of, slot_base
 
@@ -194,13 +202,6 @@ def _rope_table(inv_freq: Tensor, scaling: float, max_positions: int) -> tuple[T
     return emb.cos() * scaling, emb.sin() * scaling
 
 
-def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """transformers' RMSNorm (float32 statistics, scaled by the weight in x's dtype) as ONE op: a fused kernel on
-    CUDA where the formula took eight launches (in float32 the same numbers; in bfloat16 the product by the
-    weight is not rounded separately, so within one rounding of transformers')."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
 def _plus_linear(h: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """h + x @ weight.T as one matrix product whose epilogue adds the residual (one launch, not two)."""
     if bias is not None:
@@ -212,13 +213,6 @@ def _in_write_caches(slots: Tensor, pool: Pool) -> Tensor:
     """Slots (entry * block_size + offset) as slots of the caches new KV is written into (`kv_views`)."""
     base = slot_base(pool)
     return slots - base if base else slots
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE of x (tokens, heads, head_dim) with cos/sin (tokens, head_dim) in x's dtype."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
 
 
 class PagedLlama:
@@ -247,6 +241,18 @@ class PagedLlama:
         self.backend = backend if backend is not None else select_backend(self.device)
         self.scale = shape.head_dim**-0.5
         self.gather_rule = gather_rule if gather_rule is not None else GatherRule()
+        biased = any(b is not None for w in self.layers for b in (w.qkv_bias, w.o_bias, w.gate_up_bias, w.down_bias))
+        # the decode step's fusable ops (kernels.fused_decode_ops); None: a biased model decodes through `_layer`
+        self.decode_ops: DecodeOps | None = None if biased else select_decode_ops(self.device, self.backend.write_kv)
+
+    def with_decode_ops(self, name: str) -> PagedLlama:
+        """This model (same weights, nothing copied) decoding through the decode ops registered under `name`;
+        ValueError for an unknown name or a model with biases (those decode through the shared layer)."""
+        if self.decode_ops is None:
+            raise ValueError("a model with biases decodes through the shared layer, not through decode ops")
+        model = copy.copy(self)
+        model.decode_ops = get_decode_ops(name, self.backend.write_kv)
+        return model
 
     @classmethod
     def from_hf(cls, model: Any, max_positions: int | None = None, backend: KernelBackend | None = None) -> PagedLlama:
@@ -295,6 +301,19 @@ class PagedLlama:
         x = _rms_norm(h, w.post_norm, s.rms_norm_eps)
         gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
         return _plus_linear(h, F.silu(gate) * up, w.down, w.down_bias)
+
+    def _decode_layer(self, h: Tensor, i: int, views: PoolViews, slots: Tensor, rope: tuple[Tensor, Tensor]
+                      ) -> Tensor:
+        """One decoder layer of a decode step through `decode_ops` (a model without biases): as `_layer`, with
+        the RoPE and the KV store, the norms, the SiLU-multiply and the residual adds where the ops fuse them."""
+        s, w, ops = self.shape, self.layers[i], self.decode_ops
+        assert ops is not None
+        qkv = ops.norm_linear(h, w.input_norm, s.rms_norm_eps, w.qkv)
+        q = ops.rope_write_kv(qkv, *rope, s.num_heads, s.num_kv_heads, *views.write(i), slots)
+        o = self.backend.decode_attention(q, views.kv(i), scale=self.scale)
+        h = ops.plus_linear(h, o.reshape(h.shape[0], s.num_heads * s.head_dim), w.o)
+        gate_up = ops.norm_linear(h, w.post_norm, s.rms_norm_eps, w.gate_up)
+        return ops.silu_mul_plus_linear(h, gate_up, w.down)
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self._cos[positions].to(self.dtype), self._sin[positions].to(self.dtype)
@@ -418,6 +437,11 @@ class PagedLlama:
 
         h = F.embedding(inputs.token_ids, self.embed)
         rope = self._rope(positions)
+        ops = self.decode_ops
+        if ops is None:
+            for i in range(self.shape.num_layers):
+                h = self._layer(h, i, views, slots, rope, attend)
+            return self._logits(h)
         for i in range(self.shape.num_layers):
-            h = self._layer(h, i, views, slots, rope, attend)
-        return self._logits(h)
+            h = self._decode_layer(h, i, views, slots, rope)
+        return ops.norm_linear(h, self.norm, self.shape.rms_norm_eps, self.lm_head).float()
