@@ -29,8 +29,9 @@ part() {
   if [ "$rc" -ne 0 ]; then failures=$((failures + 1)); fi
 }
 
-part tests 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_decode_ops.py tests/test_model_runner_gpu.py \
-  tests/test_scheduler_gpu.py tests/test_paged_llama_prefill.py -k "${DECODE_TESTS_K:-not nothing}"
+part tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_fused_decode_ops.py tests/test_model_runner_gpu.py \
+  tests/test_scheduler_gpu.py tests/test_paged_llama_prefill.py tests/test_quant_gpu.py tests/test_presses_gpu.py \
+  -k "${DECODE_TESTS_K:-not nothing}"
 part ab 130 "$PY" benchmarks/e2e_decode_ab.py
 part e2e 75 "$PY" benchmarks/bench_end_to_end_gpu.py --parts d --batches 1 32 --prompt-tokens 2048 --hf-budget-s 5 \
   --time-budget-s 65

@@ -54,7 +54,7 @@ def _decode_world(model: PagedLlama, batch: int, seed: int) -> tuple[torch.Tenso
     s, bs = model.shape, 4
     pool = _rand((40, s.num_layers, 2, bs, s.num_kv_heads, s.head_dim), seed, model.dtype)
     tables = torch.randperm(40, generator=torch.Generator().manual_seed(seed))[: batch * 8].view(batch, 8)
-    positions = torch.tensor([5 + 7 * b for b in range(batch)], dtype=torch.int64)
+    positions = torch.tensor([3 + 6 * b for b in range(batch)], dtype=torch.int64)  # below 8 blocks of 4
     ids = torch.randint(3, 300, (batch,), generator=torch.Generator().manual_seed(seed))
     return pool, DecodeInputs(ids.to(DEVICE), positions.to(DEVICE), tables.to(DEVICE, torch.int32))
 
@@ -96,8 +96,15 @@ def test_rope_and_kv_store_equal_the_formula(dtype, tokens):
     q_want = get_decode_ops("torch", WRITE).rope_write_kv(qkv, cos, sin, heads, kv_heads, want[:, 1, 0],
                                                            want[:, 1, 1], slots)
     q = triton_rope_write_kv(qkv, cos, sin, heads, kv_heads, pool[:, 1, 0], pool[:, 1, 1], slots)
-    assert q.shape == (tokens, heads, dim) and torch.equal(q, q_want)
-    assert torch.equal(pool, want)  # rotated keys and values in their slots, nothing else touched
+    # within one rounding of the formula (the compiler may contract a product and the sum into one FMA)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    assert q.shape == (tokens, heads, dim)
+    torch.testing.assert_close(q, q_want, rtol=tol, atol=tol)
+    torch.testing.assert_close(pool[:, 1, 0], want[:, 1, 0], rtol=tol, atol=tol)  # rotated keys in their slots
+    keys = pool[:, 1, 0].reshape(-1, kv_heads, dim)
+    assert not torch.equal(keys[slots], _rand((6, 2, 2, bs, kv_heads, dim), 3, dtype)[:, 1, 0].reshape(-1, kv_heads,
+                                                                                                      dim)[slots])
+    assert torch.equal(pool[:, 1, 1], want[:, 1, 1]) and torch.equal(pool[:, 0], want[:, 0])  # values exact, rest kept
 
 
 @pytest.mark.gpu
@@ -180,7 +187,7 @@ def test_fused_decode_is_the_torch_decode_in_bfloat16(batch, name):
     pool2 = pool.clone()
     got = model.with_decode_ops(name).decode(pool, inputs)
     want = model.with_decode_ops("torch").decode(pool2, inputs)
-    assert _rel(got, want) < 1e-2
+    assert _rel(got, want) < 3e-2  # bf16 roundings in a different order, through two layers
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
     written = (pool != pool2).any(dim=(1, 2, 4, 5)).nonzero().tolist()  # (block, offset) pairs that differ
     assert len(written) <= batch  # only the new tokens' slots can differ (by the rounding of their keys)

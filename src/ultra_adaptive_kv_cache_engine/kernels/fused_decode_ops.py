@@ -14,7 +14,7 @@ Implementations (`DECODE_OPS`, name -> factory of the backend's `write_kv`):
 - "triton": as "triton_cublas", and for ONE token (batch-1 decode) the products are Triton matrix-vector
   kernels with the RMSNorm, or the SiLU-multiply, and the residual add fused in (`triton_fused_gemv`): a layer
   is 6 launches plus attention instead of 14. Batches above one token take "triton_cublas"'s ops. CUDA.
-Numbers: RoPE and the SiLU-multiply round as the formulas do (RoPE bit-equal); a fused norm is applied to the
+Numbers: RoPE and the SiLU-multiply round as the formulas do (within one rounding: FMA contraction); a fused norm is applied to the
 float32 product, so "triton" is within one bf16 rounding of "torch" there (tests compare the twins on CUDA, and
 the kernels under TRITON_INTERPRET=1 on the CPU). Triton modules are imported only by their factories, so this
 module imports without triton. An unknown name raises ValueError listing the valid ones.

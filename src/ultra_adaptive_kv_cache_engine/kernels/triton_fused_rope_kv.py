@@ -8,8 +8,8 @@ Where the PyTorch formula (`fused_decode_ops.rope_write_kv_torch`) takes five la
 for the store.
 
 Numbers: the rotation rounds as the formula ``x * cos + cat(-x2, x1) * sin`` does in the model's dtype (each
-product rounded, then the sum), so the result is bit-equal to it (products of two 16-bit floats are exact in
-float32). Grid (tokens, q_heads + kv_heads): a program rotates one head of one token; the programs of key heads
+product rounded, then the sum); the compiler may still contract a product and the sum into one FMA, so the
+result is within one rounding of the formula's (bit-equal under the interpreter; 1-ulp differences on an H200). Grid (tokens, q_heads + kv_heads): a program rotates one head of one token; the programs of key heads
 also copy that head's value. Slots outside [0, num_blocks * block_size) are skipped, as `triton_write_kv` does.
 
 This module imports triton at import time; import it only through `fused_decode_ops`.
