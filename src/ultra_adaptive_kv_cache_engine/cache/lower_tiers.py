@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,11 @@ how many of those next blocks to load; the rest of the prompt is recomputed."""
 
 LoadObserver = Callable[[Mapping[str, int], float], None]
 """(bytes loaded per tier, seconds the fetch and load took) after every promotion."""
+
+PROMOTION_RUN = 32
+"""Blocks looked up and loaded per piece of a promotion (`fetch_runs`): small enough that the first copies start
+after a few blocks' host work (a 16k-token prefix is 1,024 blocks of 16 tokens), large enough that a piece's
+fixed costs (a side stream, an event, one lookup per tier) stay small next to its copies."""
 
 LOCAL_TIER_KINDS = frozenset({TierKind.DEVICE, TierKind.CPU, TierKind.DISK})
 """Tiers of this machine (`local_keys`); the others (Redis) are shared by the fleet."""
@@ -93,6 +98,18 @@ class LowerTiers:
                 break
             found.append(record)
         return found
+
+    def fetch_runs(self, hashes: Sequence[bytes], run: int = PROMOTION_RUN) -> Iterator[list[BlockRecord]]:
+        """`fetch_chain` in pieces: the records of the leading run of `hashes` that the store holds, `run` keys
+        at a time (the last piece may be shorter; nothing after the first miss). The caller loads each piece
+        before asking for the next, so on CUDA the copies of one piece run while the next is looked up."""
+        for start in range(0, len(hashes), run):
+            piece = list(hashes[start : start + run])
+            found = self.fetch_chain(piece)
+            if found:
+                yield found
+            if len(found) < len(piece):
+                return
 
     def locate(self, hashes: Sequence[bytes]) -> list[str]:
         """The tier name holding each of the leading run of `hashes` that some tier holds (no data is read)."""

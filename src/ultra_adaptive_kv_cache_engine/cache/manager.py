@@ -44,7 +44,7 @@ from ..memory import BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBloc
 from ..metrics import LOGGER_NAME, Counters
 from ..policies import EvictionPolicy, has_policy, make_policy
 from ..prefix import Namespace, PrefixIndex, hash_block, hash_blocks
-from ..tiers import FlushResult
+from ..tiers import BlockRecord, FlushResult
 from .budget import PoolBudget, plan_pool
 from .kv_input import check_kv, gather_layer, token_list, usage_dict
 from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
@@ -187,7 +187,9 @@ class KVCacheManager(NamedChains):
 
     def _promote(self, tokens: list[int], match: PrefixMatch, max_blocks: int) -> PrefixMatch:
         """Continues `match` (blocks already pinned) with the leading run of the next blocks found in the lower
-        tiers, decoded into newly allocated (pinned) pool blocks and indexed."""
+        tiers, decoded into newly allocated (pinned) pool blocks and indexed. The run is fetched and loaded in
+        runs of `LowerTiers.fetch_runs` (on CUDA each run's copies are queued before the next run is looked
+        up, so the host's lookups and bookkeeping overlap the copies of the runs before it)."""
         assert self.lower is not None
         bs, parent = self.block_size, (match.hashes[-1] if match.hashes else None)
         wanted: list[bytes] = []
@@ -196,24 +198,32 @@ class KVCacheManager(NamedChains):
             wanted.append(parent)
         wanted = self.lower.choose(wanted, len(match.block_ids), len(tokens))
         started = time.perf_counter()
-        records = self.lower.fetch_chain(wanted)[: self.pool.num_free]
-        if not records:
+        loaded: list[BlockRecord] = []
+        new_ids: list[int] = []
+        for run in self.lower.fetch_runs(wanted):
+            records = run[: self.pool.num_free]
+            block_ids = self.pool.allocate_many(len(records)) if records else None
+            if not block_ids:
+                break
+            try:
+                self.lower.load(self.pool.kv, block_ids, records)
+            except ValueError as exc:  # a record of another shape or dtype: never served
+                self.logger.warning("lower-tier blocks not loaded: %s", exc)
+                self.pool.free(block_ids)
+                break
+            for block_id, record in zip(block_ids, records, strict=True):
+                if self.index.insert(record.block_hash, block_id):
+                    self.pool.set_block_hash(block_id, record.block_hash)
+            loaded += records
+            new_ids += block_ids
+            if len(records) < len(run):
+                break
+        if not loaded:
             return match
-        block_ids = self.pool.allocate_many(len(records))
-        assert block_ids is not None  # at most num_free were asked for
-        try:
-            self.lower.load(self.pool.kv, block_ids, records)
-        except ValueError as exc:  # a record of another shape or dtype: never served
-            self.logger.warning("lower-tier blocks not loaded: %s", exc)
-            self.pool.free(block_ids)
-            return match
-        for block_id, record in zip(block_ids, records, strict=True):
-            if self.index.insert(record.block_hash, block_id):
-                self.pool.set_block_hash(block_id, record.block_hash)
-        self.counters.add("tier_hit_tokens", len(records) * bs)
-        self.lower.report(records, time.perf_counter() - started)
-        return PrefixMatch(match.block_ids + tuple(block_ids), match.hashes + tuple(r.block_hash for r in records),
-                           (len(match.block_ids) + len(records)) * bs)
+        self.counters.add("tier_hit_tokens", len(loaded) * bs)
+        self.lower.report(loaded, time.perf_counter() - started)
+        return PrefixMatch(match.block_ids + tuple(new_ids), match.hashes + tuple(r.block_hash for r in loaded),
+                           (len(match.block_ids) + len(loaded)) * bs)
 
     def evict_blocks(self, hashes: Sequence[bytes]) -> int:
         """Forgets the blocks named `hashes` everywhere: unnamed in the pool (a held block stays with its sequences,

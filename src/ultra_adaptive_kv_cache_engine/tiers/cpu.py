@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -74,6 +74,21 @@ class CPUTier(Tier):
         self.counters.add("hits")
         self.counters.add("bytes_out", record.nbytes)
         return record
+
+    def get_many(self, keys: Iterable[bytes]) -> list[BlockRecord | None]:
+        """`get` of each key in order, under one lock acquisition and with one update of each counter (a
+        promotion asks for a thousand blocks at once)."""
+        keys = [check_key(k) for k in keys]
+        with self._lock:
+            found = [self._records.get(k) for k in keys]
+            for key, record in zip(keys, found, strict=True):
+                if record is not None:
+                    self._policy.on_access(key)
+        hits = [r for r in found if r is not None]
+        self.counters.add("hits", len(hits))
+        self.counters.add("misses", len(keys) - len(hits))
+        self.counters.add("bytes_out", sum(r.nbytes for r in hits))
+        return found
 
     def put(self, key: bytes, record: BlockRecord) -> PutResult:
         self._check_put(key, record)
