@@ -19,7 +19,7 @@ import torch
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
 from ultra_adaptive_kv_cache_engine.memory import KVSpec
-from ultra_adaptive_kv_cache_engine.policies import POLICIES, make_policy
+from ultra_adaptive_kv_cache_engine.policies import POLICIES, AdaptivePolicy, EvictionPolicy, make_policy
 from ultra_adaptive_kv_cache_engine.policies.replay import (
     CompiledTrace,
     ReplayCounts,
@@ -34,6 +34,7 @@ BLOCK = 4
 TRACE_BLOCK = 512
 SPEC = KVSpec(num_layers=1, num_kv_heads=1, head_dim=4, block_size=BLOCK, dtype=torch.float32)
 WORLDS = {"chat": 32, "mix": 48}  # workload -> pool blocks (mix has requests longer than its pool)
+SAMPLED_REQUESTS, SAMPLED_BLOCKS = 1500, 1024
 
 
 def live_cache(strategy: str, num_blocks: int) -> KVCacheManager:
@@ -51,6 +52,16 @@ def token_ids(keys: tuple[Hashable, ...], names: dict[Hashable, int]) -> list[in
         first = BLOCK * names.setdefault(key, len(names))
         out.extend(range(first, first + BLOCK))
     return out
+
+
+def live_names(trace: CompiledTrace, num_blocks: int) -> CompiledTrace:
+    """`trace` with every block id replaced by the chained hash the live cache names it by: policies that
+    sample keys by a stable hash of their name (the adaptive policy's shadows) then see the same keys."""
+    cache = live_cache("lru", num_blocks)
+    names: dict[Hashable, int] = {}
+    keys = tuple(tuple(cache.hash_prompt(token_ids(k[:num_blocks], names))) for k in trace.keys)
+    assert all(len(k) == min(len(t), num_blocks) for k, t in zip(keys, trace.keys, strict=True))
+    return CompiledTrace(trace.name, keys, trace.tokens, trace.block_tokens)
 
 
 def live_replay(trace: CompiledTrace, strategy: str, num_blocks: int) -> ReplayCounts:
@@ -77,14 +88,30 @@ def world(request: pytest.FixtureRequest) -> tuple[CompiledTrace, int]:
     return compile_trace(trace, TRACE_BLOCK, request.param), WORLDS[request.param]
 
 
-@pytest.mark.parametrize("strategy", sorted(POLICIES))
-def test_live_replay_equals_the_simulator(world: tuple[CompiledTrace, int], strategy: str):
-    trace, num_blocks = world
+def assert_live_equals_simulated(trace: CompiledTrace, strategy: str, num_blocks: int) -> EvictionPolicy:
+    """Replays `trace` both ways (the simulator on the live names); returns the simulated policy."""
     clock = RequestClock()
     capacity = num_blocks * TRACE_BLOCK
-    sim = simulate(trace, make_policy(strategy, capacity, clock), capacity, clock)
+    policy = make_policy(strategy, capacity, clock)
+    sim = simulate(live_names(trace, num_blocks), policy, capacity, clock)
     live = live_replay(trace, strategy, num_blocks)
     assert (live.hit_blocks, live.stored_blocks, live.evicted_blocks) == (
         sim.hit_blocks, sim.stored_blocks, sim.evicted_blocks
     )
     assert sim.hit_blocks > 0 and sim.evicted_blocks > 0
+    return policy
+
+
+@pytest.mark.parametrize("strategy", sorted(POLICIES))
+def test_live_replay_equals_the_simulator(world: tuple[CompiledTrace, int], strategy: str):
+    trace, num_blocks = world
+    assert_live_equals_simulated(trace, strategy, num_blocks)
+
+
+def test_live_replay_equals_the_simulator_with_sampled_shadows():
+    """A pool of 1,024 blocks: the adaptive policy's shadows see 1 key in 4 (those whose stable hash falls
+    there), the same keys live and simulated."""
+    trace = compile_trace(generate_workload("mix", WorkloadSpec(requests=SAMPLED_REQUESTS, seed=3,
+                                                                block_tokens=TRACE_BLOCK)), TRACE_BLOCK, "mix")
+    policy = assert_live_equals_simulated(trace, "adaptive", SAMPLED_BLOCKS)
+    assert isinstance(policy, AdaptivePolicy) and policy.rate == 4

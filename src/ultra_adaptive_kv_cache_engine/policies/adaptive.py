@@ -5,31 +5,40 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from .base import Clock, EvictionPolicy
+from .expert_group import ExpertGroup
+from .key_sample import is_sampled, sampling_rate
 from .shadow import ShadowCache
 from .tick_policies import TickLRUPolicy
 from .twoq_adaptive import TwoQAdaptivePolicy
+from .twoq_family import TwoQFamily
 from .twoq_freq import TwoQFrequencyPolicy
 
 HALF_LIFE_CAPACITIES = 8.0  # a hit weighs half after traffic of this many capacities (scale-free)
+MAX_SAMPLING = 8  # shadows see 1/R of the keys at 1/R of the capacity, R <= this ...
+MIN_SAMPLED_SLOTS = 256  # ... and a shadow keeps at least this many slots (small caches: every key)
 
 
 # twoq_adaptive leads where its doorkeeper pays (small caches, one-off prompts); twoq_freq where popular
 # prompts must outlive recency (shared system prompts at small capacity); LRU where nearly all fits and
 # refusing first sightings a long stay costs hits (conversation at 25M tokens).
 EXPERTS: tuple[type[EvictionPolicy], ...] = (TwoQAdaptivePolicy, TwoQFrequencyPolicy, TickLRUPolicy)
+FUSED = {TwoQFamily.classes: TwoQFamily}  # expert line-ups run as one object (same answers, one pass per event)
 
 
 class AdaptivePolicy(EvictionPolicy):
-    """Online choice between expert policies by their shadow caches' recent hits (set dueling, full sets).
+    """Online choice between expert policies by their shadow caches' recent hits (set dueling, sampled sets).
 
     Every event is forwarded to one real instance of each expert (so each keeps its order over the keys
-    the store really holds) and, as a reference, to one `ShadowCache` per expert (what that expert alone
-    would hit at this capacity). `victims` returns the victims of the expert whose shadow has the highest
-    exponentially decayed hit score (half-life: `HALF_LIFE_CAPACITIES` capacities of traffic); ties keep
-    the current leader. Only the past is used. Experts are tick-ordered (see `TickList`), so with a clock
-    that reads one value per request, blocks leave leaves first and shadows apply the prefix rule.
-    c is `capacity`, or when None the largest total size ever tracked. O(1) amortised per event (times
-    the number of experts).
+    the store really holds). References (inserts and accesses) of the keys in a fixed 1/R of the key space
+    (`key_sample.is_sampled`, stable across processes) also go to one `ShadowCache` per expert of c/R units
+    (what that expert alone would hit at this capacity, SHARDS-style). R is the largest power of two
+    <= `max_sampling` that leaves a shadow `min_sampled_slots` slots of the first key's size, fixed at the
+    first insert (1 when the capacity is None). `victims` returns the victims of the expert whose shadow
+    has the highest exponentially decayed hit score (half-life: `HALF_LIFE_CAPACITIES` shadow capacities of
+    sampled traffic); ties keep the current leader. Only the past is used. Experts are tick-ordered (see
+    `TickList`), so with a clock that reads one value per request, blocks leave leaves first and shadows
+    apply the prefix rule (among the sampled keys). c is `capacity`, or when None the largest total size
+    ever tracked. O(1) amortised per event: the experts' cost, plus 1/R of the shadows'.
     """
 
     name = "adaptive"
@@ -39,26 +48,29 @@ class AdaptivePolicy(EvictionPolicy):
         capacity: int | None = None,
         clock: Clock | None = None,
         experts: tuple[type[EvictionPolicy], ...] = EXPERTS,
+        max_sampling: int = MAX_SAMPLING,
+        min_sampled_slots: int = MIN_SAMPLED_SLOTS,
     ) -> None:
         super().__init__(capacity, clock)
         if not experts:
             raise ValueError("experts must name at least one policy class")
-        self._experts = [cls(capacity, self.clock) for cls in experts]
+        sampling_rate(1, max_sampling, min_sampled_slots)  # checks both
+        self._sampling = (max_sampling, min_sampled_slots)
+        self.rate = 0  # R, fixed at the first insert
+        fused = FUSED.get(tuple(experts))
+        self._real = fused(capacity, self.clock) if fused else ExpertGroup(tuple(experts), capacity, self.clock)
         self._shadows = [ShadowCache(cls(capacity, self.clock), capacity or 1) for cls in experts]
-        self._size: dict[Hashable, int] = {}
+        self._size = self._real.sizes  # the real experts' books: read, never written here
+        self._sampled: set[Hashable] = set()  # the tracked keys that the shadows see
         self._total = 0
         self._weight = 1.0
         self._growth: tuple[int, int, float] = (0, 0, 1.0)  # (size, shadow capacity, weight factor): one pow per change
         self.leader = 0
-        # bound methods, looked up once: every event goes to every expert and every shadow
-        self._inserts = tuple(e.on_insert for e in self._experts)
-        self._accesses = tuple(e.on_access for e in self._experts)
-        self._removes = tuple(e.on_remove for e in self._experts)
         self._touches = tuple(s.touch for s in self._shadows)
 
     @property
     def experts(self) -> list[str]:
-        return [e.name for e in self._experts]
+        return list(self._real.names)
 
     @property
     def scores(self) -> list[float]:
@@ -67,35 +79,53 @@ class AdaptivePolicy(EvictionPolicy):
 
     def on_insert(self, key: Hashable, size: int = 1) -> None:
         old = self._size.get(key)
-        self._size[key] = size
         self._total += size - (old or 0)
+        self._real.on_insert(key, size)
+        if old is None:
+            rate = self.rate or self._fix_rate(size)
+            if rate != 1 and not is_sampled(key, rate):
+                return
+            self._sampled.add(key)
+        elif key not in self._sampled:
+            return
         if self.capacity is None and self._total > self._shadows[0].capacity:
             for shadow in self._shadows:
                 shadow.capacity = self._total
-        for insert in self._inserts:
-            insert(key, size)
         self._reference(key, size)
+
+    def _fix_rate(self, size: int) -> int:
+        if self.capacity is None:
+            self.rate = 1
+            return 1
+        self.rate = sampling_rate(self.capacity / size, *self._sampling)
+        for shadow in self._shadows:
+            shadow.capacity = max(1, self.capacity // self.rate)
+        return self.rate
 
     def on_access(self, key: Hashable) -> None:
         size = self._size.get(key)
         if size is None:
             return
-        for access in self._accesses:
-            access(key)
-        self._reference(key, size)
+        self._real.on_access(key)
+        if key in self._sampled:
+            self._reference(key, size)
 
     def on_remove(self, key: Hashable) -> None:
-        size = self._size.pop(key, None)
+        size = self._size.get(key)
         if size is None:
             return
         self._total -= size
-        for remove in self._removes:
-            remove(key)
+        self._sampled.discard(key)
+        self._real.on_remove(key)
 
     def victims(self, n: int) -> list[Hashable]:
         best = max(range(len(self._shadows)), key=lambda i: (self._shadows[i].score, i == self.leader))
         self.leader = best
-        return self._experts[best].victims(n)
+        return self._real.victims(best, n)
+
+    def expert_victims(self, expert: int, n: int) -> list[Hashable]:
+        """What expert `expert` (an index into `experts`) would evict now; for inspection and tests."""
+        return self._real.victims(expert, n)
 
     def _reference(self, key: Hashable, size: int) -> None:
         tick = self.clock()

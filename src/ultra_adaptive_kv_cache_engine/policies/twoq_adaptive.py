@@ -48,6 +48,29 @@ class StampedGhost:
         return key in self._keys
 
 
+def twoq_victims(probation: TickList, main: TickList, floor: float, n: int) -> list[Hashable]:
+    """The first `n` victims of 2Q: probation's first while it holds at least `floor` units (or main is
+    empty), else main's first. Changes nothing."""
+    if n == 1 and (len(probation) or len(main)):  # the common ask (one slot at a time): no iterators
+        if len(probation) and (probation.total >= floor or not len(main)):
+            return [probation.first()]
+        return [main.first()]
+    out: list[Hashable] = []
+    p_items, m_items = probation.items(), main.items()
+    p_total = probation.total
+    p_left, m_left = len(probation), len(main)
+    while len(out) < n and (p_left or m_left):
+        if p_left and (p_total >= floor or not m_left):
+            key, size = next(p_items)
+            p_total -= size
+            p_left -= 1
+        else:
+            key, _ = next(m_items)
+            m_left -= 1
+        out.append(key)
+    return out
+
+
 class TwoQAdaptivePolicy(EvictionPolicy):
     """Probation P (keys seen once), protected M (keys seen again), ghosts GP and GM, all in size units.
 
@@ -128,25 +151,7 @@ class TwoQAdaptivePolicy(EvictionPolicy):
         """Hook: `key` leaves the policy (subclasses drop what they keep per key)."""
 
     def victims(self, n: int) -> list[Hashable]:
-        if n == 1 and self._size:  # the common ask (one slot at a time): no iterators
-            p = self._probation
-            if len(p) and (p.total >= self.share * self.target_capacity or not len(self._main)):
-                return [p.first()]
-            return [self._main.first()]
-        out: list[Hashable] = []
-        probation, main = self._probation.items(), self._main.items()
-        p_total, floor = self._probation.total, self.share * self.target_capacity
-        p_left, m_left = len(self._probation), len(self._main)
-        while len(out) < n and (p_left or m_left):
-            if p_left and (p_total >= floor or not m_left):
-                key, size = next(probation)
-                p_total -= size
-                p_left -= 1
-            else:
-                key, _ = next(main)
-                m_left -= 1
-            out.append(key)
-        return out
+        return twoq_victims(self._probation, self._main, self.share * self.target_capacity, n)
 
     def queues(self) -> tuple[list[Hashable], list[Hashable]]:
         """(P, M) keys in eviction order: for inspection and tests."""

@@ -5,9 +5,42 @@ from __future__ import annotations
 from collections.abc import Hashable
 
 from .base import Clock
+from .tick_order import TickList
 from .twoq_adaptive import TwoQAdaptivePolicy
 
 MAX_FREQ = 3  # S3-FIFO's two-bit counter
+
+
+def freq_victims(
+    probation: TickList, main: TickList, freq: dict[Hashable, int], floor: float, n: int
+) -> list[Hashable]:
+    """2Q's victims (see `twoq_victims`) where a key at main's head with a counter > 0 spends one and moves
+    to main's newest end instead (after the walk); spared keys are taken in order if main runs out."""
+    out: list[Hashable] = []
+    spared: list[tuple[Hashable, int]] = []
+    p_items, m_items = probation.items(), main.items()
+    p_total = probation.total
+    p_left, m_left = len(probation), len(main)
+    while len(out) < n and (p_left or m_left):
+        if p_left and (p_total >= floor or not m_left):
+            key, size = next(p_items)
+            p_total -= size
+            p_left -= 1
+            out.append(key)
+            continue
+        key, size = next(m_items)
+        m_left -= 1
+        count = freq.get(key)
+        if count:
+            freq[key] = count - 1
+            spared.append((key, size))
+        else:
+            out.append(key)
+    out.extend(key for key, _ in spared[: n - len(out)])
+    for key, size in spared:
+        main.pop(key)
+        main.touch(key, size)
+    return out
 
 
 class TwoQFrequencyPolicy(TwoQAdaptivePolicy):
@@ -41,29 +74,4 @@ class TwoQFrequencyPolicy(TwoQAdaptivePolicy):
         self._freq.pop(key, None)
 
     def victims(self, n: int) -> list[Hashable]:
-        out: list[Hashable] = []
-        spared: list[tuple[Hashable, int]] = []
-        freq = self._freq
-        probation, main = self._probation.items(), self._main.items()
-        p_total, floor = self._probation.total, self.share * self.target_capacity
-        p_left, m_left = len(self._probation), len(self._main)
-        while len(out) < n and (p_left or m_left):
-            if p_left and (p_total >= floor or not m_left):
-                key, size = next(probation)
-                p_total -= size
-                p_left -= 1
-                out.append(key)
-                continue
-            key, size = next(main)
-            m_left -= 1
-            count = freq.get(key)
-            if count:
-                freq[key] = count - 1
-                spared.append((key, size))
-            else:
-                out.append(key)
-        out.extend(key for key, _ in spared[: n - len(out)])
-        for key, size in spared:
-            self._main.pop(key)
-            self._main.touch(key, size)
-        return out
+        return freq_victims(self._probation, self._main, self._freq, self.share * self.target_capacity, n)

@@ -1,0 +1,83 @@
+"""The fused default experts (`TwoQFamily`) answer exactly as separate instances; sampled shadows are stable."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ultra_adaptive_kv_cache_engine.policies import AdaptivePolicy
+from ultra_adaptive_kv_cache_engine.policies.adaptive import EXPERTS
+from ultra_adaptive_kv_cache_engine.policies.expert_group import ExpertGroup
+from ultra_adaptive_kv_cache_engine.policies.key_sample import is_sampled, sampling_rate, stable_key_hash
+from ultra_adaptive_kv_cache_engine.policies.twoq_family import TwoQFamily
+
+
+class Tick:
+    def __init__(self) -> None:
+        self.now = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("capacity", [6, None])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_family_equals_separate_experts_on_random_streams(seed: int, capacity: int | None):
+    rng = random.Random(seed)
+    tick = Tick()
+    fused, group = TwoQFamily(capacity, tick), ExpertGroup(EXPERTS, capacity, tick)
+    assert fused.names == group.names
+    held: list[int] = []
+    for step in range(3000):
+        tick.now = step // 3  # three events per tick, as a request's blocks share one
+        key = rng.randrange(40)
+        if key in held:
+            fused.on_access(key)
+            group.on_access(key)
+            continue
+        while len(held) >= 6:
+            expert = rng.randrange(3)
+            victim = fused.victims(expert, 2)
+            assert victim == group.victims(expert, 2)  # twoq_freq's ask moves its queue: both asked alike
+            fused.on_remove(victim[0])
+            group.on_remove(victim[0])
+            held.remove(victim[0])
+        size = rng.choice((1, 1, 2))
+        fused.on_insert(key, size)
+        group.on_insert(key, size)
+        held.append(key)
+    for expert in range(3):
+        assert fused.victims(expert, 6) == group.victims(expert, 6)
+    assert fused.share == group.experts[0].share == group.experts[1].share and len(fused) == len(group) == 6
+    with pytest.raises(ValueError, match="expert=3 must be 0, 1 or 2"):
+        fused.victims(3, 1)
+
+
+def test_stable_key_hash_is_fixed_across_processes():
+    # values pinned: Python's salted hash() would change them from run to run
+    assert stable_key_hash(0) == 0xE220A8397B1DCDAF and stable_key_hash(1) == 0x910A2DEC89025CC1
+    assert stable_key_hash(b"abc") == 0x352441C2 and stable_key_hash("abc") == 0x352441C2
+    assert stable_key_hash(("a", 1)) == stable_key_hash(repr(("a", 1)))
+    assert sum(is_sampled(k, 8) for k in range(80_000)) == pytest.approx(10_000, rel=0.03)
+    assert all(is_sampled(k, 1) for k in range(10))
+
+
+def test_sampling_rate_keeps_the_shadow_slots():
+    assert sampling_rate(2048, 8, 256) == 8 and sampling_rate(2047, 8, 256) == 4
+    assert sampling_rate(100_000, 8, 256) == 8 and sampling_rate(300, 8, 256) == 1
+    with pytest.raises(ValueError, match="max_rate=0"):
+        sampling_rate(10, 0, 1)
+
+
+def test_adaptive_shadows_see_one_key_in_r_at_one_capacity_in_r():
+    p = AdaptivePolicy(capacity=4096, clock=lambda: 0.0)
+    p.on_insert(7, 1)
+    assert p.rate == 8 and [s.capacity for s in p._shadows] == [512] * 3
+    for key in range(8, 2000):
+        p.on_insert(key, 1)
+    sampled = {k for k in range(7, 2000) if is_sampled(k, 8)}
+    assert p._sampled == sampled and all(set(s._size) == sampled for s in p._shadows)
+    small = AdaptivePolicy(capacity=300)
+    small.on_insert("a", 1)
+    assert small.rate == 1 and small._shadows[0].capacity == 300
