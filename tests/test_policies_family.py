@@ -9,7 +9,12 @@ import pytest
 from ultra_adaptive_kv_cache_engine.policies import AdaptivePolicy
 from ultra_adaptive_kv_cache_engine.policies.adaptive import EXPERTS
 from ultra_adaptive_kv_cache_engine.policies.expert_group import ExpertGroup
-from ultra_adaptive_kv_cache_engine.policies.key_sample import is_sampled, sampling_rate, stable_key_hash
+from ultra_adaptive_kv_cache_engine.policies.key_sample import (
+    GOLDEN,
+    is_sampled,
+    sampling_rate,
+    stable_key_hash,
+)
 from ultra_adaptive_kv_cache_engine.policies.twoq_family import TwoQFamily
 
 
@@ -56,8 +61,9 @@ def test_family_equals_separate_experts_on_random_streams(seed: int, capacity: i
 
 def test_stable_key_hash_is_fixed_across_processes():
     # values pinned: Python's salted hash() would change them from run to run
-    assert stable_key_hash(0) == 0xE220A8397B1DCDAF and stable_key_hash(1) == 0x910A2DEC89025CC1
-    assert stable_key_hash(b"abc") == 0x352441C2 and stable_key_hash("abc") == 0x352441C2
+    assert stable_key_hash(0) == 0 and stable_key_hash(1) == 0x9E3779B97F4A7C15 == GOLDEN
+    assert stable_key_hash(3) == (3 * GOLDEN) % 2**64
+    assert stable_key_hash(b"abc") == 0x352441C2 << 32 == stable_key_hash("abc")
     assert stable_key_hash(("a", 1)) == stable_key_hash(repr(("a", 1)))
     assert sum(is_sampled(k, 8) for k in range(80_000)) == pytest.approx(10_000, rel=0.03)
     assert all(is_sampled(k, 1) for k in range(10))

@@ -6,7 +6,7 @@ from collections.abc import Hashable
 
 from .base import Clock, EvictionPolicy
 from .expert_group import ExpertGroup
-from .key_sample import is_sampled, sampling_rate
+from .key_sample import sample_limit, sampling_rate, stable_key_hash
 from .shadow import ShadowCache
 from .tick_policies import TickLRUPolicy
 from .twoq_adaptive import TwoQAdaptivePolicy
@@ -30,7 +30,7 @@ class AdaptivePolicy(EvictionPolicy):
 
     Every event is forwarded to one real instance of each expert (so each keeps its order over the keys
     the store really holds). References (inserts and accesses) of the keys in a fixed 1/R of the key space
-    (`key_sample.is_sampled`, stable across processes) also go to one `ShadowCache` per expert of c/R units
+    (`key_sample.stable_key_hash` below 2^64 / R: the same keys in every process) also go to one `ShadowCache` per expert of c/R units
     (what that expert alone would hit at this capacity, SHARDS-style). R is the largest power of two
     <= `max_sampling` that leaves a shadow `min_sampled_slots` slots of the first key's size, fixed at the
     first insert (1 when the capacity is None). `victims` returns the victims of the expert whose shadow
@@ -57,6 +57,7 @@ class AdaptivePolicy(EvictionPolicy):
         sampling_rate(1, max_sampling, min_sampled_slots)  # checks both
         self._sampling = (max_sampling, min_sampled_slots)
         self.rate = 0  # R, fixed at the first insert
+        self._limit = 0  # keys whose stable hash is below this are sampled
         fused = FUSED.get(tuple(experts))
         self._real = fused(capacity, self.clock) if fused else ExpertGroup(tuple(experts), capacity, self.clock)
         self._shadows = [ShadowCache(cls(capacity, self.clock), capacity or 1) for cls in experts]
@@ -83,7 +84,7 @@ class AdaptivePolicy(EvictionPolicy):
         self._real.on_insert(key, size)
         if old is None:
             rate = self.rate or self._fix_rate(size)
-            if rate != 1 and not is_sampled(key, rate):
+            if rate != 1 and stable_key_hash(key) >= self._limit:
                 return
             self._sampled.add(key)
         elif key not in self._sampled:
@@ -98,6 +99,7 @@ class AdaptivePolicy(EvictionPolicy):
             self.rate = 1
             return 1
         self.rate = sampling_rate(self.capacity / size, *self._sampling)
+        self._limit = sample_limit(self.rate)
         for shadow in self._shadows:
             shadow.capacity = max(1, self.capacity // self.rate)
         return self.rate

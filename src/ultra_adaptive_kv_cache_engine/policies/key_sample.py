@@ -3,8 +3,9 @@
 Why: a shadow cache only has to rank policies, and a shadow fed the keys of a fixed 1/R of the key space,
 at 1/R of the capacity, hits in about the same proportion as a full one (Waldspurger et al., FAST'15), at
 1/R of the cost. The hash must be deterministic across processes and machines (never Python's `hash()`,
-which is salted per process): ints (trace block ids) go through the SplitMix64 finaliser, bytes (block
-digests) and str through CRC-32 of their bytes, anything else through CRC-32 of its repr.
+which is salted per process): ints (trace block ids) go through Fibonacci hashing, bytes (block
+digests) and str through CRC-32 of their bytes, anything else through CRC-32 of its repr; a key is sampled
+when its hash falls below 2^64 / R.
 """
 
 from __future__ import annotations
@@ -13,20 +14,22 @@ import zlib
 from collections.abc import Hashable
 
 MASK64 = (1 << 64) - 1
+GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / the golden ratio: Fibonacci hashing spreads consecutive ints evenly
 
 
 def stable_key_hash(key: Hashable) -> int:
-    """A non-negative hash of `key`, equal in every process; its low bits are well mixed."""
+    """A hash of `key` in [0, 2^64), equal in every process; its high bits are well spread.
+
+    ints: Fibonacci hashing (key * GOLDEN mod 2^64: consecutive ids land evenly); bytes and str: CRC-32 of
+    their bytes, in the high 32 bits; anything else: CRC-32 of its repr.
+    """
     if type(key) is int:
-        x = (key + 0x9E3779B97F4A7C15) & MASK64
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-        return x ^ (x >> 31)
+        return (key * GOLDEN) & MASK64
     if isinstance(key, bytes | bytearray | memoryview):
-        return zlib.crc32(key)
+        return zlib.crc32(key) << 32
     if isinstance(key, str):
-        return zlib.crc32(key.encode())
-    return zlib.crc32(repr(key).encode())
+        return zlib.crc32(key.encode()) << 32
+    return zlib.crc32(repr(key).encode()) << 32
 
 
 def sampling_rate(slots: float, max_rate: int, min_slots: int) -> int:
@@ -39,6 +42,11 @@ def sampling_rate(slots: float, max_rate: int, min_slots: int) -> int:
     return rate
 
 
+def sample_limit(rate: int) -> int:
+    """Keys whose `stable_key_hash` is below this are the sampled 1/`rate` of the key space."""
+    return (1 << 64) // rate
+
+
 def is_sampled(key: Hashable, rate: int) -> bool:
-    """Whether `key` falls in the sampled 1/`rate` of the key space (`rate` a power of two)."""
-    return rate == 1 or stable_key_hash(key) & (rate - 1) == 0
+    """Whether `key` falls in the sampled 1/`rate` of the key space."""
+    return rate == 1 or stable_key_hash(key) < sample_limit(rate)

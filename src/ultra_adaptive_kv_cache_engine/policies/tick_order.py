@@ -35,13 +35,16 @@ class TickList:
         self.total = 0
 
     def touch(self, key: Hashable, size: int) -> None:
+        self.touch_at(key, size, self._tick())
+
+    def touch_at(self, key: Hashable, size: int, now: float) -> None:
+        """`touch` with the clock read by the caller (one read for several lists)."""
         newest = self._newest
         old = newest.pop(key, None)
         if old is None:
             old = self._closed.pop(key, None)
         if old is not None:
             self.total -= old
-        now = self._tick()
         if now > self._now:
             self._now = now
             if newest:
@@ -54,8 +57,11 @@ class TickList:
 
     def add(self, key: Hashable, size: int) -> None:
         """`touch` of a key known not to be held (the caller checked): skips the lookups that remove it."""
+        self.add_at(key, size, self._tick())
+
+    def add_at(self, key: Hashable, size: int, now: float) -> None:
+        """`add` with the clock read by the caller."""
         newest = self._newest
-        now = self._tick()
         if now > self._now:
             self._now = now
             if newest:

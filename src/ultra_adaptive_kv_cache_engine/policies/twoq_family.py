@@ -43,6 +43,7 @@ class TwoQFamily:
 
     def __init__(self, capacity: int | None, clock: Clock) -> None:
         self.capacity = capacity
+        self._clock = clock  # read once per event, for all four lists
         self.sizes: dict[Hashable, int] = {}
         self._probation = TickList(clock)
         self._recency = TickList(clock)
@@ -65,22 +66,23 @@ class TwoQFamily:
             self._touch(key, size)
             return
         sizes[key] = size
+        now = self._clock()
         since = self._probation_ghost.pop(key)
         if since is not None:
             c = self.target_capacity
             if since <= WINDOW * c:
                 self.share = min(MAX_SHARE, self.share + size / c)
-            self._recency.add(key, size)
-            self._frequency.add(key, size)
+            self._recency.add_at(key, size, now)
+            self._frequency.add_at(key, size, now)
         elif (since := self._main_ghost.pop(key)) is not None:
             c = self.target_capacity
             if since <= WINDOW * c:
                 self.share = max(MIN_SHARE, self.share - size / c)
-            self._recency.add(key, size)
-            self._frequency.add(key, size)
+            self._recency.add_at(key, size, now)
+            self._frequency.add_at(key, size, now)
         else:
-            self._probation.add(key, size)
-        self._lru.add(key, size)
+            self._probation.add_at(key, size, now)
+        self._lru.add_at(key, size, now)
         if self.capacity is None:  # c is the largest total tracked so far
             self._high_water = max(self._high_water, self._probation.total + self._recency.total)
 
@@ -94,9 +96,10 @@ class TwoQFamily:
             freq = self._freq.get(key, 0)
             if freq < MAX_FREQ:
                 self._freq[key] = freq + 1
-        self._recency.touch(key, size)
-        self._frequency.touch(key, size)
-        self._lru.touch(key, size)
+        now = self._clock()
+        self._recency.touch_at(key, size, now)
+        self._frequency.touch_at(key, size, now)
+        self._lru.touch_at(key, size, now)
 
     def on_remove(self, key: Hashable) -> None:
         size = self.sizes.pop(key, None)
