@@ -44,7 +44,7 @@ def test_hits_recomputed_agree_and_are_counted():
 
 
 def test_a_corrupted_block_is_detected_logged_and_evicted_from_pool_and_tier(caplog):
-    s = session(1.0, cpu_tier_bytes=1 << 20)
+    s = session(1.0, cpu_tier_bytes=1 << 20, tier_writes="through")
     try:
         ask(s, PROMPT)
         s.cache.persist()  # the write-through has reached the CPU tier

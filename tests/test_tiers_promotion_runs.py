@@ -17,7 +17,8 @@ CHAIN = 2 * PROMOTION_RUN + 5  # two whole runs and a short third one
 
 
 def cached_prefix(num_blocks: int) -> tuple[KVCacheManager, list[int], torch.Tensor]:
-    """A cache whose CPU tier holds the CHAIN full blocks of `prompt` (evicted from the pool), and their KV."""
+    """A cache whose CPU tier holds the CHAIN full blocks of `prompt` (written there when the pool evicted them: a
+    CPU tier alone takes blocks on eviction), and their KV."""
     config = KVCacheConfig(block_size=BS, device="cpu", cpu_tier_bytes=1 << 22, reject_non_finite=False)
     spec = KVSpec(2, 1, 4, BS, torch.float32, torch.device("cpu"))
     cache = KVCacheManager.from_config(config, spec, default_namespace(config, spec), num_blocks=num_blocks)
@@ -30,9 +31,11 @@ def cached_prefix(num_blocks: int) -> tuple[KVCacheManager, list[int], torch.Ten
     cache.commit(seq)
     cache.free(seq)
     assert cache.lower is not None
-    cache.lower.flush()
-    with cache._lock:  # every free block reallocated: nothing cached is left in the pool
+    assert not any(cache.lower.store.contains(h) for h in hash_blocks(prompt[:-1], cache.namespace, BS))
+    with cache._lock:  # every free block reallocated: nothing cached is left in the pool, the CPU tier takes it
         cache.pool.free(cache.pool.allocate_many(cache.pool.num_free))
+    cache.lower.flush()
+    assert cache.stats()["evicted_written_blocks"] == CHAIN
     return cache, prompt, kv
 
 

@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "CodecKind": ".types",
     "TierKind": ".types",
     "FsyncPolicy": ".types",
+    "TierWrites": ".types",
     "OptimizationGoal": ".types",
     "EvictionPolicy": ".policies",
     "register_policy": ".policies",

@@ -22,6 +22,7 @@ from .types import (
     FsyncPolicy,
     KVDType,
     TierKind,
+    TierWrites,
     parse_enum,
 )
 
@@ -212,6 +213,9 @@ class KVCacheConfig:
         "help": "deadline of one read from a shared tier on the request path, in seconds (then: a miss)"})
     write_through_delay_s: float = field(default=0.5, metadata={
         "help": "seconds within which a committed block reaches every durable or shared tier (disk, redis)"})
+    tier_writes: TierWrites | str = field(default=TierWrites.AUTO, metadata={
+        "help": "when pool blocks go down to the tiers: through (at commit), evict (when the pool evicts them) or "
+                "auto (evict when every tier is memory, through when one is durable or shared)"})
     fsync_policy: FsyncPolicy | str = field(default=FsyncPolicy.BATCH, metadata={
         "help": "when the disk tier fsyncs: always (every block), batch (at persist()), never (the OS decides)"})
     disk_layout: DiskLayout | str = field(default=DiskLayout.FILES, metadata={
@@ -301,6 +305,7 @@ class KVCacheConfig:
         set_(self, "cache_strategy", CacheStrategy.parse(self.cache_strategy))
         set_(self, "device", parse_enum(DeviceKind, "device", self.device))
         set_(self, "fsync_policy", parse_enum(FsyncPolicy, "fsync_policy", self.fsync_policy))
+        set_(self, "tier_writes", parse_enum(TierWrites, "tier_writes", self.tier_writes))
         set_(self, "disk_layout", parse_enum(DiskLayout, "disk_layout", self.disk_layout))
         set_(self, "codec", parse_enum(CodecKind, "codec", self.codec))
         if self.dtype is not None:

@@ -160,6 +160,20 @@ class DiskLayout(str, enum.Enum):
     SEGMENTS = "segments"
 
 
+class TierWrites(str, enum.Enum):
+    """When the blocks of the pool go down to the tiers below it.
+
+    THROUGH: every block at its commit (the tiers hold a copy of what the pool holds; a durable tier receives it
+    within `write_through_delay_s`). EVICT: a block when the pool evicts it (the tiers hold what the pool let go;
+    nothing is copied while the pool has room). AUTO: EVICT when every tier is volatile memory, THROUGH when one
+    is durable or shared (disk, Redis): the persistence contract.
+    """
+
+    AUTO = "auto"
+    THROUGH = "through"
+    EVICT = "evict"
+
+
 class FsyncPolicy(str, enum.Enum):
     """When the disk tier fsyncs, as Redis's appendfsync.
 

@@ -1,6 +1,8 @@
 """`LowerTiers`: the tiers below the block pool, as the paged cache sees them.
 
-- Write-through: every block committed to the prefix index is snapshotted (one gather of the batch) and
+- Writes (`config.tier_writes`): with `write_on_evict` a block goes down when the pool evicts it (a snapshot
+  taken before the pool hands the block out again), so nothing is copied while the pool has room; otherwise
+  (write-through) every block committed to the prefix index is snapshotted (one gather of the batch) and
   written in the background to the tiered store (the tiers of `config.tier_list`, fastest first: by default
   CPU memory, then disk when persistence is on, then Redis/Valkey when configured). A background thread
   (`uakv-write-through`) calls the store's `sync()` every `write_through_delay_s` seconds, so every committed
@@ -30,7 +32,7 @@ from ..memory import KVSpec
 from ..metrics import LOGGER_NAME
 from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records
 from ..tiers.block_io import LoadResult
-from ..types import TierKind
+from ..types import TierKind, TierWrites
 from .tier_controls import BlockSource, TierControl, block_source, record_bytes, tier_controls
 from .tier_list import build_tiers
 
@@ -58,12 +60,15 @@ class LowerTiers:
     """
 
     def __init__(self, store: Tier, codec: Codec, max_pending: int = 1024,
-                 write_through_delay_s: float | None = None) -> None:
+                 write_through_delay_s: float | None = None, write_on_evict: bool = False) -> None:
         self.store = store
         self.codec = codec
+        self.write_on_evict = write_on_evict
+        """True: the cache writes a block when its pool evicts it; False: at its commit (write-through)."""
         self.planner: LoadPlanner | None = None
         self.observer: LoadObserver | None = None
         self._located: list[str] = []
+        self.promotion_run = PROMOTION_RUN
         self.transfer = AsyncTransfer(store, max_pending=max_pending)
         self._stop_sync = threading.Event()
         self._syncer: threading.Thread | None = None
@@ -80,7 +85,8 @@ class LowerTiers:
         tiers, codec = build_tiers(config, namespace_digest)
         if not tiers or codec is None:
             return None
-        return cls(TieredStore(tiers), codec, write_through_delay_s=config.write_through_delay_s)
+        return cls(TieredStore(tiers), codec, write_through_delay_s=config.write_through_delay_s,
+                   write_on_evict=_writes_on_evict(config.tier_writes, tiers))
 
     def write(self, hashes: Sequence[bytes], blocks: torch.Tensor) -> int:
         """Queue `blocks[i]` (a snapshot the caller gives away) under `hashes[i]`; returns how many queued."""
@@ -99,10 +105,12 @@ class LowerTiers:
             found.append(record)
         return found
 
-    def fetch_runs(self, hashes: Sequence[bytes], run: int = PROMOTION_RUN) -> Iterator[list[BlockRecord]]:
-        """`fetch_chain` in pieces: the records of the leading run of `hashes` that the store holds, `run` keys
-        at a time (the last piece may be shorter; nothing after the first miss). The caller loads each piece
-        before asking for the next, so on CUDA the copies of one piece run while the next is looked up."""
+    def fetch_runs(self, hashes: Sequence[bytes]) -> Iterator[list[BlockRecord]]:
+        """`fetch_chain` in pieces: the records of the leading run of `hashes` that the store holds,
+        `promotion_run` keys at a time (the last piece may be shorter; nothing after the first miss). The caller
+        loads each piece before asking for the next, so on CUDA the copies of one piece run while the next is
+        looked up."""
+        run = self.promotion_run
         for start in range(0, len(hashes), run):
             piece = list(hashes[start : start + run])
             found = self.fetch_chain(piece)
@@ -209,6 +217,14 @@ class LowerTiers:
     def block_source(self) -> BlockSource | None:
         """Promotion into the fastest tier through the write-through thread (None for a single bare tier)."""
         return block_source(self.store, self.transfer) if isinstance(self.store, TieredStore) else None
+
+
+def _writes_on_evict(writes: TierWrites | str, tiers: Sequence[Tier]) -> bool:
+    """`config.tier_writes` for these tiers: AUTO writes on eviction only when no tier is durable or shared."""
+    mode = TierWrites(writes)
+    if mode is TierWrites.AUTO:
+        return not any(t.durable or t.kind not in LOCAL_TIER_KINDS for t in tiers)
+    return mode is TierWrites.EVICT
 
 
 def _sync_loop(store: TieredStore, stop: threading.Event, delay_s: float) -> None:

@@ -402,7 +402,7 @@ class KVCacheManager(NamedChains):
                     new_ids.append(block_id)
                     new_hashes.append(parent)
                 seq.hashes.append(parent)
-            if self.lower is not None and new_ids:
+            if self.lower is not None and new_ids and not self.lower.write_on_evict:
                 # non_blocking: a pageable copy that does not wait for the step's kernels (no stream sync)
                 index = torch.tensor(new_ids, dtype=torch.long).to(self.pool.kv.device, non_blocking=True)
                 self.lower.write(new_hashes, self.pool.kv.index_select(0, index))
@@ -506,14 +506,24 @@ class KVCacheManager(NamedChains):
                 copy_on_write_blocks=counters.get("copy_on_write_blocks", 0),
                 block_evictions=self.pool.num_evictions,
                 tier_hit_tokens=counters.get("tier_hit_tokens", 0),
+                evicted_written_blocks=counters.get("evicted_written_blocks", 0),
             )
             if self.lower is not None:
                 stats["tiers"] = usage_dict(self.lower.usage())
             return stats
 
     def _on_evict(self, evicted: EvictedBlock) -> None:
-        if self.index.get(evicted.block_hash) == evicted.block_id:
-            self.index.remove(evicted.block_hash)
+        """The pool hands a named block out again: its name leaves the index and, when the tiers take blocks on
+        eviction (`LowerTiers.write_on_evict`) and none holds it yet, a snapshot goes down to them. The snapshot
+        is taken now, on the pool's stream, so whatever overwrites the block later runs after it."""
+        block_hash, block_id = evicted.block_hash, evicted.block_id
+        if self.index.get(block_hash) != block_id:
+            return
+        self.index.remove(block_hash)
+        lower = self.lower
+        if lower is not None and lower.write_on_evict and not lower.store.contains(block_hash):
+            lower.write([block_hash], self.pool.kv[block_id : block_id + 1].clone())
+            self.counters.add("evicted_written_blocks")
 
     def _sequence(self, seq_id: int) -> _Sequence:
         seq = self._sequences.get(seq_id)

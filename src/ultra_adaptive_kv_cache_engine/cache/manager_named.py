@@ -64,7 +64,7 @@ class NamedChains:
                 self.pool.set_block_hash(block_id, block_hash)
                 new_ids.append(block_id)
                 new_hashes.append(block_hash)
-            if self.lower is not None and new_ids:
+            if self.lower is not None and new_ids and not self.lower.write_on_evict:
                 index = torch.tensor(new_ids, dtype=torch.long, device=self.pool.kv.device)
                 self.lower.write(new_hashes, self.pool.kv.index_select(0, index))
             self.counters.add("committed_blocks", len(new_ids))
