@@ -1,5 +1,5 @@
 """The seed's `AdvancedCompressor`: self-describing bytes, exact by default, subclassable; a user's subclass
-registered by name is the codec of real CPU and disk tiers."""
+registered by name is the codec of real CPU, disk and Redis tiers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from redis_server import RedisServer
 
 from ultra_adaptive_kv_cache_engine import AdvancedCompressor
 from ultra_adaptive_kv_cache_engine.cache.tier_list import build_tiers, namespace_codec
@@ -21,7 +22,7 @@ from ultra_adaptive_kv_cache_engine.compression import (
 )
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig, TierConfig
 from ultra_adaptive_kv_cache_engine.prefix import Namespace
-from ultra_adaptive_kv_cache_engine.tiers import CPUTier, DiskTier, encode_block, seal
+from ultra_adaptive_kv_cache_engine.tiers import CPUTier, DiskTier, RedisTier, encode_block, seal
 from ultra_adaptive_kv_cache_engine.types import CodecKind
 
 
@@ -163,6 +164,21 @@ def test_round_trip_through_a_real_cpu_tier_and_disk_tier(mine, tmp_path: Path) 
     warm = DiskTier(NS, tmp_path, 1 << 20, fsync="never", io_threads=1, verify_on_scan=True)  # a restart
     assert torch.equal(warm.get(KEY).tensor(), X)  # type: ignore[union-attr]
     assert ReversingCompressor.calls["decompress"] >= 5
+
+
+def test_round_trip_through_a_real_redis_tier(mine, tmp_path: Path) -> None:
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        tier = RedisTier(NS, server.url, prefix="kv:", ttl_s=100)
+        record = encode_block(KEY, NS, X, make_codec("mine"))
+        assert tier.put(KEY, record).stored
+        stored = tier.get(KEY)
+        assert stored is not None and stored.meta.codec is mine
+        assert bytes(stored.payload) == ReversingCompressor().compress(X)  # Redis holds what compress returned
+        out = torch.empty(2, 4, 8)
+        assert tier.get_into(KEY, out) and torch.equal(out, X)
+    finally:
+        server.stop()
 
 
 def test_a_block_that_does_not_decompress_is_dropped_never_served(mine, tmp_path: Path) -> None:
