@@ -1,7 +1,10 @@
 """`PagedLlamaBackend`: Llama-family models on our own paged forward (`PagedLlama`) over the cache's pool.
 
 On CPU a step is ONE forward: every chunk, prefill pieces and decode tokens alike, packed together
-(`PagedLlama.forward_packed`, the reference kernels), so the weights are read once per step.
+(`PagedLlama.forward_packed`), so the weights are read once per step. With an unquantized pool it attends over
+the working slab (`WorkingKV`: the running sequences' KV in contiguous rows, all decode tokens in one SDPA call
+per layer, nothing gathered from the pool); a sequence's row is dropped when it closes or is pressed; a step the
+slab's budget cannot hold runs on the reference kernels.
 On CUDA (Triton kernels):
 - decode chunks (one token after all the sequence's KV) run in one batched `PagedLlama.decode` through a
   `DecodeStep` per batch size (per-row block tables and positions), the batch padded to a bucket size and
@@ -43,11 +46,13 @@ from torch import Tensor
 
 from ..cache.manager import KVCacheManager
 from ..compression.presses import PressConfig
+from ..kernels.reference_attention import compute_dtype
 from ..memory import OutOfBlocksError
 from ..model.decode_step import DecodeStep
 from ..model.kv_views import Pool
 from ..model.loaded import LoadedModel
 from ..model.paged_llama import PackedInputs, PagedLlama
+from ..model.working_kv import WorkingChunk, WorkingKV
 from .backend import ModelBackend
 from .press_step import PressStep
 from .scheduler_config import SchedulerConfig
@@ -58,6 +63,10 @@ from .step_plan import Chunk
 
 #: Padded decode batch sizes on CUDA (one graph each); beyond the last, multiples of 32.
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+#: The CPU working slab's budget, as a multiple of the pool's KV (in the attention's compute dtype).
+_WORKING_SHARE = 2.0
 
 
 def _bucket(n: int) -> int:
@@ -89,6 +98,12 @@ class PagedLlamaBackend(ModelBackend):
         self._rows: dict[int, tuple[Tensor, int]] = {}  # seq_id -> (host table row, entries filled or row version)
         self._open = 0  # sequences open (pad blocks are given back when none is)
         self._presses: dict[PressConfig, PressStep] = {}
+        # CPU, unquantized pool: the packed forward attends over working copies of the running sequences' KV
+        self.working: WorkingKV | None = None
+        if not self.on_cuda and self.staging is None:
+            s, kv = model.shape, cache.kv
+            budget = int(_WORKING_SHARE * kv.numel() * torch.empty((), dtype=compute_dtype(kv.dtype)).element_size())
+            self.working = WorkingKV(s.num_layers, s.num_kv_heads, s.head_dim, kv.dtype, kv.device, budget)
 
     @property
     def pool(self) -> Pool:
@@ -158,6 +173,8 @@ class PagedLlamaBackend(ModelBackend):
         old = seq.seq_id
         self.blocks.adopt_pressed(seq, result.table, result.kept)
         self._rows.pop(old, None)
+        if self.working is not None:
+            self.working.drop(old)
         if self.staging is not None:
             self.staging.close(old)
             self.staging.open(seq.seq_id, result.kept // self._cache.block_size)
@@ -195,6 +212,8 @@ class PagedLlamaBackend(ModelBackend):
                 self._write_back(seq, state)
         finally:
             self._rows.pop(seq.seq_id, None)
+            if self.working is not None:
+                self.working.drop(seq.seq_id)
             self.blocks.release(seq)
             self._open -= 1
             if self.staging is not None:
@@ -269,7 +288,12 @@ class PagedLlamaBackend(ModelBackend):
         inputs = PackedInputs.pack([(c.token_ids(), c.state.kv.slot(c.start), self._kernel_table(c.state.kv))
                                     for c in chunks],
                                    self.model.device, self._cache.block_size)
-        return self.model.forward_packed(self.pool, inputs)
+        working = None
+        if self.working is not None and inputs.max_seq_len <= self.model.max_positions:
+            working = self.working.batch(self._cache.kv, [
+                WorkingChunk(c.state.kv.seq_id, c.state.kv.slot(c.start), c.state.kv.slot(c.start) + c.count,
+                             c.state.kv.table) for c in chunks])
+        return self.model.forward_packed(self.pool, inputs, working=working)
 
     def _prefill(self, chunk: Chunk) -> Tensor:
         device = self.model.device

@@ -31,7 +31,8 @@ from .checks import require_out, require_positive_scale, require_query_starts, r
 from .paged_kv import PagedKV
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference attention computes in: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -70,7 +71,7 @@ def _gather_sequence(kv: PagedKV, b: int, n: int, dtype: torch.dtype) -> tuple[T
     return keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
 
 
-def _attend_sequence(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+def attend_sequence(query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
     """Softmax attention of query (T, Hq, D), the last T of the L positions of keys/values (1, Hkv, L, D):
     row j attends to positions 0 .. L - T + j (a single row attends to all, no mask). Returns (T, Hq, D);
     query head h reads KV head h // (Hq // Hkv)."""
@@ -105,11 +106,11 @@ def reference_decode_attention(
     require_out(out, tuple(query.shape), query)
     scale = require_positive_scale(scale, kv.head_dim)
     lens = _lengths(kv)
-    ct = _compute_dtype(query.dtype)
+    ct = compute_dtype(query.dtype)
     result = torch.empty(query.shape, dtype=ct, device=query.device)
     for b, n in enumerate(lens):
         keys, values = _gather_sequence(kv, b, n, ct)
-        result[b : b + 1] = _attend_sequence(query[b : b + 1].to(ct), keys, values, scale)
+        result[b : b + 1] = attend_sequence(query[b : b + 1].to(ct), keys, values, scale)
     return _emit(result, query.dtype, out)
 
 
@@ -145,11 +146,11 @@ def reference_prefill_attention(
     spans = _query_spans(query_start_loc, int(query.shape[0]), lens)
     if max_query_len is not None and max_query_len < max(e - s for s, e in spans):
         raise ValueError(f"max_query_len={max_query_len} is below the longest query span")
-    ct = _compute_dtype(query.dtype)
+    ct = compute_dtype(query.dtype)
     result = torch.empty(query.shape, dtype=ct, device=query.device)
     for b, (s, e) in enumerate(spans):
         if e == s:
             continue
         keys, values = _gather_sequence(kv, b, lens[b], ct)
-        result[s:e] = _attend_sequence(query[s:e].to(ct), keys, values, scale)
+        result[s:e] = attend_sequence(query[s:e].to(ct), keys, values, scale)
     return _emit(result, query.dtype, out)

@@ -50,6 +50,7 @@ from ..kernels.fused_decode_ops import rms_norm as _rms_norm  # one op: F.rms_no
 from ..kernels.fused_decode_ops import rotate as _rotate
 from .gathered_prefill import GatherRule, PrefillPath, gathered_attention
 from .kv_views import Pool, PoolViews, QuantPool, block_size_of, slot_base
+from .working_kv import WorkingBatch
 
 #: RoPE types whose inverse frequencies change with the sequence length (not supported: one fixed table).
 _DYNAMIC_ROPE = ("dynamic", "longrope")
@@ -283,10 +284,11 @@ class PagedLlama:
                    limit, backend)
 
     # -- the shared layer ---------------------------------------------------------------------------------
-    def _layer(self, h: Tensor, i: int, views: PoolViews, slots: Tensor, rope: tuple[Tensor, Tensor], attend: Any
-               ) -> Tensor:
+    def _layer(self, h: Tensor, i: int, views: PoolViews | None, slots: Tensor | None, rope: tuple[Tensor, Tensor],
+               attend: Any, store: Any = None) -> Tensor:
         """One decoder layer over h (tokens, hidden): writes the tokens' KV into `slots` of layer i's write
-        caches (`PoolViews.write`), then `attend(i, q, k, v)` -> (tokens, q_heads, head_dim)."""
+        caches (`PoolViews.write`), or through `store(i, k, v)` when given, then `attend(i, q, k, v)` ->
+        (tokens, q_heads, head_dim)."""
         s, w = self.shape, self.layers[i]
         t = h.shape[0]
         x = _rms_norm(h, w.input_norm, s.rms_norm_eps)
@@ -295,7 +297,11 @@ class PagedLlama:
         qk = _rotate(qkv[:, : rotated * s.head_dim].view(t, rotated, s.head_dim), *rope)
         q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
         v = qkv[:, rotated * s.head_dim :].view(t, s.num_kv_heads, s.head_dim)
-        self.backend.write_kv(k, v, *views.write(i), slots)
+        if store is not None:
+            store(i, k, v)
+        else:
+            assert views is not None and slots is not None
+            self.backend.write_kv(k, v, *views.write(i), slots)
         o = attend(i, q, k, v)
         h = _plus_linear(h, o.reshape(t, s.num_heads * s.head_dim), w.o, w.o_bias)
         x = _rms_norm(h, w.post_norm, s.rms_norm_eps)
@@ -398,11 +404,16 @@ class PagedLlama:
         return out[0].transpose(0, 1)
 
     @torch.no_grad()
-    def forward_packed(self, pool: Pool, inputs: PackedInputs, all_logits: bool = False) -> Tensor:
+    def forward_packed(self, pool: Pool, inputs: PackedInputs, all_logits: bool = False,
+                       working: WorkingBatch | None = None) -> Tensor:
         """Runs the packed new tokens of several sequences; returns each sequence's last token's logits
-        (n, vocab) in float32, or with `all_logits` the logits of every packed token (total, vocab)."""
+        (n, vocab) in float32, or with `all_logits` the logits of every packed token (total, vocab). With
+        `working` (built over the same chunks, `WorkingKV.batch`), attention reads the sequences' working
+        buffers instead of gathering their blocks, and the new KV reaches the pool at the end."""
         if inputs.max_seq_len > self.max_positions:
             raise ValueError(f"a sequence reaches position {inputs.max_seq_len - 1}; expected below {self.max_positions}")
+        if working is not None:
+            return self._forward_working(inputs, working, all_logits)
         bs = block_size_of(pool)
         positions, tables = inputs.positions, inputs.block_tables
         q_lens = (inputs.query_start[1:] - inputs.query_start[:-1]).long()
@@ -419,6 +430,18 @@ class PagedLlama:
         rope = self._rope(positions)
         for i in range(self.shape.num_layers):
             h = self._layer(h, i, views, slots, rope, attend)
+        return self._logits(h if all_logits else h[inputs.query_start[1:].long() - 1])
+
+    def _forward_working(self, inputs: PackedInputs, working: WorkingBatch, all_logits: bool) -> Tensor:
+        """`forward_packed` over working buffers: the same layers, the KV stored into and read from them."""
+        def attend(i: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return working.attend(i, q, self.scale)
+
+        h = F.embedding(inputs.token_ids, self.embed)
+        rope = self._rope(inputs.positions)
+        for i in range(self.shape.num_layers):
+            h = self._layer(h, i, None, None, rope, attend, working.store)
+        working.flush()
         return self._logits(h if all_logits else h[inputs.query_start[1:].long() - 1])
 
     @torch.no_grad()

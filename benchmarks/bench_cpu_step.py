@@ -1,0 +1,126 @@
+"""The CPU serving step: `PagedLlama.forward_packed` over working buffers against the paged gather, same run.
+
+Question: on this machine's CPU, with the embedded SmolLM2, how much faster is one packed decode step of 8
+sequences (the serving path's step on a CPU, `PagedLlamaBackend._packed`) when attention reads each sequence's
+contiguous working buffer (`model.working_kv`) instead of gathering its blocks from the pool layer by layer
+(the reference kernels), and does it give the same logits? And a mixed step: the same decodes plus one prefill
+chunk over a cached prefix. The baseline is the paged forward as it was (`forward_packed` without `working`),
+timed in the same process, the contenders alternating step by step at the same positions (each writes the same
+slots), so drift and neighbours land on both alike; figures are medians, the ratio the median of per-round
+ratios. Seeded random prompts; the prefixes are prefilled once (causal SDPA) before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from bench_common import emit
+
+from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
+from ultra_adaptive_kv_cache_engine.model.loader import load_model
+from ultra_adaptive_kv_cache_engine.model.paged_llama import PackedInputs, PagedLlama
+from ultra_adaptive_kv_cache_engine.model.working_kv import WorkingChunk, WorkingKV
+
+NAME = "cpu_step"
+BLOCK = 16
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="300-token contexts, 4 rounds (under a minute)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=8, help="decoding sequences")
+    p.add_argument("--context", type=int, default=None, help="tokens of each sequence before the steps (700)")
+    p.add_argument("--rounds", type=int, default=None, help="timed steps per contender (default 12; quick 4)")
+    p.add_argument("--chunk", type=int, default=128, help="the mixed step's prefill chunk (tokens)")
+    return p.parse_args()
+
+
+class Setup:
+    """The model, a pool, and `batch` sequences of `context` tokens prefilled, plus one more for the chunk."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        torch.manual_seed(args.seed)
+        self.model = PagedLlama.from_hf(load_model(KVCacheConfig(device="cpu")).model)
+        s, self.batch, self.context = self.model.shape, args.batch, args.context
+        per = -(-(self.context + args.rounds + 4 + args.chunk) // BLOCK)
+        self.pool = torch.zeros((per * (self.batch + 1), s.num_layers, 2, BLOCK, s.num_kv_heads, s.head_dim),
+                                dtype=self.model.dtype)
+        self.tables = [list(range(b * per, (b + 1) * per)) for b in range(self.batch + 1)]
+        self.ids = torch.randint(10, 1000, (self.batch + 1, self.context + args.rounds + 4 + args.chunk)).tolist()
+        for b in range(self.batch + 1):
+            table = torch.tensor(self.tables[b], dtype=torch.int32)
+            self.model.prefill(self.pool, torch.tensor(self.ids[b][: self.context]), 0, table)
+        self.chunk = args.chunk
+        self.working = WorkingKV(s.num_layers, s.num_kv_heads, s.head_dim, self.model.dtype, self.model.device,
+                                 budget_bytes=1 << 34)
+
+    def chunks(self, j: int, mixed: bool) -> list[tuple[list[int], int, list[int]]]:
+        """Step j's chunks: one token per sequence at position context + j (and the prefill chunk)."""
+        at = self.context + j
+        out = [(self.ids[b][at : at + 1], at, self.tables[b]) for b in range(self.batch)]
+        if mixed:
+            b = self.batch
+            out.append((self.ids[b][self.context : self.context + self.chunk], self.context, self.tables[b]))
+        return out
+
+    def paged(self, j: int, mixed: bool) -> torch.Tensor:
+        inputs = PackedInputs.pack(self.chunks(j, mixed), self.model.device, BLOCK)
+        return self.model.forward_packed(self.pool, inputs)
+
+    def buffered(self, j: int, mixed: bool) -> torch.Tensor:
+        chunks = self.chunks(j, mixed)
+        inputs = PackedInputs.pack(chunks, self.model.device, BLOCK)
+        batch = self.working.batch(self.pool, [WorkingChunk(b, start, start + len(ids), table)
+                                               for b, (ids, start, table) in enumerate(chunks)])
+        return self.model.forward_packed(self.pool, inputs, working=batch)
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def compare(setup: Setup, rounds: int, mixed: bool) -> dict[str, object]:
+    """Both contenders on steps 0 .. rounds + 1 (two untimed warm-ups), alternating which goes first."""
+    base: list[float] = []
+    ours: list[float] = []
+    identical, max_diff = True, 0.0
+    for j in range(rounds + 2):
+        order = [("paged", setup.paged), ("working", setup.buffered)]
+        if j % 2:
+            order.reverse()
+        got = {name: timed(lambda fn=fn, j=j: fn(j, mixed)) for name, fn in order}
+        identical &= bool(torch.equal(got["paged"][1], got["working"][1]))
+        max_diff = max(max_diff, float((got["paged"][1] - got["working"][1]).abs().max()))
+        if j >= 2:
+            base.append(got["paged"][0])
+            ours.append(got["working"][0])
+    ratio = statistics.median(b / o for b, o in zip(base, ours, strict=True))
+    return {"paged_ms": round(statistics.median(base) * 1e3, 1), "working_ms": round(statistics.median(ours) * 1e3, 1),
+            "paged_min_ms": round(min(base) * 1e3, 1), "working_min_ms": round(min(ours) * 1e3, 1),
+            "speedup": round(ratio, 3), "logits_identical": identical, "max_abs_logit_diff": max_diff}
+
+
+def main() -> None:
+    args = parse_args()
+    args.context = args.context or (300 if args.quick else 700)
+    args.rounds = args.rounds or (4 if args.quick else 12)
+    setup = Setup(args)
+    decode = compare(setup, args.rounds, mixed=False)
+    setup.context += args.rounds + 2  # the decode steps' slots are taken: the mixed steps go on after them
+    mixed = compare(setup, args.rounds, mixed=True)
+    result = {"quick": args.quick, "seed": args.seed, "batch": args.batch, "context": args.context,
+              "rounds": args.rounds, "chunk": args.chunk, "threads": torch.get_num_threads(),
+              "model": "SmolLM2-135M-Instruct", "dtype": str(setup.model.dtype).removeprefix("torch."),
+              "decode": decode, "mixed": mixed}
+    emit(NAME if not args.quick else f"quick/{NAME}", result)
+
+
+if __name__ == "__main__":
+    main()
