@@ -8,7 +8,7 @@ synthetic workload (`--workload`, default mix; seed 1, a seed the policies were 
 Output: one JSON line per trace (rates in percent, deltas in points) and a PNG of hit rate vs capacity,
 both under benchmarks/results/ as policies_<trace>.json / .png. Each line also carries `live_replay`: the
 trace's first requests replayed through the live `KVCacheManager` (as tests/test_live_replay.py does) next to
-the simulator's counts for every policy, and `cost_per_block_us`: a replay's CPU time per block of each
+the simulator's counts (on the live block names) for every policy, and `cost_per_block_us`: a replay's CPU time per block of each
 policy (best of 5 interleaved rounds), with its ratio to LRU's (same run, same requests).
 """
 
@@ -97,16 +97,33 @@ def summarise(name: str, results: list[ReplayResult], caps: list[int], seconds: 
     return out
 
 
+def live_cache(policy: str) -> KVCacheManager:
+    spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=4, block_size=LIVE_BLOCK, dtype=torch.float32)
+    return KVCacheManager(KVCacheConfig(block_size=LIVE_BLOCK, cache_strategy=policy, device="cpu"), spec,
+                          num_blocks=LIVE_BLOCKS)
+
+
+def live_tokens(keys: tuple, names: dict[object, int]) -> list[int]:
+    """`LIVE_BLOCK` token ids of its own per trace block id (the first `LIVE_BLOCKS` of a request)."""
+    return [t for k in keys[:LIVE_BLOCKS] for t in range(LIVE_BLOCK * names.setdefault(k, len(names)),
+                                                         LIVE_BLOCK * names[k] + LIVE_BLOCK)]
+
+
+def live_names(trace: CompiledTrace) -> CompiledTrace:
+    """`trace` with its block ids replaced by the live cache's chained hashes (policies that sample keys by
+    a stable hash of their names then see the same keys in both replays)."""
+    cache, names = live_cache("lru"), {}
+    keys = tuple(tuple(cache.hash_prompt(live_tokens(k, names))) for k in trace.keys)
+    return CompiledTrace(trace.name, keys, trace.tokens, trace.block_tokens)
+
+
 def live_replay(trace: CompiledTrace, policy: str) -> list[int]:
     """(hit, stored, evicted) blocks of `trace` through the live `KVCacheManager` of `policy`."""
-    spec = KVSpec(num_layers=1, num_kv_heads=1, head_dim=4, block_size=LIVE_BLOCK, dtype=torch.float32)
-    cache = KVCacheManager(KVCacheConfig(block_size=LIVE_BLOCK, cache_strategy=policy, device="cpu"), spec,
-                           num_blocks=LIVE_BLOCKS)
+    cache = live_cache(policy)
     names: dict[object, int] = {}
     hits = 0
     for keys in trace.keys:
-        tokens = [t for k in keys[:LIVE_BLOCKS] for t in range(LIVE_BLOCK * names.setdefault(k, len(names)),
-                                                                LIVE_BLOCK * names[k] + LIVE_BLOCK)]
+        tokens = live_tokens(keys, names)
         seq = cache.new_sequence(tokens)
         cached = cache.num_cached_tokens(seq)
         hits += cached // LIVE_BLOCK
@@ -121,13 +138,14 @@ def live_replay(trace: CompiledTrace, policy: str) -> list[int]:
 def live_agreement(requests: list[TraceRequest], block_tokens: int, policies: list[str]) -> dict:
     """The first `LIVE_REQUESTS` requests, live and simulated, at `LIVE_BLOCKS` blocks: equal counts."""
     trace = compile_trace(requests[:LIVE_REQUESTS], block_tokens, "live")
+    named = live_names(trace)
     out = {}
     for p in policies:
         if p == BELADY:
             continue
         clock = RequestClock()
         cap = LIVE_BLOCKS * block_tokens
-        sim = simulate(trace, make_policy(p, cap, clock), cap, clock)
+        sim = simulate(named, make_policy(p, cap, clock), cap, clock)
         live = live_replay(trace, p)
         out[p] = {"live": live, "simulated": [sim.hit_blocks, sim.stored_blocks, sim.evicted_blocks],
                   "equal": live == [sim.hit_blocks, sim.stored_blocks, sim.evicted_blocks]}

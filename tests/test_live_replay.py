@@ -109,9 +109,9 @@ def test_live_replay_equals_the_simulator(world: tuple[CompiledTrace, int], stra
 
 
 def test_live_replay_equals_the_simulator_with_sampled_shadows():
-    """A pool of 1,024 blocks: the adaptive policy's shadows see 1 key in 4 (those whose stable hash falls
+    """A pool of 1,024 blocks: adaptive_sampled's shadows see 1 key in 4 (those whose stable hash falls
     there), the same keys live and simulated."""
     trace = compile_trace(generate_workload("mix", WorkloadSpec(requests=SAMPLED_REQUESTS, seed=3,
                                                                 block_tokens=TRACE_BLOCK)), TRACE_BLOCK, "mix")
-    policy = assert_live_equals_simulated(trace, "adaptive", SAMPLED_BLOCKS)
+    policy = assert_live_equals_simulated(trace, "adaptive_sampled", SAMPLED_BLOCKS)
     assert isinstance(policy, AdaptivePolicy) and policy.rate == 4

@@ -32,9 +32,9 @@ def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def test_registry_has_the_nine_strategies():
+def test_registry_has_the_ten_strategies():
     assert sorted(POLICIES) == [
-        "adaptive", "arc", "fifo", "lfu", "lru", "s3fifo", "s3fifo_adaptive", "twoq_adaptive", "twoq_freq",
+        "adaptive", "adaptive_sampled", "arc", "fifo", "lfu", "lru", "s3fifo", "s3fifo_adaptive", "twoq_adaptive", "twoq_freq",
     ]
     for key, cls in POLICIES.items():
         assert cls.name == key
@@ -42,7 +42,7 @@ def test_registry_has_the_nine_strategies():
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="'nope'.*adaptive, arc, fifo, lfu, lru, s3fifo"):
+    with pytest.raises(ValueError, match="'nope'.*adaptive, adaptive_sampled, arc, fifo, lfu, lru, s3fifo"):
         make_policy("nope")
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ultra_adaptive_kv_cache_engine.policies import AdaptivePolicy
+from ultra_adaptive_kv_cache_engine.policies import AdaptivePolicy, SampledAdaptivePolicy
 from ultra_adaptive_kv_cache_engine.policies.adaptive import EXPERTS
 from ultra_adaptive_kv_cache_engine.policies.expert_group import ExpertGroup
 from ultra_adaptive_kv_cache_engine.policies.key_sample import (
@@ -77,13 +77,16 @@ def test_sampling_rate_keeps_the_shadow_slots():
 
 
 def test_adaptive_shadows_see_one_key_in_r_at_one_capacity_in_r():
-    p = AdaptivePolicy(capacity=4096, clock=lambda: 0.0)
+    full = AdaptivePolicy(capacity=4096)
+    full.on_insert(7, 1)
+    assert full.rate == 1 and full._shadows[0].capacity == 4096  # the default sees every key
+    p = SampledAdaptivePolicy(capacity=4096, clock=lambda: 0.0)
     p.on_insert(7, 1)
     assert p.rate == 8 and [s.capacity for s in p._shadows] == [512] * 3
     for key in range(8, 2000):
         p.on_insert(key, 1)
     sampled = {k for k in range(7, 2000) if is_sampled(k, 8)}
     assert p._sampled == sampled and all(set(s._size) == sampled for s in p._shadows)
-    small = AdaptivePolicy(capacity=300)
+    small = SampledAdaptivePolicy(capacity=300)
     small.on_insert("a", 1)
     assert small.rate == 1 and small._shadows[0].capacity == 300

@@ -1,11 +1,12 @@
 """Eviction and admission policies behind one interface and one registry.
 
 Registered: lru, lfu, fifo, s3fifo, s3fifo_adaptive, arc, twoq_adaptive, twoq_freq,
-adaptive (the default: follows the best of twoq_adaptive, twoq_freq and LRU). The trace-replay lab (Belady's bound, synthetic
+adaptive (the default: follows the best of twoq_adaptive, twoq_freq and LRU), adaptive_sampled (the same
+with sampled shadows). The trace-replay lab (Belady's bound, synthetic
 Mooncake-schema workloads) lives in the `replay` subpackage.
 """
 
-from .adaptive import AdaptivePolicy
+from .adaptive import AdaptivePolicy, SampledAdaptivePolicy
 from .arc import ARCPolicy
 from .base import EvictionPolicy
 from .fifo import FIFOPolicy
@@ -19,5 +20,5 @@ from .twoq_freq import TwoQFrequencyPolicy
 
 __all__ = [
     "ARCPolicy", "AdaptivePolicy", "AdaptiveS3FIFOPolicy", "EvictionPolicy", "FIFOPolicy", "LFUPolicy", "LRUPolicy", "POLICIES",
-    "S3FIFOPolicy", "TwoQAdaptivePolicy", "TwoQFrequencyPolicy", "has_policy", "make_policy", "register_policy",
+    "S3FIFOPolicy", "SampledAdaptivePolicy", "TwoQAdaptivePolicy", "TwoQFrequencyPolicy", "has_policy", "make_policy", "register_policy",
 ]

@@ -14,7 +14,7 @@ from .twoq_family import TwoQFamily
 from .twoq_freq import TwoQFrequencyPolicy
 
 HALF_LIFE_CAPACITIES = 8.0  # a hit weighs half after traffic of this many capacities (scale-free)
-MAX_SAMPLING = 8  # shadows see 1/R of the keys at 1/R of the capacity, R <= this ...
+SAMPLED_MAX_RATE = 8  # adaptive_sampled: shadows see 1/R of the keys at 1/R of the capacity, R <= this ...
 MIN_SAMPLED_SLOTS = 256  # ... and a shadow keeps at least this many slots (small caches: every key)
 
 
@@ -31,7 +31,8 @@ class AdaptivePolicy(EvictionPolicy):
     Every event is forwarded to one real instance of each expert (so each keeps its order over the keys
     the store really holds). References (inserts and accesses) of the keys in a fixed 1/R of the key space
     (`key_sample.stable_key_hash` below 2^64 / R: the same keys in every process) also go to one `ShadowCache` per expert of c/R units
-    (what that expert alone would hit at this capacity, SHARDS-style). R is the largest power of two
+    (what that expert alone would hit at this capacity, SHARDS-style). R is 1 here (every key: sampled
+    shadows flip close calls, see `SampledAdaptivePolicy`); in general the largest power of two
     <= `max_sampling` that leaves a shadow `min_sampled_slots` slots of the first key's size, fixed at the
     first insert (1 when the capacity is None). `victims` returns the victims of the expert whose shadow
     has the highest exponentially decayed hit score (half-life: `HALF_LIFE_CAPACITIES` shadow capacities of
@@ -48,7 +49,7 @@ class AdaptivePolicy(EvictionPolicy):
         capacity: int | None = None,
         clock: Clock | None = None,
         experts: tuple[type[EvictionPolicy], ...] = EXPERTS,
-        max_sampling: int = MAX_SAMPLING,
+        max_sampling: int = 1,
         min_sampled_slots: int = MIN_SAMPLED_SLOTS,
     ) -> None:
         super().__init__(capacity, clock)
@@ -150,3 +151,23 @@ class AdaptivePolicy(EvictionPolicy):
 
     def __contains__(self, key: object) -> bool:
         return key in self._size
+
+
+class SampledAdaptivePolicy(AdaptivePolicy):
+    """`AdaptivePolicy` whose shadows sample 1 key in R <= `SAMPLED_MAX_RATE` (each shadow >= 256 slots).
+
+    About 2x cheaper per event at R = 8 than the full shadows, but the ranking is noisier: on the Mooncake
+    traces it picks a worse expert in close calls (synthetic at 3M: 31.42% block hits against 33.02).
+    """
+
+    name = "adaptive_sampled"
+
+    def __init__(
+        self,
+        capacity: int | None = None,
+        clock: Clock | None = None,
+        experts: tuple[type[EvictionPolicy], ...] = EXPERTS,
+        max_sampling: int = SAMPLED_MAX_RATE,
+        min_sampled_slots: int = MIN_SAMPLED_SLOTS,
+    ) -> None:
+        super().__init__(capacity, clock, experts, max_sampling, min_sampled_slots)

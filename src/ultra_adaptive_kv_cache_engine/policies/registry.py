@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..types import CacheStrategy
-from .adaptive import AdaptivePolicy
+from .adaptive import AdaptivePolicy, SampledAdaptivePolicy
 from .arc import ARCPolicy
 from .base import Clock, EvictionPolicy
 from .fifo import FIFOPolicy
@@ -24,6 +24,7 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
     "twoq_adaptive": TwoQAdaptivePolicy,
     "twoq_freq": TwoQFrequencyPolicy,
     "adaptive": AdaptivePolicy,
+    "adaptive_sampled": SampledAdaptivePolicy,
 }
 for _name in POLICIES:  # every built-in policy is a strategy a config can name (the enum is extensible)
     if _name not in CacheStrategy._value2member_map_:

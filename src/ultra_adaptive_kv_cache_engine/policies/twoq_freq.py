@@ -16,6 +16,12 @@ def freq_victims(
 ) -> list[Hashable]:
     """2Q's victims (see `twoq_victims`) where a key at main's head with a counter > 0 spends one and moves
     to main's newest end instead (after the walk); spared keys are taken in order if main runs out."""
+    if n == 1 and (len(probation) or len(main)):  # the common ask: no walk when the head is the victim
+        if len(probation) and (probation.total >= floor or not len(main)):
+            return [probation.first()]
+        head = main.first()
+        if not freq.get(head):
+            return [head]
     out: list[Hashable] = []
     spared: list[tuple[Hashable, int]] = []
     p_items, m_items = probation.items(), main.items()
