@@ -9,12 +9,14 @@ import pytest
 from ultra_adaptive_kv_cache_engine.policies import AdaptivePolicy, SampledAdaptivePolicy
 from ultra_adaptive_kv_cache_engine.policies.adaptive import EXPERTS
 from ultra_adaptive_kv_cache_engine.policies.expert_group import ExpertGroup
+from ultra_adaptive_kv_cache_engine.policies.expert_shadows import EXPERT_SHADOWS
 from ultra_adaptive_kv_cache_engine.policies.key_sample import (
     GOLDEN,
     is_sampled,
     sampling_rate,
     stable_key_hash,
 )
+from ultra_adaptive_kv_cache_engine.policies.shadow import ShadowCache
 from ultra_adaptive_kv_cache_engine.policies.twoq_family import TwoQFamily
 
 
@@ -90,3 +92,20 @@ def test_adaptive_shadows_see_one_key_in_r_at_one_capacity_in_r():
     small = SampledAdaptivePolicy(capacity=300)
     small.on_insert("a", 1)
     assert small.rate == 1 and small._shadows[0].capacity == 300
+
+
+@pytest.mark.parametrize("cls", EXPERTS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inlined_shadows_equal_shadow_caches_of_the_experts(cls: type, seed: int):
+    rng = random.Random(seed)
+    tick = Tick()
+    reference, inlined = ShadowCache(cls(12, tick), 12), EXPERT_SHADOWS[cls](12)
+    hot = list(range(8))
+    for step in range(4000):
+        tick.now = step // 4
+        key = rng.choice(hot) if rng.random() < 0.5 else rng.randrange(8, 60)
+        size, weight = rng.choice((1, 1, 2)), 1.0 + step / 100
+        reference.touch(key, size, tick.now, weight)
+        inlined.touch(key, size, tick.now, weight)
+        assert set(reference._size) == set(inlined._size) and reference.used == inlined.used
+    assert reference.score == inlined.score > 0

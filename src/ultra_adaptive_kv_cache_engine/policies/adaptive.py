@@ -6,6 +6,7 @@ from collections.abc import Hashable
 
 from .base import Clock, EvictionPolicy
 from .expert_group import ExpertGroup
+from .expert_shadows import EXPERT_SHADOWS, ExpertShadow
 from .key_sample import sample_limit, sampling_rate, stable_key_hash
 from .shadow import ShadowCache
 from .tick_policies import TickLRUPolicy
@@ -61,14 +62,23 @@ class AdaptivePolicy(EvictionPolicy):
         self._limit = 0  # keys whose stable hash is below this are sampled
         fused = FUSED.get(tuple(experts))
         self._real = fused(capacity, self.clock) if fused else ExpertGroup(tuple(experts), capacity, self.clock)
-        self._shadows = [ShadowCache(cls(capacity, self.clock), capacity or 1) for cls in experts]
+        self._classes = tuple(experts)
+        self._shadows = self._new_shadows(capacity)
         self._size = self._real.sizes  # the real experts' books: read, never written here
         self._sampled: set[Hashable] = set()  # the tracked keys that the shadows see
         self._total = 0
         self._weight = 1.0
         self._growth: tuple[int, int, float] = (0, 0, 1.0)  # (size, shadow capacity, weight factor): one pow per change
         self.leader = 0
-        self._touches = tuple(s.touch for s in self._shadows)
+
+    def _new_shadows(self, capacity: int | None) -> list[ShadowCache | ExpertShadow]:
+        """One shadow per expert; each expert built for the shadow's capacity (its shares and ghosts scale)."""
+        if capacity is not None and all(cls in EXPERT_SHADOWS for cls in self._classes):
+            shadows: list = [EXPERT_SHADOWS[cls](capacity) for cls in self._classes]  # the same steps, inlined
+        else:
+            shadows = [ShadowCache(cls(capacity, self.clock), capacity or 1) for cls in self._classes]
+        self._touches = tuple(s.touch for s in shadows)
+        return shadows
 
     @property
     def experts(self) -> list[str]:
@@ -101,8 +111,8 @@ class AdaptivePolicy(EvictionPolicy):
             return 1
         self.rate = sampling_rate(self.capacity / size, *self._sampling)
         self._limit = sample_limit(self.rate)
-        for shadow in self._shadows:
-            shadow.capacity = max(1, self.capacity // self.rate)
+        if self.rate > 1:
+            self._shadows = self._new_shadows(max(1, self.capacity // self.rate))
         return self.rate
 
     def on_access(self, key: Hashable) -> None:

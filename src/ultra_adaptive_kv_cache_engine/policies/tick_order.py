@@ -81,6 +81,17 @@ class TickList:
         self.total -= size
         return size
 
+    def pop_first(self) -> tuple[Hashable, int]:
+        """Removes and returns (key, size) of the first key of the eviction order (KeyError when empty)."""
+        if self._closed:
+            key, size = self._closed.popitem(last=False)
+        elif self._newest:
+            key, size = self._newest.popitem()
+        else:
+            raise KeyError("pop_first() of an empty TickList")
+        self.total -= size
+        return key, size
+
     def first(self) -> Hashable:
         """The first key of the eviction order (KeyError when empty)."""
         if self._closed:

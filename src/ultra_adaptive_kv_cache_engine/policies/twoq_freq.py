@@ -12,10 +12,11 @@ MAX_FREQ = 3  # S3-FIFO's two-bit counter
 
 
 def freq_victims(
-    probation: TickList, main: TickList, freq: dict[Hashable, int], floor: float, n: int
+    probation: TickList, main: TickList, freq: dict[Hashable, int], floor: float, n: int, now: float | None = None
 ) -> list[Hashable]:
     """2Q's victims (see `twoq_victims`) where a key at main's head with a counter > 0 spends one and moves
-    to main's newest end instead (after the walk); spared keys are taken in order if main runs out."""
+    to main's newest end instead (after the walk, at tick `now`, or main's clock when None); spared keys are
+    taken in order if main runs out."""
     if n == 1 and (len(probation) or len(main)):  # the common ask: no walk when the head is the victim
         if len(probation) and (probation.total >= floor or not len(main)):
             return [probation.first()]
@@ -45,7 +46,10 @@ def freq_victims(
     out.extend(key for key, _ in spared[: n - len(out)])
     for key, size in spared:
         main.pop(key)
-        main.touch(key, size)
+        if now is None:
+            main.touch(key, size)
+        else:
+            main.touch_at(key, size, now)
     return out
 
 
