@@ -53,7 +53,6 @@ from ultra_adaptive_kv_cache_engine.kernels import (
     plan_decode,
     select_backend,
 )
-from ultra_adaptive_kv_cache_engine.kernels.launch_plan import plan_quant_decode
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 HIDDEN, INTERMEDIATE, VOCAB = 4096, 14336, 128256
@@ -151,11 +150,11 @@ def rel_err(out: Tensor, ref: Tensor) -> float:
 
 
 def variants(kv: PagedKV, query: Tensor, plan: DecodeLaunch, sms: int) -> dict[str, DecodeLaunch]:
-    """Launch variants around the planned one: key tiles, stages and split counts (more programs per SM hide
-    the latency of loads), 8 warps at 128-key tiles."""
+    """Launch variants around the planned one: stages and split counts (more programs per SM hide the latency
+    of loads) at 128-key tiles (`sweep_fp8_decode` tries more)."""
     shape = kv.decode_shape(query)
     found: dict[str, DecodeLaunch] = {}
-    for block_n, stages, splits in ((64, 3, 1), (128, 2, 1), (128, 3, 1), (128, 3, 2), (128, 4, 1)):
+    for block_n, stages, splits in ((128, 1, 1), (128, 2, 1), (128, 2, 2), (128, 3, 1)):
         base = plan_decode(shape, sms, num_splits=splits, block_n=block_n)
         found[f"n{block_n}_s{stages}_x{splits}"] = dataclasses.replace(base, num_warps=4, num_stages=stages)
     return {name: launch for name, launch in found.items() if launch != plan}
@@ -180,12 +179,13 @@ def time_format(w: World, fmt: PoolFormat, args: argparse.Namespace, gen: torch.
         from ultra_adaptive_kv_cache_engine.kernels.triton_common import num_sms
         from ultra_adaptive_kv_cache_engine.kernels.triton_decode import (
             _launch_partitions,
+            planned_launch,
             triton_decode_attention,
         )
         from ultra_adaptive_kv_cache_engine.kernels.triton_token_decode import TOKEN_SCALED_FORMATS
 
         sms = num_sms(w.device)
-        plan = plan_quant_decode(kv.decode_shape(w.query), sms)  # what decode_attention plans for itself
+        plan = planned_launch(kv, kv.decode_shape(w.query), sms)  # what decode_attention plans for itself
         row["launch"] = dataclasses.asdict(plan)
         if fmt.name in TOKEN_SCALED_FORMATS:  # the generic QUANT kernel these formats took before, same launch
             out_g = torch.empty_like(w.query)

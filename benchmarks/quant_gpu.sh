@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Quantized KV on one GPU, in one call: the GPU tests of the quantized kernels, then bench_quant_attention,
-# bench_quant_promotion and bench_quant_decode (each with its bf16 baseline in the same run). Run from the
+# Quantized KV on one GPU, in one call: the GPU tests of the quantized kernels and of promotion's mapped reads,
+# then bench_quant_promotion, bench_quant_attention and bench_quant_decode (each with its bf16 baseline in the same run). Run from the
 # repository root:  PYTHONPATH=src bash benchmarks/quant_gpu.sh
-# QUANT_GPU_PARTS picks parts (tests, attention, promotion, decode; all by default); QUANT_ATTENTION_ARGS,
-# QUANT_DECODE_ARGS and QUANT_TESTS_K pass options on. Each part has a time limit; a failing part does not stop
+# QUANT_GPU_PARTS picks parts (tests, promotion, attention, decode; all by default); QUANT_PROMOTION_ARGS,
+# QUANT_ATTENTION_ARGS, QUANT_DECODE_ARGS and QUANT_TESTS_K pass options on. Each part has a time limit; a failing part does not stop
 # the others. JSON results go to $OUT if set (else benchmarks/results/h200), logs next to them.
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -30,10 +30,12 @@ part() {
 }
 
 part tests 240 "$PY" -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant_triton.py tests/test_quant_gpu.py \
+  tests/test_tiers_mapped_reads.py tests/test_tiers_pinned_load.py tests/test_tiers_promotion_runs.py \
   -k "${QUANT_TESTS_K:-not nothing}"
 # shellcheck disable=SC2086  # the ARGS variables are word lists on purpose
+part promotion 200 "$PY" benchmarks/bench_quant_promotion.py ${QUANT_PROMOTION_ARGS:-}
+# shellcheck disable=SC2086
 part attention 300 "$PY" benchmarks/bench_quant_attention.py ${QUANT_ATTENTION_ARGS:-}
-part promotion 200 "$PY" benchmarks/bench_quant_promotion.py
 # shellcheck disable=SC2086
 part decode 300 "$PY" benchmarks/bench_quant_decode.py ${QUANT_DECODE_ARGS:-}
 exit "$failures"

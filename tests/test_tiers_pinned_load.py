@@ -73,8 +73,10 @@ def test_lower_tiers_load_says_how_the_blocks_moved() -> None:
     source = blocks(2)
     records = [encode_block(key(i), NS, source[i], IDENTITY) for i in range(2)]
     pool = torch.zeros(3, *BLOCK)
-    assert LowerTiers.load(pool, [1, 2], records) == LoadResult(direct=0, decoded=2)
+    lower = LowerTiers(TieredStore([CPUTier(NS, 1 << 20, pin_memory=False)]), IDENTITY)
+    assert lower.load(pool, [1, 2], records) == LoadResult(direct=0, decoded=2)
     assert torch.equal(pool[1:], source)
+    lower.close()
 
 
 def test_copy_host_blocks_checks_everything_before_it_writes() -> None:

@@ -28,6 +28,7 @@ import torch
 
 from ..compression import Codec
 from ..config import KVCacheConfig
+from ..kernels.pinned_hold import PinnedHold
 from ..memory import KVSpec
 from ..metrics import LOGGER_NAME
 from ..tiers import AsyncTransfer, BlockRecord, FlushResult, Tier, TieredStore, load_records
@@ -69,6 +70,9 @@ class LowerTiers:
         self.observer: LoadObserver | None = None
         self._located: list[str] = []
         self.promotion_run = PROMOTION_RUN
+        self.mapped_reads = True
+        """On CUDA, promoted page-locked blocks are read by one kernel per run (`kernels.triton_host_copy`)."""
+        self._hold: PinnedHold | None = None
         self.transfer = AsyncTransfer(store, max_pending=max_pending)
         self._stop_sync = threading.Event()
         self._syncer: threading.Thread | None = None
@@ -155,11 +159,14 @@ class LowerTiers:
             moved[tier] = moved.get(tier, 0) + record.nbytes
         self.observer(moved, seconds)
 
-    @staticmethod
-    def load(pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> LoadResult:
+    def load(self, pool_kv: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> LoadResult:
         """`records` into pool_kv[block_ids] (`tiers.load_records`: a pinning CPU tier's identity-coded blocks
-        are DMA'd straight from their page-locked payloads, the rest decoded first); says how many went which way."""
-        return load_records(pool_kv, block_ids, records)
+        are read straight from their page-locked payloads, by one kernel per call on CUDA when `mapped_reads`
+        (else one DMA per block), the rest decoded first); says how many went which way."""
+        hold = None
+        if self.mapped_reads and pool_kv.device.type == "cuda":
+            hold = self._hold = self._hold or PinnedHold()
+        return load_records(pool_kv, block_ids, records, hold)
 
     def flush(self) -> FlushResult:
         """Wait for queued writes, then make everything durable that the store's tiers can make durable."""

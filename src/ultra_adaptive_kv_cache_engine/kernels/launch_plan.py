@@ -112,6 +112,7 @@ class DecodeLaunch:
     num_warps: int
     num_stages: int
     heads_first: bool = True  # grid (kv_heads, batch, splits): one sequence's heads launch side by side
+    max_registers: int | None = None  # registers per thread at most (None: the compiler's choice)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,26 @@ def plan_quant_decode(
     `QUANT_MAX_STAGES` pipeline stages."""
     plan = plan_decode(shape, num_sms, num_splits, block_n)
     return dataclasses.replace(plan, num_stages=min(plan.num_stages, QUANT_MAX_STAGES))
+
+
+#: The fp8 kernel (`triton_token_decode`) streams its codes without a software pipeline: H200, batch 64 x 8k
+#: keys, block size 16, 128-key tiles, two calls of the same sweep: 1 stage 0.558 / 0.560 ms, 2 stages 0.615 /
+#: 0.617, 3 stages 0.657 (bf16 blocks 0.513 ms in the same runs); a register cap (168 or 128 per thread, for
+#: more programs per SM) spills and runs 0.80-0.99 ms; 64- or 256-key tiles and 8 warps are slower too.
+TOKEN_DECODE_STAGES = 1
+#: Sequences of at least this many keys are split in two partitions at least by the fp8 kernel (same sweep:
+#: 1 stage and 2 partitions 0.546 ms, 3 partitions 0.546, 1 partition 0.560).
+TOKEN_DECODE_SPLIT_KEYS = 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_token_decode(shape: DecodeShape, num_sms: int) -> DecodeLaunch:
+    """The launch of the fp8 kernel: `plan_decode`'s tiles with `TOKEN_DECODE_STAGES` stages, and at least two
+    partitions for sequences of `TOKEN_DECODE_SPLIT_KEYS` keys or more."""
+    plan = plan_decode(shape, num_sms)
+    if plan.num_splits == 1 and shape.max_len_bound >= TOKEN_DECODE_SPLIT_KEYS:
+        plan = plan_decode(shape, num_sms, num_splits=2)
+    return dataclasses.replace(plan, num_stages=TOKEN_DECODE_STAGES)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -42,11 +42,11 @@ except ImportError:  # an older or newer layout of triton: nothing to catch by n
         """Stands in for triton's shared-memory error when triton does not export it."""
 
 from .checks import require_out, require_positive_scale, require_tensor
-from .launch_plan import DecodeLaunch, plan_decode, plan_quant_decode
+from .launch_plan import DecodeLaunch, DecodeShape, plan_decode, plan_quant_decode, plan_token_decode
 from .paged_kv import PagedKV
 from .triton_common import FAST_DTYPES, ieee_dot, mma, num_sms, softmax_update
 from .triton_slabs import SlabArgs, column_order, quant_operands, quant_tile_update, sub_block
-from .triton_token_decode import launch_token_decode, token_scaled
+from .triton_token_decode import BYTE_LOADS, launch_token_decode, token_scaled
 
 #: Largest grid extent along y (CUDA): a batch beyond it launches batch-major.
 MAX_GRID_Y = 65535
@@ -177,11 +177,12 @@ def _check(query: Tensor, kv: PagedKV, out: Tensor | None) -> int:
 
 
 def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaunch, group: int, scale: float,
-                       specialised: bool = True, prefetch: bool = True) -> None:
+                       specialised: bool = True, prefetch: bool = True, byte_loads: bool | None = None) -> None:
     """Kernel 1, then (when split) kernel 2; the partial buffers come from the caching allocator (or the
     private pool of a CUDA graph being captured). fp8 / int8 views take `triton_token_decode`'s kernel 1
     (scales loaded a tile ahead unless `prefetch` is False) unless `specialised` is False (the generic QUANT
-    path); both switches exist for the benchmark's comparisons."""
+    path); both switches, and `byte_loads` (None: the fp8 kernel's default), exist for the benchmark's
+    comparisons."""
     batch, heads, dim = (int(x) for x in query.shape)
     split = plan.num_splits > 1
     parts, lse = out, out[:, :, 0]  # placeholders with the right rank when not split (never touched)
@@ -190,7 +191,8 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
         lse = torch.empty((batch, heads, plan.num_splits), dtype=torch.float32, device=query.device)
     heads_first = plan.heads_first and batch <= MAX_GRID_Y
     if specialised and token_scaled(kv):
-        launch_token_decode(query, kv, out, plan, group, scale, parts, lse, heads_first, prefetch)
+        launch_token_decode(query, kv, out, plan, group, scale, parts, lse, heads_first, prefetch,
+                            BYTE_LOADS if byte_loads is None else byte_loads)
     else:
         _launch_generic(query, kv, out, plan, group, scale, parts, lse, heads_first)
     if split:
@@ -201,6 +203,14 @@ def _launch_partitions(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaun
             HEAD_DIM=dim, BLOCK_D=plan.block_d, BLOCK_S=max(16, triton.next_power_of_2(plan.num_splits)),
             CHUNK=16, num_warps=4,
         )
+
+
+def planned_launch(kv: PagedKV, shape: DecodeShape, sms: int) -> DecodeLaunch:
+    """The launch `triton_decode_attention` plans for `kv`: bf16 blocks `plan_decode`, fp8 slabs (their own
+    kernel) `plan_token_decode`, the other quantized formats `plan_quant_decode`."""
+    if kv.quant is None:
+        return plan_decode(shape, sms)
+    return plan_token_decode(shape, sms) if token_scaled(kv) else plan_quant_decode(shape, sms)
 
 
 def triton_decode_attention(
@@ -220,8 +230,7 @@ def triton_decode_attention(
     if batch == 0:
         return out
     shape = kv.decode_shape(query)
-    planner = plan_decode if kv.quant is None else plan_quant_decode
-    plan = launch if launch is not None else planner(shape, num_sms(query.device))
+    plan = launch if launch is not None else planned_launch(kv, shape, num_sms(query.device))
     if plan.block_m < group or plan.block_d < dim or plan.num_splits * plan.partition_size < kv.max_len_bound:
         raise ValueError(f"launch {plan} does not cover group={group}, head_dim={dim}, length {kv.max_len_bound}")
     try:
@@ -229,8 +238,9 @@ def triton_decode_attention(
     except OutOfResources:
         if launch is not None or plan.block_n <= 64:
             raise
+        planner = plan_decode if kv.quant is None else plan_quant_decode
         small = planner(shape, num_sms(query.device), num_splits=plan.num_splits, block_n=64)
-        small = dataclasses.replace(small, heads_first=plan.heads_first)
+        small = dataclasses.replace(small, heads_first=plan.heads_first, num_stages=min(small.num_stages, plan.num_stages))
         _launch_partitions(query, kv, out, small, group, scale)
     return out
 

@@ -37,20 +37,27 @@ from .triton_slabs import SlabArgs, load_f16, staged_attend
 #: converted by integer conversions) an H200 ran them slower than through the generic kernel (batch 64, 8k
 #: context: 0.79 ms vs 0.70 ms), so they stay there.
 TOKEN_SCALED_FORMATS = ("fp8",)
+#: Codes loaded as bytes and reinterpreted as fp8 (`_load_codes`), else through fp8 pointers.
+BYTE_LOADS = False
 #: Largest grid extent along y (CUDA): a batch beyond it launches batch-major.
 MAX_GRID_Y = 65535
 
 
 @triton.jit
-def _code_ptr(byte_ptr):
-    """Byte pointers of codes as fp8 e4m3 pointers: the loads then feed the dots through a plain conversion,
-    which the compiler pipelines like a bf16 tile."""
-    return byte_ptr.to(tl.pointer_type(tl.float8e4nv))
+def _load_codes(byte_ptr, mask, BYTE_LOADS: tl.constexpr):
+    """fp8 e4m3 codes at `byte_ptr` (0 where masked). BYTE_LOADS: loaded as bytes and reinterpreted, else
+    through fp8 pointers (both feed the dots through the hardware's e4m3 -> f16 conversion)."""
+    if BYTE_LOADS:
+        codes = tl.load(byte_ptr, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    else:
+        codes = tl.load(byte_ptr.to(tl.pointer_type(tl.float8e4nv)), mask=mask, other=0.0)
+    return codes
 
 
 @triton.jit
 def _tile_codes(bt_row, ks_ptr, vs_ptr, stride_ks, stride_vs, t0, end, kvh, d, d_ok, num_slabs,
-                HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BYTE_LOADS: tl.constexpr):
     """The key tile [t0, t0 + BLOCK_N) (nothing from `end` on): its block-table entries and its sealed keys'
     codes (head_dim, BLOCK_N) and values' codes (BLOCK_N, head_dim) as fp8 (0 where not sealed)."""
     t = t0 + tl.arange(0, BLOCK_N)
@@ -59,9 +66,9 @@ def _tile_codes(bt_row, ks_ptr, vs_ptr, stride_ks, stride_vs, t0, end, kvh, d, d
     sealed = t_ok & (page < num_slabs)
     row = ((t % PAGE) * HEADS + kvh) * HEAD_DIM  # the key's row of codes in its slab
     krow = ks_ptr + tl.where(sealed, page, 0).to(tl.int64) * stride_ks + row
-    k_codes = tl.load(_code_ptr(krow[None, :] + d[:, None]), mask=sealed[None, :] & d_ok[:, None], other=0.0)
+    k_codes = _load_codes(krow[None, :] + d[:, None], sealed[None, :] & d_ok[:, None], BYTE_LOADS)
     vrow = vs_ptr + tl.where(sealed, page, 0).to(tl.int64) * stride_vs + row
-    v_codes = tl.load(_code_ptr(vrow[:, None] + d[None, :]), mask=sealed[:, None] & d_ok[None, :], other=0.0)
+    v_codes = _load_codes(vrow[:, None] + d[None, :], sealed[:, None] & d_ok[None, :], BYTE_LOADS)
     return page, k_codes, v_codes
 
 
@@ -92,7 +99,7 @@ def _token_decode_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, IEEE_DOT: tl.constexpr, HEADS_FIRST: tl.constexpr,
-    ALIGNED: tl.constexpr, PREFETCH: tl.constexpr,
+    ALIGNED: tl.constexpr, PREFETCH: tl.constexpr, BYTE_LOADS: tl.constexpr,
 ):
     if HEADS_FIRST:
         kvh = tl.program_id(0)
@@ -122,7 +129,7 @@ def _token_decode_kernel(
                                   HEAD_DIM, PAGE, HEADS, BLOCK_N, ALIGNED)
     for t0 in range(start, end, BLOCK_N):
         page, k_codes, v_codes = _tile_codes(bt_row, ks_ptr, vs_ptr, stride_ks, stride_vs, t0, end, kvh, d, d_ok,
-                                             num_slabs, HEAD_DIM, PAGE, HEADS, BLOCK_N)
+                                             num_slabs, HEAD_DIM, PAGE, HEADS, BLOCK_N, BYTE_LOADS)
         if PREFETCH:
             k_scale, v_scale = ks_n, vs_n
             ks_n, vs_n = _tile_scales(bt_row, ks_ptr, vs_ptr, stride_ks, stride_vs, t0 + BLOCK_N, end, kvh,
@@ -164,10 +171,12 @@ def _token_decode_kernel(
 
 
 def launch_token_decode(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLaunch, group: int, scale: float,
-                        parts: Tensor, lse: Tensor, heads_first: bool, prefetch: bool = True) -> None:
+                        parts: Tensor, lse: Tensor, heads_first: bool, prefetch: bool = True,
+                        byte_loads: bool = BYTE_LOADS) -> None:
     """Kernel 1 of a decode over an fp8 view into `out` (one split) or `parts` / `lse` (several; the
-    caller merges them). `prefetch`: load each tile's scales one tile ahead (see the module docstring).
-    ValueError for another pool format."""
+    caller merges them). `prefetch`: load each tile's scales one tile ahead (see the module docstring);
+    `byte_loads`: see `_load_codes`; `plan.max_registers` caps the registers per thread (None: the
+    compiler's choice). ValueError for another pool format."""
     slabs = SlabArgs.of(kv)
     if kv.quant is None or kv.quant.format.name not in TOKEN_SCALED_FORMATS:
         name = None if kv.quant is None else kv.quant.format.name
@@ -185,8 +194,8 @@ def launch_token_decode(query: Tensor, kv: PagedKV, out: Tensor, plan: DecodeLau
         GROUP=group, HEAD_DIM=dim, PAGE=kv.block_size, HEADS=kv.num_kv_heads,
         BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_D=plan.block_d,
         SPLIT=plan.num_splits > 1, IEEE_DOT=ieee_dot(query.dtype), HEADS_FIRST=heads_first,
-        ALIGNED=slabs.aligned, PREFETCH=prefetch, num_warps=plan.num_warps,
-        num_stages=plan.num_stages,
+        ALIGNED=slabs.aligned, PREFETCH=prefetch, BYTE_LOADS=byte_loads, num_warps=plan.num_warps,
+        num_stages=plan.num_stages, **({} if plan.max_registers is None else {"maxnreg": plan.max_registers}),
     )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.pinned_hold import PinnedHold
 from ..kernels.transfer import copy_host_blocks
 from ..types import CodecKind
 from .base import Tier
@@ -87,7 +88,8 @@ def pinned_payload(record: BlockRecord) -> torch.Tensor | None:
     return payload if payload.is_pinned() else None
 
 
-def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord]) -> LoadResult:
+def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence[BlockRecord],
+                 hold: PinnedHold | None = None) -> LoadResult:
     """Put `records` into pool[block_ids] (block-major pool: pool[i] is one block); says how (`LoadResult`).
 
     On CPU each record is decoded straight into its slot. On CUDA (contiguous pool) each identity-coded record
@@ -98,6 +100,9 @@ def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence
     the payloads' memory from reuse until the copies are done); the others are decoded into one pinned buffer,
     then one host-to-device copy and one index_copy_ queued on the current stream. Either way the records may
     be dropped as soon as it returns, and later work on the current stream sees every block.
+    With `hold` (CUDA), the page-locked payloads are instead read by ONE kernel per call straight from host
+    memory (`kernels.triton_host_copy.gather_host_blocks`, on the current stream, no per-block `copy_`), and
+    `hold` keeps them alive until the device has passed that kernel.
     Everything is validated before the pool is touched.
     """
     if len(records) != len(block_ids):
@@ -112,7 +117,9 @@ def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence
     rest: list[int] = []
     direct = 0
     contiguous = pool.is_contiguous()
-    for start in range(0, len(records), DIRECT_CHUNK):  # the first DMAs start while later payloads are looked at
+    if hold is not None and contiguous:
+        direct, rest = _mapped_reads(pool, ids, records, hold)
+    for start in range(0, len(records) if hold is None or not contiguous else 0, DIRECT_CHUNK):  # the first DMAs start while later payloads are looked at
         chunk = range(start, min(start + DIRECT_CHUNK, len(records)))
         sources = [(ids[i], pinned_payload(records[i]) if contiguous else None) for i in chunk]
         rest += [i for i, (_, src) in zip(chunk, sources, strict=True) if src is None]
@@ -125,6 +132,25 @@ def load_records(pool: torch.Tensor, block_ids: Sequence[int], records: Sequence
         index = torch.tensor([ids[i] for i in rest], dtype=torch.long).to(pool.device, non_blocking=True)
         pool.index_copy_(0, index, host.to(pool.device, non_blocking=True))
     return LoadResult(direct=direct, decoded=len(rest))
+
+
+def _mapped_reads(pool: torch.Tensor, ids: list[int], records: Sequence[BlockRecord],
+                  hold: PinnedHold) -> tuple[int, list[int]]:
+    """The page-locked, 16-byte aligned payloads of `records` read into their slots by one kernel (held by
+    `hold`); returns (how many, the indices of the records left for decoding)."""
+    from ..kernels.triton_host_copy import WORD, gather_host_blocks
+
+    rows = pool.view(pool.shape[0], -1).view(torch.uint8)
+    sources = [pinned_payload(r) for r in records]
+    take = [i for i, src in enumerate(sources)
+            if src is not None and src.numel() == rows.shape[1] and src.data_ptr() % WORD == 0]
+    if take and rows.shape[1] % WORD == 0:
+        gather_host_blocks(rows, [sources[i].data_ptr() for i in take], [ids[i] for i in take])  # type: ignore[union-attr]
+        hold.hold([sources[i] for i in take], pool.device)  # type: ignore[misc]
+    else:
+        take = []
+    chosen = set(take)
+    return len(take), [i for i in range(len(records)) if i not in chosen]
 
 
 def load_blocks(tier: Tier, keys: Sequence[bytes], pool: torch.Tensor, block_ids: Sequence[int]) -> list[bool]:
