@@ -7,7 +7,9 @@ contiguous working buffer (`model.working_kv`) instead of gathering its blocks f
 chunk over a cached prefix. The baseline is the paged forward as it was (`forward_packed` without `working`),
 timed in the same process, the contenders alternating step by step at the same positions (each writes the same
 slots), so drift and neighbours land on both alike; figures are medians, the ratio the median of per-round
-ratios. Seeded random prompts; the prefixes are prefilled once (causal SDPA) before timing.
+ratios. Seeded random prompts; the prefixes are prefilled once (causal SDPA) before timing. Both contenders
+use the model's CPU vocabulary product (a transposed copy of the lm_head); `lm_head` times it against F.linear
+alone, interleaved.
 """
 
 from __future__ import annotations
@@ -107,6 +109,23 @@ def compare(setup: Setup, rounds: int, mixed: bool) -> dict[str, object]:
             "speedup": round(ratio, 3), "logits_identical": identical, "max_abs_logit_diff": max_diff}
 
 
+def lm_head(setup: Setup, rounds: int) -> dict[str, object]:
+    """The vocabulary product at `batch` rows: F.linear over (vocab, hidden), the baseline, against the transposed
+    copy the model keeps on a CPU, (rows, hidden) @ (hidden, vocab); interleaved."""
+    weight = setup.model.lm_head
+    transposed = weight.t().contiguous()
+    x = torch.randn((setup.batch, weight.shape[1]), dtype=weight.dtype)
+    base: list[float] = []
+    ours: list[float] = []
+    for _ in range(rounds):
+        base.append(timed(lambda: torch.nn.functional.linear(x, weight))[0])
+        ours.append(timed(lambda: x @ transposed)[0])
+    diff = float((torch.nn.functional.linear(x, weight) - x @ transposed).abs().max())
+    return {"linear_ms": round(statistics.median(base) * 1e3, 2), "transposed_ms": round(statistics.median(ours) * 1e3, 2),
+            "speedup": round(statistics.median(b / o for b, o in zip(base, ours, strict=True)), 3),
+            "max_abs_diff": diff}
+
+
 def main() -> None:
     args = parse_args()
     args.context = args.context or (300 if args.quick else 700)
@@ -118,7 +137,7 @@ def main() -> None:
     result = {"quick": args.quick, "seed": args.seed, "batch": args.batch, "context": args.context,
               "rounds": args.rounds, "chunk": args.chunk, "threads": torch.get_num_threads(),
               "model": "SmolLM2-135M-Instruct", "dtype": str(setup.model.dtype).removeprefix("torch."),
-              "decode": decode, "mixed": mixed}
+              "decode": decode, "mixed": mixed, "lm_head": lm_head(setup, 10 * args.rounds)}
     emit(NAME if not args.quick else f"quick/{NAME}", result)
 
 
