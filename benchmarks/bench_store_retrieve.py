@@ -60,7 +60,7 @@ def measure_dict(n: int) -> dict[str, dict[str, float]]:
             "retrieve": percentiles_us(time_ops(get, [(k,) for k in keys]))}
 
 
-POLICY_ARM = ("lru", "twoq_adaptive", "twoq_freq", "adaptive")
+POLICY_ARM = ("lru", "twoq_adaptive", "twoq_freq", "adaptive", "adaptive_sampled")
 
 
 def policy_arm(pressure: int, rounds: int) -> dict[str, object]:

@@ -27,20 +27,21 @@ FUSED = {TwoQFamily.classes: TwoQFamily}  # expert line-ups run as one object (s
 
 
 class AdaptivePolicy(EvictionPolicy):
-    """Online choice between expert policies by their shadow caches' recent hits (set dueling, sampled sets).
+    """Online choice between expert policies by their shadow caches' recent hits (set dueling).
 
-    Every event is forwarded to one real instance of each expert (so each keeps its order over the keys
-    the store really holds). References (inserts and accesses) of the keys in a fixed 1/R of the key space
-    (`key_sample.stable_key_hash` below 2^64 / R: the same keys in every process) also go to one `ShadowCache` per expert of c/R units
-    (what that expert alone would hit at this capacity, SHARDS-style). R is 1 here (every key: sampled
-    shadows flip close calls, see `SampledAdaptivePolicy`); in general the largest power of two
-    <= `max_sampling` that leaves a shadow `min_sampled_slots` slots of the first key's size, fixed at the
-    first insert (1 when the capacity is None). `victims` returns the victims of the expert whose shadow
-    has the highest exponentially decayed hit score (half-life: `HALF_LIFE_CAPACITIES` shadow capacities of
-    sampled traffic); ties keep the current leader. Only the past is used. Experts are tick-ordered (see
-    `TickList`), so with a clock that reads one value per request, blocks leave leaves first and shadows
-    apply the prefix rule (among the sampled keys). c is `capacity`, or when None the largest total size
-    ever tracked. O(1) amortised per event: the experts' cost, plus 1/R of the shadows'.
+    Every event goes to the real experts (one `TwoQFamily` for the default line-up, else an `ExpertGroup`
+    of one instance each), which keep their orders over the keys the store really holds. References
+    (inserts and accesses) go to one shadow per expert: what that expert alone would hit at this capacity
+    (inlined `expert_shadows` for the default experts, else `ShadowCache`). With `max_sampling` R > 1 the
+    shadows see only the keys in a fixed 1/R of the key space (`stable_key_hash` below 2^64 / R: the same
+    keys in every process) at c/R units, SHARDS-style; R is the largest power of two <= `max_sampling`
+    that leaves a shadow `min_sampled_slots` slots of the first key's size, fixed at the first insert (1
+    when the capacity is None). The default is R = 1 (see `SampledAdaptivePolicy` for why).
+    `victims` returns the victims of the expert whose shadow has the highest exponentially decayed hit
+    score (half-life: `HALF_LIFE_CAPACITIES` shadow capacities of shadow traffic); ties keep the current
+    leader. Only the past is used. Experts are tick-ordered (see `TickList`), so with a clock that reads one
+    value per request, blocks leave leaves first and shadows apply the prefix rule. c is `capacity`, or
+    when None the largest total size ever tracked. O(1) amortised per event.
     """
 
     name = "adaptive"
@@ -65,7 +66,7 @@ class AdaptivePolicy(EvictionPolicy):
         self._classes = tuple(experts)
         self._shadows = self._new_shadows(capacity)
         self._size = self._real.sizes  # the real experts' books: read, never written here
-        self._sampled: set[Hashable] = set()  # the tracked keys that the shadows see
+        self._sampled: set[Hashable] = set()  # with R > 1: the tracked keys that the shadows see
         self._total = 0
         self._weight = 1.0
         self._growth: tuple[int, int, float] = (0, 0, 1.0)  # (size, shadow capacity, weight factor): one pow per change
@@ -93,13 +94,13 @@ class AdaptivePolicy(EvictionPolicy):
         old = self._size.get(key)
         self._total += size - (old or 0)
         self._real.on_insert(key, size)
-        if old is None:
-            rate = self.rate or self._fix_rate(size)
-            if rate != 1 and stable_key_hash(key) >= self._limit:
+        if (self.rate or self._fix_rate(size)) != 1:  # sampled shadows: only the keys of their 1/R
+            if old is None:
+                if stable_key_hash(key) >= self._limit:
+                    return
+                self._sampled.add(key)
+            elif key not in self._sampled:
                 return
-            self._sampled.add(key)
-        elif key not in self._sampled:
-            return
         if self.capacity is None and self._total > self._shadows[0].capacity:
             for shadow in self._shadows:
                 shadow.capacity = self._total
@@ -120,7 +121,7 @@ class AdaptivePolicy(EvictionPolicy):
         if size is None:
             return
         self._real.on_access(key)
-        if key in self._sampled:
+        if self.rate == 1 or key in self._sampled:
             self._reference(key, size)
 
     def on_remove(self, key: Hashable) -> None:
@@ -128,7 +129,8 @@ class AdaptivePolicy(EvictionPolicy):
         if size is None:
             return
         self._total -= size
-        self._sampled.discard(key)
+        if self.rate != 1:
+            self._sampled.discard(key)
         self._real.on_remove(key)
 
     def victims(self, n: int) -> list[Hashable]:
