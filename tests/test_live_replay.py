@@ -34,7 +34,7 @@ BLOCK = 4
 TRACE_BLOCK = 512
 SPEC = KVSpec(num_layers=1, num_kv_heads=1, head_dim=4, block_size=BLOCK, dtype=torch.float32)
 WORLDS = {"chat": 32, "mix": 48}  # workload -> pool blocks (mix has requests longer than its pool)
-SAMPLED_REQUESTS, SAMPLED_BLOCKS = 1500, 1024
+SAMPLED_REQUESTS = 1500
 
 
 def live_cache(strategy: str, num_blocks: int) -> KVCacheManager:
@@ -108,10 +108,11 @@ def test_live_replay_equals_the_simulator(world: tuple[CompiledTrace, int], stra
     assert_live_equals_simulated(trace, strategy, num_blocks)
 
 
-def test_live_replay_equals_the_simulator_with_sampled_shadows():
-    """A pool of 1,024 blocks: adaptive_sampled's shadows see 1 key in 4 (those whose stable hash falls
-    there), the same keys live and simulated."""
+@pytest.mark.parametrize(("strategy", "num_blocks", "rate"), [("adaptive", 2048, 2), ("adaptive_sampled", 1024, 4)])
+def test_live_replay_equals_the_simulator_with_sampled_shadows(strategy: str, num_blocks: int, rate: int):
+    """Pools large enough for sampled shadows: 1 key in `rate` (those whose stable hash falls there), the
+    same keys live and simulated."""
     trace = compile_trace(generate_workload("mix", WorkloadSpec(requests=SAMPLED_REQUESTS, seed=3,
                                                                 block_tokens=TRACE_BLOCK)), TRACE_BLOCK, "mix")
-    policy = assert_live_equals_simulated(trace, "adaptive_sampled", SAMPLED_BLOCKS)
-    assert isinstance(policy, AdaptivePolicy) and policy.rate == 4
+    policy = assert_live_equals_simulated(trace, strategy, num_blocks)
+    assert isinstance(policy, AdaptivePolicy) and policy.rate == rate

@@ -79,9 +79,12 @@ def test_sampling_rate_keeps_the_shadow_slots():
 
 
 def test_adaptive_shadows_see_one_key_in_r_at_one_capacity_in_r():
-    full = AdaptivePolicy(capacity=4096)
+    full = AdaptivePolicy(capacity=2047)
     full.on_insert(7, 1)
-    assert full.rate == 1 and full._shadows[0].capacity == 4096  # the default sees every key
+    assert full.rate == 1 and full._shadows[0].capacity == 2047  # below 2 x 1,024 slots: every key
+    default = AdaptivePolicy(capacity=4096 * 512)
+    default.on_insert(7, 512)
+    assert default.rate == 4 and default._shadows[0].capacity == 1024 * 512
     p = SampledAdaptivePolicy(capacity=4096, clock=lambda: 0.0)
     p.on_insert(7, 1)
     assert p.rate == 8 and [s.capacity for s in p._shadows] == [512] * 3

@@ -15,8 +15,9 @@ from .twoq_family import TwoQFamily
 from .twoq_freq import TwoQFrequencyPolicy
 
 HALF_LIFE_CAPACITIES = 8.0  # a hit weighs half after traffic of this many capacities (scale-free)
-SAMPLED_MAX_RATE = 8  # adaptive_sampled: shadows see 1/R of the keys at 1/R of the capacity, R <= this ...
-MIN_SAMPLED_SLOTS = 256  # ... and a shadow keeps at least this many slots (small caches: every key)
+MAX_SAMPLING = 8  # shadows see 1/R of the keys at 1/R of the capacity, R <= this ...
+MIN_SAMPLED_SLOTS = 1024  # ... and a shadow keeps at least this many slots (smaller caches: every key)
+SAMPLED_MIN_SLOTS = 256  # adaptive_sampled: sampled from 512 slots on (cheaper, noisier)
 
 
 # twoq_adaptive leads where its doorkeeper pays (small caches, one-off prompts); twoq_freq where popular
@@ -36,7 +37,9 @@ class AdaptivePolicy(EvictionPolicy):
     shadows see only the keys in a fixed 1/R of the key space (`stable_key_hash` below 2^64 / R: the same
     keys in every process) at c/R units, SHARDS-style; R is the largest power of two <= `max_sampling`
     that leaves a shadow `min_sampled_slots` slots of the first key's size, fixed at the first insert (1
-    when the capacity is None). The default is R = 1 (see `SampledAdaptivePolicy` for why).
+    when the capacity is None). By default R <= 8 with shadows of >= 1,024 slots: every key below 2,048
+    slots; on the Mooncake traces and the synthetic workloads this moves no block hit rate by more than
+    0.09 point against full shadows (smaller sampled shadows do: see `SampledAdaptivePolicy`).
     `victims` returns the victims of the expert whose shadow has the highest exponentially decayed hit
     score (half-life: `HALF_LIFE_CAPACITIES` shadow capacities of shadow traffic); ties keep the current
     leader. Only the past is used. Experts are tick-ordered (see `TickList`), so with a clock that reads one
@@ -51,7 +54,7 @@ class AdaptivePolicy(EvictionPolicy):
         capacity: int | None = None,
         clock: Clock | None = None,
         experts: tuple[type[EvictionPolicy], ...] = EXPERTS,
-        max_sampling: int = 1,
+        max_sampling: int = MAX_SAMPLING,
         min_sampled_slots: int = MIN_SAMPLED_SLOTS,
     ) -> None:
         super().__init__(capacity, clock)
@@ -166,10 +169,10 @@ class AdaptivePolicy(EvictionPolicy):
 
 
 class SampledAdaptivePolicy(AdaptivePolicy):
-    """`AdaptivePolicy` whose shadows sample 1 key in R <= `SAMPLED_MAX_RATE` (each shadow >= 256 slots).
+    """`AdaptivePolicy` whose shadows are sampled from 512 slots on (each shadow >= 256 slots, R <= 8).
 
-    About 2x cheaper per event at R = 8 than the full shadows, but the ranking is noisier: on the Mooncake
-    traces it picks a worse expert in close calls (synthetic at 3M: 31.42% block hits against 33.02).
+    Cheaper than the default below 8,192 slots, but the ranking is noisier in close calls: on the
+    Mooncake conversation trace at 1M tokens (1,953 slots, R = 4) 10.74% block hits against 10.89.
     """
 
     name = "adaptive_sampled"
@@ -179,7 +182,7 @@ class SampledAdaptivePolicy(AdaptivePolicy):
         capacity: int | None = None,
         clock: Clock | None = None,
         experts: tuple[type[EvictionPolicy], ...] = EXPERTS,
-        max_sampling: int = SAMPLED_MAX_RATE,
-        min_sampled_slots: int = MIN_SAMPLED_SLOTS,
+        max_sampling: int = MAX_SAMPLING,
+        min_sampled_slots: int = SAMPLED_MIN_SLOTS,
     ) -> None:
         super().__init__(capacity, clock, experts, max_sampling, min_sampled_slots)
