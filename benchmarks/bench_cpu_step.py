@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--context", type=int, default=None, help="tokens of each sequence before the steps (700)")
     p.add_argument("--rounds", type=int, default=None, help="timed steps per contender (default 12; quick 4)")
     p.add_argument("--chunk", type=int, default=128, help="the mixed step's prefill chunk (tokens)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     return p.parse_args()
 
 
@@ -128,6 +129,8 @@ def lm_head(setup: Setup, rounds: int) -> dict[str, object]:
 
 def main() -> None:
     args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.context = args.context or (300 if args.quick else 700)
     args.rounds = args.rounds or (4 if args.quick else 12)
     setup = Setup(args)

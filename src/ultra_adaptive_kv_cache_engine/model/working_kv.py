@@ -173,24 +173,35 @@ class WorkingBatch:
         self._owner, self._keys, self.spans, self._targets = owner, keys, spans, targets
         self._prefills = [s for s in spans if s[2] - s[1] > 1]
         decodes = [s for s in spans if s[2] - s[1] == 1]
-        self._decode: tuple[Tensor, Tensor, Tensor, int] | None = None
+        # (rows, positions, layers, 2, kv_heads, head_dim): the decode tokens' slots are one indexed write a layer
+        self._by_position = self.slab.permute(0, 4, 1, 2, 3, 5)
+        self._decode: tuple[Tensor, Tensor, Tensor, Tensor, int, bool] | None = None
         if decodes:  # rows 0 .. last decoding row; a row that does not decode here attends to position 0 alone
             used = max(s[3] for s in decodes) + 1
             lengths = torch.ones(used, dtype=torch.int64)
             lengths[[s[3] for s in decodes]] = torch.tensor([s[2] for s in decodes])
             width = int(lengths.max())
             mask = torch.arange(width)[None, :] < lengths[:, None]
-            packed = torch.tensor([s[0] for s in decodes], device=pool.device)
-            rows = torch.tensor([s[3] for s in decodes], device=pool.device)
-            self._decode = (packed, rows, mask[:, None, None, :].to(pool.device), width)
+            device = pool.device
+            packed = torch.tensor([s[0] for s in decodes], device=device)
+            rows = torch.tensor([s[3] for s in decodes], device=device)
+            positions = torch.tensor([s[1] for s in decodes], device=device)
+            dense = [(s[0], s[3]) for s in decodes] == [(i, i) for i in range(len(decodes))] and used == len(spans)
+            self._decode = (packed, rows, positions, mask[:, None, None, :].to(device), width, dense)
+        self._layer_index = torch.zeros(len(decodes), dtype=torch.int64, device=pool.device)
 
     def store(self, layer: int, key: Tensor, value: Tensor) -> None:
         """Writes layer `layer`'s new keys and values (total, kv_heads, head_dim) into the slab rows."""
         slab = self.slab
-        for packed, start, end, row in self.spans:
+        for packed, start, end, row in self._prefills:
             rows = slice(packed, packed + end - start)
             slab[row, layer, 0, :, start:end].copy_(key[rows].transpose(0, 1))
             slab[row, layer, 1, :, start:end].copy_(value[rows].transpose(0, 1))
+        if self._decode is not None:
+            packed_rows, slab_rows, positions, _, _, dense = self._decode
+            kv = torch.stack((key, value), 1) if dense else torch.stack(
+                (key.index_select(0, packed_rows), value.index_select(0, packed_rows)), 1)
+            self._by_position.index_put_((slab_rows, positions, self._layer_index.fill_(layer)), kv)
 
     def attend(self, layer: int, query: Tensor, scale: float) -> Tensor:
         """Each chunk's new queries (total, q_heads, head_dim) over its row's first `end` positions, causal among
@@ -202,19 +213,24 @@ class WorkingBatch:
             keys, values = slab[row, layer, 0, :, :end][None], slab[row, layer, 1, :, :end][None]
             out[rows] = attend_sequence(query[rows].to(slab.dtype), keys, values, scale)
         if self._decode is not None:
-            packed_rows, slab_rows, mask, width = self._decode
+            packed_rows, slab_rows, _, mask, width, dense = self._decode
             used, heads, dim = int(mask.shape[0]), int(slab.shape[3]), int(slab.shape[5])
-            q = torch.zeros((used, heads, query.shape[1] // heads, dim), dtype=slab.dtype, device=query.device)
-            q[slab_rows] = query.index_select(0, packed_rows).to(slab.dtype).view(-1, *q.shape[1:])
+            shape = (used, heads, query.shape[1] // heads, dim)
             keys, values = slab[:used, layer, 0, :, :width], slab[:used, layer, 1, :, :width]
+            if dense:  # packed row i is slab row i, every one decoding: no scatter, no gather
+                q = query.to(slab.dtype).reshape(shape)
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale).reshape(
+                    query.shape).to(query.dtype)
+            q = torch.zeros(shape, dtype=slab.dtype, device=query.device)
+            q[slab_rows] = query.index_select(0, packed_rows).to(slab.dtype).view(-1, *shape[1:])
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
             out[packed_rows] = o.index_select(0, slab_rows).view(-1, *query.shape[1:])
         return out.to(query.dtype)
 
     def flush(self) -> None:
         """Copies every chunk's new KV (all layers) from the slab into its pool slots."""
+        by_slot = self.pool.permute(0, 3, 1, 2, 4, 5)  # (blocks, offsets, layers, 2, kv_heads, head_dim)
         for (_, start, end, row), (blocks, offsets) in zip(self.spans, self._targets, strict=True):
-            self.pool[blocks, :, :, offsets] = self.slab[row, :, :, :, start:end].permute(3, 0, 1, 2, 4).to(
-                self.pool.dtype)
+            by_slot[blocks, offsets] = self._by_position[row, start:end].to(self.pool.dtype)
         for key, (_, _, end, _) in zip(self._keys, self.spans, strict=True):
             self._owner.computed(key, end)
