@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,18 +109,15 @@ class LowerTiers:
             found.append(record)
         return found
 
-    def fetch_runs(self, hashes: Sequence[bytes]) -> Iterator[list[BlockRecord]]:
-        """`fetch_chain` in pieces: the records of the leading run of `hashes` that the store holds,
-        `promotion_run` keys at a time (the last piece may be shorter; nothing after the first miss). The caller
-        loads each piece before asking for the next, so on CUDA the copies of one piece run while the next is
-        looked up."""
-        run = self.promotion_run
-        for start in range(0, len(hashes), run):
-            piece = list(hashes[start : start + run])
-            found = self.fetch_chain(piece)
+    def fetch_runs(self, runs: Iterable[Sequence[bytes]]) -> Iterator[list[BlockRecord]]:
+        """`fetch_chain` of each run of names in turn (callers cut them `promotion_run` long): the records of the
+        leading part the store holds, nothing after the first miss. The caller loads each run's records before
+        asking for the next, so on CUDA the copies of one run go on while the next is named and looked up."""
+        for run in runs:
+            found = self.fetch_chain(run)
             if found:
                 yield found
-            if len(found) < len(piece):
+            if len(found) < len(run):
                 return
 
     def locate(self, hashes: Sequence[bytes]) -> list[str]:

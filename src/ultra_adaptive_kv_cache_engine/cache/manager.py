@@ -33,7 +33,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,16 +191,15 @@ class KVCacheManager(NamedChains):
         runs of `LowerTiers.fetch_runs` (on CUDA each run's copies are queued before the next run is looked
         up, so the host's lookups and bookkeeping overlap the copies of the runs before it)."""
         assert self.lower is not None
-        bs, parent = self.block_size, (match.hashes[-1] if match.hashes else None)
-        wanted: list[bytes] = []
-        for i in range(len(match.block_ids), max_blocks):
-            parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
-            wanted.append(parent)
-        wanted = self.lower.choose(wanted, len(match.block_ids), len(tokens))
+        bs, first = self.block_size, len(match.block_ids)
+        runs = self._hash_runs(tokens, match.hashes[-1] if match.hashes else None, first, max_blocks)
+        if self.lower.planner is not None or self.lower.observer is not None:  # they see every name first
+            wanted = self.lower.choose([h for run in runs for h in run], first, len(tokens))
+            runs = iter([wanted[i : i + self.lower.promotion_run] for i in range(0, len(wanted), self.lower.promotion_run)])
         started = time.perf_counter()
         loaded: list[BlockRecord] = []
         new_ids: list[int] = []
-        for run in self.lower.fetch_runs(wanted):
+        for run in self.lower.fetch_runs(runs):
             records = run[: self.pool.num_free]
             block_ids = self.pool.allocate_many(len(records)) if records else None
             if not block_ids:
@@ -224,6 +223,18 @@ class KVCacheManager(NamedChains):
         self.lower.report(loaded, time.perf_counter() - started)
         return PrefixMatch(match.block_ids + tuple(new_ids), match.hashes + tuple(r.block_hash for r in loaded),
                            (len(match.block_ids) + len(loaded)) * bs)
+
+    def _hash_runs(self, tokens: list[int], parent: bytes | None, first: int, stop: int) -> Iterator[list[bytes]]:
+        """The names of blocks [first, stop) of `tokens` after `parent`, `promotion_run` at a time, each run
+        hashed only when it is asked for (the first copies start after one run's hashing, not all of it)."""
+        assert self.lower is not None
+        bs, step = self.block_size, self.lower.promotion_run
+        for start in range(first, stop, step):
+            run: list[bytes] = []
+            for i in range(start, min(start + step, stop)):
+                parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
+                run.append(parent)
+            yield run
 
     def evict_blocks(self, hashes: Sequence[bytes]) -> int:
         """Forgets the blocks named `hashes` everywhere: unnamed in the pool (a held block stays with its sequences,
