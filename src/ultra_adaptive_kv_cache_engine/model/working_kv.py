@@ -118,10 +118,15 @@ class WorkingKV:
 
     def _grow(self, rows: int, capacity: int) -> None:
         layers, two, heads, dim = self.shape
-        slab = torch.zeros((rows, layers, two, heads, capacity, dim), dtype=self.dtype, device=self.device)
-        if self.slab is not None and self._keys:
-            used, cap = len(self._keys), min(capacity, int(self.slab.shape[4]))
+        # every position holds a finite value (zeros or some KV): masked positions are read by the decode call
+        slab = torch.empty((rows, layers, two, heads, capacity, dim), dtype=self.dtype, device=self.device)
+        used = len(self._keys) if self.slab is not None else 0
+        if used:
+            assert self.slab is not None
+            cap = min(capacity, int(self.slab.shape[4]))
             slab[:used, :, :, :, :cap].copy_(self.slab[:used, :, :, :, :cap])
+            slab[:used, :, :, :, cap:].zero_()
+        slab[used:].zero_()
         self.slab = slab
 
     def computed(self, key: int, end: int) -> None:
