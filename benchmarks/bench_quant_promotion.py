@@ -10,7 +10,12 @@ CPU tier and flushed; then, `--repeats` times, every block is evicted from the p
 its prefix comes back from the CPU tier (the admission's promotion), the last partial block is prefilled and
 one token sampled. TTFT is the wall time from submit to the first sampled token (it reads the id back, so the
 device work is done). A run counts only if the whole prefix was promoted from the tier. The first repeat pays
-one-time costs; the figure is the median of the others.
+one-time costs; the figure is the median of the others. Per arm also: the same request with its prefix still in
+the pool (`pool_hit_ttft_ms`: what promotion cannot shed) and the bare copies of the prefix's tier payloads into
+pool blocks (`dma_floor_ms`: one DMA per block; `mapped_floor_ms`: one mapped-read kernel). `--variants`
+repeats both arms per promotion variant RUN:LOAD[:CHUNK] (blocks per run, 0 for one piece; 'mapped' or 'dma';
+the mapped-read kernel's words per program); the first variant is the default's and sets the goal, the others
+go under "other_variants".
 
 --quick: a tiny Llama on the CPU (float32), a 256-token prefix; it writes quant_promotion_quick.json where
 UAKV_RESULTS_DIR points (benchmarks/results/quick via `make bench`; nothing without it). A full run writes
@@ -177,14 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     warm = torch.randint(3, model.shape.vocab_size, (4 * BS + 1,), generator=gen).tolist()
     arms, others = [], []
     for i, variant in enumerate(args.variants.split(",")):
-        piece, load = variant.split(":")
-        if load not in ("mapped", "dma"):
-            raise ValueError(f"--variants {variant!r}: LOAD must be 'mapped' or 'dma'")
+        piece, load, *chunk = variant.split(":")
+        if load not in ("mapped", "dma") or len(chunk) > 1:
+            raise ValueError(f"--variants {variant!r}: RUN:LOAD[:CHUNK] with LOAD 'mapped' or 'dma'")
         args.promotion_run, args.mapped_reads = int(piece), load == "mapped"
+        if chunk and device.type == "cuda":  # 16-byte words per program of the mapped-read kernel
+            from ultra_adaptive_kv_cache_engine.kernels import triton_host_copy
+
+            triton_host_copy.CHUNK = int(chunk[0])
         found = []
         for fmt in [None, *[f for f in args.formats.split(",") if f]]:
             log(f"arm {fmt or 'bf16'}, promotion {variant}")
-            found.append({**run_arm(model, args, fmt, prompt, warm), "promotion_run": int(piece), "load": load})
+            found.append({**run_arm(model, args, fmt, prompt, warm), "promotion_run": int(piece), "load": load,
+                          **({"chunk_words": int(chunk[0])} if chunk else {})})
             log(str(found[-1]))
         for arm in found:
             arm["ttft_vs_bf16"] = round(arm["ttft_ms"] / found[0]["ttft_ms"], 3)
