@@ -15,6 +15,7 @@ alone, interleaved.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -133,6 +134,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.context = args.context or (300 if args.quick else 700)
     args.rounds = args.rounds or (4 if args.quick else 12)
+    load_start = os.getloadavg()[0]
     setup = Setup(args)
     decode = compare(setup, args.rounds, mixed=False)
     setup.context += args.rounds + 2  # the decode steps' slots are taken: the mixed steps go on after them
@@ -140,7 +142,8 @@ def main() -> None:
     result = {"quick": args.quick, "seed": args.seed, "batch": args.batch, "context": args.context,
               "rounds": args.rounds, "chunk": args.chunk, "threads": torch.get_num_threads(),
               "model": "SmolLM2-135M-Instruct", "dtype": str(setup.model.dtype).removeprefix("torch."),
-              "decode": decode, "mixed": mixed, "lm_head": lm_head(setup, 10 * args.rounds)}
+              "decode": decode, "mixed": mixed, "lm_head": lm_head(setup, 10 * args.rounds),
+              "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)]}  # at the start and the end
     emit(NAME if not args.quick else f"quick/{NAME}", result)
 
 
