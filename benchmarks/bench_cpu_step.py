@@ -144,7 +144,8 @@ def main() -> None:
               "model": "SmolLM2-135M-Instruct", "dtype": str(setup.model.dtype).removeprefix("torch."),
               "decode": decode, "mixed": mixed, "lm_head": lm_head(setup, 10 * args.rounds),
               "load_avg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)]}  # at the start and the end
-    emit(NAME if not args.quick else f"quick/{NAME}", result)
+    # a quick run writes its file only where UAKV_RESULTS_DIR points (`make bench`: results/quick/)
+    emit(NAME, result, save=not args.quick or "UAKV_RESULTS_DIR" in os.environ)
 
 
 if __name__ == "__main__":
