@@ -1,15 +1,16 @@
 """The CPU serving step: `PagedLlama.forward_packed` over working buffers against the paged gather, same run.
 
 Question: on this machine's CPU, with the embedded SmolLM2, how much faster is one packed decode step of 8
-sequences (the serving path's step on a CPU, `PagedLlamaBackend._packed`) when attention reads each sequence's
-contiguous working buffer (`model.working_kv`) instead of gathering its blocks from the pool layer by layer
-(the reference kernels), and does it give the same logits? And a mixed step: the same decodes plus one prefill
-chunk over a cached prefix. The baseline is the paged forward as it was (`forward_packed` without `working`),
-timed in the same process, the contenders alternating step by step at the same positions (each writes the same
-slots), so drift and neighbours land on both alike; figures are medians, the ratio the median of per-round
-ratios. Seeded random prompts; the prefixes are prefilled once (causal SDPA) before timing. Both contenders
-use the model's CPU vocabulary product (a transposed copy of the lm_head); `lm_head` times it against F.linear
-alone, interleaved.
+sequences (the serving path's step on a CPU, `PagedLlamaBackend._packed`) when attention reads the working slab
+(`model.working_kv`) instead of gathering every sequence's blocks from the pool layer by layer (the reference
+kernels), and does it give the same logits ("working")? And with the products over transposed weight copies
+too (`model.transposed_products`), as the serving backend runs on a CPU ("serving")? Also a mixed step: the
+same decodes plus one prefill chunk over a cached prefix. The baseline is the paged forward as it was
+(`forward_packed` without `working`, F.linear products), timed in the same process, the three contenders taking
+turns step by step at the same positions (each writes the same slots), the order rotating, so drift and
+neighbours land on all alike; figures are medians, a ratio the median of per-round ratios. Seeded random
+prompts; the prefixes are prefilled once (causal SDPA) before timing. `lm_head` times the vocabulary product
+alone: F.linear against the transposed copy, interleaved.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class Setup:
             table = torch.tensor(self.tables[b], dtype=torch.int32)
             self.model.prefill(self.pool, torch.tensor(self.ids[b][: self.context]), 0, table)
         self.chunk = args.chunk
+        self.transposed = self.model.with_transposed_products()
         self.working = WorkingKV(s.num_layers, s.num_kv_heads, s.head_dim, self.model.dtype, self.model.device,
                                  budget_bytes=1 << 34)
 
@@ -77,11 +79,17 @@ class Setup:
         return self.model.forward_packed(self.pool, inputs)
 
     def buffered(self, j: int, mixed: bool) -> torch.Tensor:
+        return self._over_slab(self.model, j, mixed)
+
+    def serving(self, j: int, mixed: bool) -> torch.Tensor:
+        return self._over_slab(self.transposed, j, mixed)
+
+    def _over_slab(self, model: PagedLlama, j: int, mixed: bool) -> torch.Tensor:
         chunks = self.chunks(j, mixed)
-        inputs = PackedInputs.pack(chunks, self.model.device, BLOCK)
+        inputs = PackedInputs.pack(chunks, model.device, BLOCK)
         batch = self.working.batch(self.pool, [WorkingChunk(b, start, start + len(ids), table)
                                                for b, (ids, start, table) in enumerate(chunks)])
-        return self.model.forward_packed(self.pool, inputs, working=batch)
+        return model.forward_packed(self.pool, inputs, working=batch)
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -91,24 +99,25 @@ def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
 
 
 def compare(setup: Setup, rounds: int, mixed: bool) -> dict[str, object]:
-    """Both contenders on steps 0 .. rounds + 1 (two untimed warm-ups), alternating which goes first."""
-    base: list[float] = []
-    ours: list[float] = []
+    """The contenders on steps 0 .. rounds + 1 (two untimed warm-ups), the order rotating from step to step."""
+    contenders = [("paged", setup.paged), ("working", setup.buffered), ("serving", setup.serving)]
+    times: dict[str, list[float]] = {name: [] for name, _ in contenders}
     identical, max_diff = True, 0.0
     for j in range(rounds + 2):
-        order = [("paged", setup.paged), ("working", setup.buffered)]
-        if j % 2:
-            order.reverse()
+        order = contenders[j % 3 :] + contenders[: j % 3]
         got = {name: timed(lambda fn=fn, j=j: fn(j, mixed)) for name, fn in order}
         identical &= bool(torch.equal(got["paged"][1], got["working"][1]))
-        max_diff = max(max_diff, float((got["paged"][1] - got["working"][1]).abs().max()))
+        max_diff = max(max_diff, float((got["paged"][1] - got["serving"][1]).abs().max()))
         if j >= 2:
-            base.append(got["paged"][0])
-            ours.append(got["working"][0])
-    ratio = statistics.median(b / o for b, o in zip(base, ours, strict=True))
-    return {"paged_ms": round(statistics.median(base) * 1e3, 1), "working_ms": round(statistics.median(ours) * 1e3, 1),
-            "paged_min_ms": round(min(base) * 1e3, 1), "working_min_ms": round(min(ours) * 1e3, 1),
-            "speedup": round(ratio, 3), "logits_identical": identical, "max_abs_logit_diff": max_diff}
+            for name, (seconds, _) in got.items():
+                times[name].append(seconds)
+    out: dict[str, object] = {f"{name}_ms": round(statistics.median(t) * 1e3, 1) for name, t in times.items()}
+    for name in ("working", "serving"):
+        out[f"{name}_speedup"] = round(statistics.median(
+            b / o for b, o in zip(times["paged"], times[name], strict=True)), 3)
+    out["working_logits_identical"] = identical  # the slab alone: the same logits as the paged forward
+    out["serving_max_abs_logit_diff"] = max_diff  # with the transposed products too: equal within rounding
+    return out
 
 
 def lm_head(setup: Setup, rounds: int) -> dict[str, object]:

@@ -81,12 +81,14 @@ class PagedLlamaBackend(ModelBackend):
 
     def __init__(self, model: PagedLlama, cache: KVCacheManager, config: SchedulerConfig | None = None) -> None:
         config = config if config is not None else SchedulerConfig()
-        self.model, self._cache = model, cache
+        # CPU: the layer and vocabulary products over transposed weight copies (model.transposed_products)
+        self.model = model if cache.kv.device.type == "cuda" else model.with_transposed_products()
+        self._cache = cache
         self.staging: StagingBlocks | None = None
         if cache.spec.pool_format is not None:  # room for one step's blocks and every sequence's partial tail
             capacity = math.ceil(config.max_step_tokens / cache.block_size) + 2 * config.max_running + 2
             self.staging = StagingBlocks(cache.spec, cache.kv, model.backend, capacity)
-        model.check_pool(self.pool)
+        self.model.check_pool(self.pool)
         self.blocks = SequenceBlocks(cache)
         self.table_width = math.ceil(model.max_positions / cache.block_size)
         self.on_cuda = cache.kv.device.type == "cuda"

@@ -50,6 +50,7 @@ from ..kernels.fused_decode_ops import rms_norm as _rms_norm  # one op: F.rms_no
 from ..kernels.fused_decode_ops import rotate as _rotate
 from .gathered_prefill import GatherRule, PrefillPath, gathered_attention
 from .kv_views import Pool, PoolViews, QuantPool, block_size_of, slot_base
+from .transposed_products import TransposedWeights, linear_t, plus_linear_t, transposed
 from .working_kv import WorkingBatch
 
 #: RoPE types whose inverse frequencies change with the sequence length (not supported: one fixed table).
@@ -233,9 +234,9 @@ class PagedLlama:
             raise ValueError(f"state dict lacks {exc.args[0]!r}; expected a transformers LlamaForCausalLM's") from None
         self.shape = shape
         self.lm_head = weights.get("lm_head.weight", self.embed)  # tied embeddings: the same matrix
-        # CPU: the vocabulary product reads a transposed copy, (rows, hidden) @ (hidden, vocab): at a few rows it
-        # runs about 1.5x faster than F.linear over (vocab, hidden) (bench_cpu_step's lm_head figures)
-        self._lm_head_t = self.lm_head.t().contiguous() if self.lm_head.device.type == "cpu" else None
+        # `with_transposed_products`: the products over transposed copies (None: F.linear over the weights)
+        self._transposed: tuple[TransposedWeights, ...] | None = None
+        self._lm_head_t: Tensor | None = None
         self.layers = tuple(_layer_weights(weights, i) for i in range(shape.num_layers))
         self.device, self.dtype = self.embed.device, self.embed.dtype
         self.max_positions = max_positions
@@ -256,6 +257,15 @@ class PagedLlama:
             raise ValueError("a model with biases decodes through the shared layer, not through decode ops")
         model = copy.copy(self)
         model.decode_ops = get_decode_ops(name, self.backend.write_kv)
+        return model
+
+    def with_transposed_products(self) -> PagedLlama:
+        """This model (same weights) computing its layers' and the vocabulary's products over transposed copies
+        (`model.transposed_products`: faster on a CPU at a few rows, equal within rounding; the copies cost the
+        product weights once more). The fused decode ops (`decode`) keep the weights as they are."""
+        model = copy.copy(self)
+        model._transposed = tuple(TransposedWeights.of(w) for w in self.layers)
+        model._lm_head_t = transposed(self.lm_head)
         return model
 
     @classmethod
@@ -293,9 +303,10 @@ class PagedLlama:
         caches (`PoolViews.write`), or through `store(i, k, v)` when given, then `attend(i, q, k, v)` ->
         (tokens, q_heads, head_dim)."""
         s, w = self.shape, self.layers[i]
+        wt = self._transposed[i] if self._transposed is not None else None
         t = h.shape[0]
         x = _rms_norm(h, w.input_norm, s.rms_norm_eps)
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        qkv = F.linear(x, w.qkv, w.qkv_bias) if wt is None else linear_t(x, wt.qkv, w.qkv_bias)
         rotated = s.num_heads + s.num_kv_heads  # q and k heads are adjacent: one RoPE for both
         qk = _rotate(qkv[:, : rotated * s.head_dim].view(t, rotated, s.head_dim), *rope)
         q, k = qk[:, : s.num_heads], qk[:, s.num_heads :]
@@ -306,10 +317,13 @@ class PagedLlama:
             assert views is not None and slots is not None
             self.backend.write_kv(k, v, *views.write(i), slots)
         o = attend(i, q, k, v)
-        h = _plus_linear(h, o.reshape(t, s.num_heads * s.head_dim), w.o, w.o_bias)
+        o = o.reshape(t, s.num_heads * s.head_dim)
+        h = _plus_linear(h, o, w.o, w.o_bias) if wt is None else plus_linear_t(h, o, wt.o, w.o_bias)
         x = _rms_norm(h, w.post_norm, s.rms_norm_eps)
-        gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-        return _plus_linear(h, F.silu(gate) * up, w.down, w.down_bias)
+        gate_up = F.linear(x, w.gate_up, w.gate_up_bias) if wt is None else linear_t(x, wt.gate_up, w.gate_up_bias)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        return _plus_linear(h, act, w.down, w.down_bias) if wt is None else plus_linear_t(h, act, wt.down, w.down_bias)
 
     def _decode_layer(self, h: Tensor, i: int, views: PoolViews, slots: Tensor, rope: tuple[Tensor, Tensor]
                       ) -> Tensor:
