@@ -142,7 +142,7 @@ def test_workers_give_the_same_results_as_one_process():
     [
         ({"capacities": [0]}, "capacity 0"),
         ({"capacities": []}, "need at least one"),
-        ({"policies": ["lru", "mru"]}, "adaptive, arc, belady, fifo, lfu, lru, s3fifo"),
+        ({"policies": ["lru", "mru"]}, "adaptive, adaptive_sampled, arc, belady, fifo, lfu, lru, s3fifo"),
         ({"workers": 0}, "workers=0"),
     ],
 )
