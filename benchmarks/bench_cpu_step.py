@@ -61,7 +61,11 @@ class Setup:
             table = torch.tensor(self.tables[b], dtype=torch.int32)
             self.model.prefill(self.pool, torch.tensor(self.ids[b][: self.context]), 0, table)
         self.chunk = args.chunk
+        # the serving contender's KV differs within rounding: it runs on a pool and a slab of its own
         self.transposed = self.model.with_transposed_products()
+        self.serving_pool = self.pool.clone()
+        self.serving_working = WorkingKV(s.num_layers, s.num_kv_heads, s.head_dim, self.model.dtype, self.model.device,
+                                         budget_bytes=1 << 34)
         self.working = WorkingKV(s.num_layers, s.num_kv_heads, s.head_dim, self.model.dtype, self.model.device,
                                  budget_bytes=1 << 34)
 
@@ -79,17 +83,18 @@ class Setup:
         return self.model.forward_packed(self.pool, inputs)
 
     def buffered(self, j: int, mixed: bool) -> torch.Tensor:
-        return self._over_slab(self.model, j, mixed)
+        return self._over_slab(self.model, self.pool, self.working, j, mixed)
 
     def serving(self, j: int, mixed: bool) -> torch.Tensor:
-        return self._over_slab(self.transposed, j, mixed)
+        return self._over_slab(self.transposed, self.serving_pool, self.serving_working, j, mixed)
 
-    def _over_slab(self, model: PagedLlama, j: int, mixed: bool) -> torch.Tensor:
+    def _over_slab(self, model: PagedLlama, pool: torch.Tensor, working: WorkingKV, j: int, mixed: bool
+                   ) -> torch.Tensor:
         chunks = self.chunks(j, mixed)
         inputs = PackedInputs.pack(chunks, model.device, BLOCK)
-        batch = self.working.batch(self.pool, [WorkingChunk(b, start, start + len(ids), table)
-                                               for b, (ids, start, table) in enumerate(chunks)])
-        return model.forward_packed(self.pool, inputs, working=batch)
+        batch = working.batch(pool, [WorkingChunk(b, start, start + len(ids), table)
+                                     for b, (ids, start, table) in enumerate(chunks)])
+        return model.forward_packed(pool, inputs, working=batch)
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
