@@ -18,7 +18,9 @@ and values into their slots with the backend's `write_kv`, then attends:
   sequence's blocks gathered per layer (`gathered_prefill`; not for a quantized pool: the kernel path then).
 - `forward_packed`: the new tokens of SEVERAL sequences (prefill chunks and single decode tokens alike) packed
   into one forward (`PackedInputs`): one pass over the weights for all of them, the backend's paged prefill
-  kernel attending per sequence over its cached prefix and its new tokens (varlen, causal among the new).
+  kernel attending per sequence over its cached prefix and its new tokens (varlen, causal among the new); or,
+  given a `WorkingBatch` (the CPU serving path, `working_kv`), attention over the working slab's contiguous
+  copies of the sequences' KV, the new KV reaching the pool at the end of the forward.
 - `decode`: one token per sequence for a batch, with the backend's paged decode kernel. It reads only the
   tensors of its `DecodeInputs` (slots and lengths are derived on the device), never synchronises with the
   host and allocates only through the caching allocator, so a CUDA graph can capture it (`DecodeStep`). Its
@@ -26,6 +28,9 @@ and values into their slots with the backend's `write_kv`, then attends:
   KV store are one launch, the SiLU-multiply one, and at batch 1 the products are Triton matrix-vector kernels
   with the norms, the SiLU-multiply and the residual adds fused in; elsewhere the PyTorch formulas (the
   reference twin). A model with biases decodes through the shared layer.
+
+`with_transposed_products()` gives a model whose layer and vocabulary products read transposed weight copies
+(faster on a CPU at a few rows, equal within rounding; `transposed_products`).
 
 Invariants: the block table rows cover every position attended (``table[p // block_size]`` holds position
 p); positions are below `max_positions` (the RoPE table length; checked on the host in `prefill`, by the
