@@ -77,7 +77,8 @@ def make_runner(lm: LoadedModel, model: PagedLlama, kv_dtype: str | None, num_bl
         config = KVCacheConfig(device="cpu", block_size=bs, kv_dtype=kv_dtype, cpu_tier_bytes=0)
         spec = dataclasses.replace(spec, pool_format=kv_dtype)
         cache = KVCacheManager(config, spec, num_blocks, lm.namespace(spec, namespace_codec(config)))
-        runner = QuantKVRunner(kv_dtype, model, cache, QuantPool, get_pool_format(kv_dtype), max_chunk)
+        runner = QuantKVRunner(kv_dtype, model, cache, QuantPool, get_pool_format(kv_dtype), max_chunk,
+                               config.kv_residual_tokens)
         model.check_pool(runner.pool)
     except (ImportError, TypeError, ValueError) as exc:
         return f"not available: {type(exc).__name__}: {exc}"

@@ -98,24 +98,26 @@ class KVRunner:
 
 class QuantKVRunner(KVRunner):
     """A quantized pool (`KVCacheConfig.kv_dtype`) as the live path holds it: a sequence's sealed blocks are
-    slabs of the pool, its unsealed ones (the partial tail and the blocks a chunk fills) live in full-precision
-    staging blocks of this runner, and every block a forward fills is sealed (quantized on write with the
-    backend's `seal_blocks`) right after it. One sequence's staging at a time: staging block j holds the
-    sequence's block ``sealed + j``."""
+    slabs of the pool, its unsealed ones (the partial tail, the blocks a chunk fills and the full-precision
+    window of its last `residual` tokens, `KVCacheConfig.kv_residual_tokens`) live in full-precision staging
+    blocks of this runner, and every block entirely older than the window is sealed (quantized on write with
+    the backend's `seal_blocks`) right after the forward that filled it. One sequence's staging at a time:
+    staging block j holds the sequence's block ``sealed + j``."""
 
     def __init__(self, name: str, model: PagedLlama, cache: KVCacheManager, quant_pool: type, fmt: object,
-                 max_chunk: int) -> None:
+                 max_chunk: int, residual: int = 0) -> None:
         super().__init__(name, model, cache)
-        spec, self.format = cache.spec, fmt
-        shape = (max_chunk // self.block_size + 2, spec.num_layers, 2, self.block_size, spec.num_kv_heads,
-                 spec.head_dim)
+        spec, self.format, self.residual = cache.spec, fmt, residual
+        blocks = (max_chunk + residual) // self.block_size + 2
+        shape = (blocks, spec.num_layers, 2, self.block_size, spec.num_kv_heads, spec.head_dim)
         self.staging = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.pool = quant_pool(cache.kv, self.staging, fmt)
         self.sealed: dict[int, int] = {}  # id(sequence) -> its leading blocks sealed
 
     def forward(self, seq: OpenSequence, tokens: Sequence[int], all_logits: bool = True) -> Tensor:
         self._grow(seq, seq.length + len(tokens))
-        sealed, bs = self.sealed.get(id(seq), seq.length // self.block_size), self.block_size
+        bs = self.block_size
+        sealed = self.sealed.get(id(seq), max(seq.length - self.residual, 0) // bs)
         if len(seq.table) - sealed > self.staging.shape[0]:
             raise ValueError(f"{len(tokens)} tokens need more than {self.staging.shape[0]} staging blocks")
         n = self.pool.num_sealed
@@ -123,13 +125,14 @@ class QuantKVRunner(KVRunner):
         inputs = PackedInputs.pack([(list(tokens), seq.length, table)], self.model.device, bs)
         logits = self.model.forward_packed(self.pool, inputs, all_logits=all_logits)
         seq.length += len(tokens)
-        full = seq.length // bs - sealed
+        full = max(seq.length - self.residual, 0) // bs - sealed
         if full > 0:
             device = self.staging.device
             self.model.backend.seal_blocks(self.staging, torch.arange(full, device=device), self.cache.kv,
                                            torch.tensor(seq.table[sealed : sealed + full], device=device), self.format)
-            if seq.length % bs:  # the partial tail moves to staging block 0
-                self.staging[0] = self.staging[full]
+            rest = len(seq.table) - sealed - full  # the staged blocks left move down to staging block 0
+            if rest > 0:
+                self.staging[:rest] = self.staging[full : full + rest].clone()
         self.sealed[id(seq)] = sealed + max(full, 0)
         return logits
 

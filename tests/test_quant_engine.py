@@ -39,8 +39,8 @@ def model(lm) -> PagedLlama:
     return PagedLlama.from_hf(lm.model, max_positions=256)
 
 
-def quant_cache(lm, fmt: str | None, num_blocks: int = 64) -> KVCacheManager:
-    config = KVCacheConfig(block_size=BS, kv_dtype=fmt, cpu_tier_bytes=0, device="cpu")
+def quant_cache(lm, fmt: str | None, num_blocks: int = 64, residual: int = 0) -> KVCacheManager:
+    config = KVCacheConfig(block_size=BS, kv_dtype=fmt, kv_residual_tokens=residual, cpu_tier_bytes=0, device="cpu")
     spec = lm.kv_spec(BS)
     spec = type(spec)(**{**spec.__dict__, "pool_format": fmt})
     from ultra_adaptive_kv_cache_engine.cache.tier_list import namespace_codec
@@ -51,9 +51,9 @@ def quant_cache(lm, fmt: str | None, num_blocks: int = 64) -> KVCacheManager:
 class World:
     """A paged backend over a fresh (quantized) pool, its scheduler and a step loop driven by the test."""
 
-    def __init__(self, lm, model, fmt: str | None, num_blocks: int = 64, **config) -> None:
+    def __init__(self, lm, model, fmt: str | None, num_blocks: int = 64, residual: int = 0, **config) -> None:
         self.lm = lm
-        self.cache = quant_cache(lm, fmt, num_blocks)
+        self.cache = quant_cache(lm, fmt, num_blocks, residual)
         self.backend = PagedLlamaBackend(model, self.cache, SchedulerConfig(**config))
         self.scheduler = Scheduler(self.backend, SchedulerConfig(admission_headroom=0.0, **config))
         self.loop = StepLoop(self.scheduler, threaded=False)

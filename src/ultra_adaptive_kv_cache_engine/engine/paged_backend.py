@@ -87,7 +87,8 @@ class PagedLlamaBackend(ModelBackend):
         self.staging: StagingBlocks | None = None
         if cache.spec.pool_format is not None:  # room for one step's blocks and every sequence's partial tail
             capacity = math.ceil(config.max_step_tokens / cache.block_size) + 2 * config.max_running + 2
-            self.staging = StagingBlocks(cache.spec, cache.kv, model.backend, capacity)
+            self.staging = StagingBlocks(cache.spec, cache.kv, model.backend, capacity,
+                                         cache.config.kv_residual_tokens)  # grows for the residual windows
         self.model.check_pool(self.pool)
         self.blocks = SequenceBlocks(cache)
         self.table_width = math.ceil(model.max_positions / cache.block_size)
