@@ -59,11 +59,17 @@ def test_params_are_normalised_to_sorted_pairs_and_the_config_is_hashable():
 def test_registry_builds_each_press_and_names_unknown_ones():
     assert sorted(PRESSES) == ["keys_norm", "sinks_window", "snapkv"]
     assert make_press(PressConfig("sinks_window", tokens=8, params={"sinks": 2})) == SinksWindowPress(sinks=2)
-    assert make_press(PressConfig("snapkv", ratio=0.5)) == SnapKVPress(window=32, kernel=7, pooling="max")
+    assert make_press(PressConfig("snapkv", ratio=0.5)) == SnapKVPress(window=32, kernel=7, pooling="max", sinks=4,
+                                                                        recent=0.9)
     with pytest.raises(ValueError, match="unknown press 'h3o'; expected one of: keys_norm, sinks_window, snapkv"):
         make_press(PressConfig("h3o", ratio=0.5))
-    with pytest.raises(ValueError, match="press 'snapkv' has no parameter 'sinks'; expected: kernel, pooling, window"):
-        make_press(PressConfig("snapkv", ratio=0.5, params={"sinks": 4}))
+    with pytest.raises(ValueError, match="press 'snapkv' has no parameter 'size'; expected: kernel, pooling, recent, "
+                                         "sinks, window"):
+        make_press(PressConfig("snapkv", ratio=0.5, params={"size": 4}))
+    with pytest.raises(ValueError, match=r"recent=1.5 must be a share of the kept tokens in \[0, 1\]"):
+        SnapKVPress(recent=1.5)
+    with pytest.raises(ValueError, match="sinks=-1 must be a non-negative integer"):
+        SnapKVPress(sinks=-1)
     with pytest.raises(ValueError, match="pooling='median'; expected one of: avg, max"):
         make_press(PressConfig("snapkv", ratio=0.5, params={"pooling": "median"}))
     with pytest.raises(ValueError, match="kernel=4 must be a positive odd integer"):
@@ -102,7 +108,7 @@ def test_snapkv_votes_pools_and_keeps_its_window():
     # 8 tokens, window 2 (tokens 6, 7 always kept); votes over tokens 0..5 summed over the 2 window rows.
     rows = [[0.0, 0.1, 0.0, 0.0, 0.5, 0.0, 0.4, 0.0], [0.2, 0.0, 0.0, 0.3, 0.1, 0.0, 0.2, 0.2]]
     obs = LayerObservation(0, 8, 1, attention=_attention(rows, 2))
-    press = SnapKVPress(window=2, kernel=1)
+    press = SnapKVPress(window=2, kernel=1, sinks=0, recent=0)
     votes = press.scores(obs)  # mean over the 2 query heads of 1x and 2x the rows: 1.5x the row sums
     torch.testing.assert_close(votes, torch.tensor([[0.3, 0.15, 0.0, 0.45, 0.9, 0.0, 0.0, 0.0]]))
     assert press.select(obs, 4).tolist() == [[3, 4, 6, 7]]
@@ -110,7 +116,17 @@ def test_snapkv_votes_pools_and_keeps_its_window():
     assert press.select(obs, 1).tolist() == [[7]]  # fewer kept than the window: its last tokens
     pooled = SnapKVPress(window=2, kernel=3, pooling="max").scores(obs)
     torch.testing.assert_close(pooled, torch.tensor([[0.3, 0.3, 0.45, 0.9, 0.9, 0.9, 0.0, 0.0]]))
-    assert SnapKVPress(window=2, kernel=3, pooling="max").select(obs, 4).tolist() == [[3, 4, 6, 7]]
+    assert SnapKVPress(window=2, kernel=3, pooling="max", sinks=0, recent=0).select(obs, 4).tolist() == [[3, 4, 6, 7]]
+
+
+def test_snapkv_hybrid_keeps_sinks_and_a_recent_share_then_the_best_scored():
+    rows = [[0.0, 0.1, 0.0, 0.0, 0.5, 0.0, 0.4, 0.0], [0.2, 0.0, 0.0, 0.3, 0.1, 0.0, 0.2, 0.2]]
+    obs = LayerObservation(0, 8, 1, attention=_attention(rows, 2))  # votes 0.3, 0.15, 0, 0.45, 0.9, 0 (0..5)
+    assert SnapKVPress(window=2, kernel=1, sinks=1, recent=0.5).select(obs, 6).tolist() == [[0, 3, 4, 5, 6, 7]]
+    assert SnapKVPress(window=2, kernel=1, sinks=2, recent=0.5).select(obs, 6).tolist() == [[0, 1, 4, 5, 6, 7]]
+    assert SnapKVPress(window=2, kernel=1, sinks=2, recent=0).select(obs, 5).tolist() == [[0, 1, 4, 6, 7]]
+    # the recent share covers the budget: no room for sinks, the last `kept` tokens
+    assert SnapKVPress(window=2, kernel=1, sinks=4, recent=1.0).select(obs, 3).tolist() == [[5, 6, 7]]
 
 
 def test_snapkv_chooses_per_kv_head_from_its_query_group():
@@ -119,7 +135,7 @@ def test_snapkv_chooses_per_kv_head_from_its_query_group():
     attention[0:2, 0, 1] = 1.0
     attention[2:4, 0, 4] = 1.0
     obs = LayerObservation(0, 6, 2, attention=attention)
-    assert SnapKVPress(window=1, kernel=1).select(obs, 2).tolist() == [[1, 5], [4, 5]]
+    assert SnapKVPress(window=1, kernel=1, sinks=0, recent=0).select(obs, 2).tolist() == [[1, 5], [4, 5]]
     with pytest.raises(ValueError, match=r"needs the attention \(q_heads, 1, 6\)"):
         SnapKVPress(window=1).select(LayerObservation(0, 6, 2), 2)
 

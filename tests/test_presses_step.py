@@ -157,7 +157,8 @@ def brute_snapkv(attentions, window: int, kernel: int, kept: int, kv_heads: int,
 def test_snapkv_press_keeps_what_the_paper_would_per_layer_and_head(lm, model, pooling):
     prompt = random_ids(LENGTH, seed=7)
     cache, seq = prefilled(lm, model, prompt)
-    config = PressConfig("snapkv", ratio=0.5, params={"window": 3, "kernel": 3, "pooling": pooling})
+    config = PressConfig("snapkv", ratio=0.5, params={"window": 3, "kernel": 3, "pooling": pooling, "sinks": 0,
+                                                      "recent": 0})
     result = PressStep(config, model, cache).apply(seq.table, prompt)
     assert result is not None and result.kept == 12 and result.table == (5, 6, 7)
     assert result.indices.tolist() == brute_snapkv(eager_attentions(lm, prompt), 3, 3, 12, 2, pooling)
