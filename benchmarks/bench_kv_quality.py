@@ -63,8 +63,9 @@ def log(message: str) -> None:
 
 
 def make_runner(lm: LoadedModel, model: PagedLlama, kv_dtype: str | None, num_blocks: int, bs: int,
-                max_chunk: int) -> KVRunner | str:
-    """The runner of one setting, or why it is not available."""
+                max_chunk: int, residual: int | None = None) -> KVRunner | str:
+    """The runner of one setting, or why it is not available; `residual` overrides the configured
+    `kv_residual_tokens` (the full-precision window of a quantized pool)."""
     spec = lm.kv_spec(bs)
     if kv_dtype is None:
         config = KVCacheConfig(device="cpu", block_size=bs, cpu_tier_bytes=0)
@@ -74,7 +75,8 @@ def make_runner(lm: LoadedModel, model: PagedLlama, kv_dtype: str | None, num_bl
         from ultra_adaptive_kv_cache_engine.compression.pool_formats import get_pool_format
         from ultra_adaptive_kv_cache_engine.model.kv_views import QuantPool
 
-        config = KVCacheConfig(device="cpu", block_size=bs, kv_dtype=kv_dtype, cpu_tier_bytes=0)
+        extra = {} if residual is None else {"kv_residual_tokens": residual}
+        config = KVCacheConfig(device="cpu", block_size=bs, kv_dtype=kv_dtype, cpu_tier_bytes=0, **extra)
         spec = dataclasses.replace(spec, pool_format=kv_dtype)
         cache = KVCacheManager(config, spec, num_blocks, lm.namespace(spec, namespace_codec(config)))
         runner = QuantKVRunner(kv_dtype, model, cache, QuantPool, get_pool_format(kv_dtype), max_chunk,

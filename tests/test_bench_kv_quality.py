@@ -137,8 +137,8 @@ def test_ppl_row_compares_with_the_baseline():
     assert row["meets_goal"] is False and row["goal"] == 0.005
 
 
-def quant_runner(lm, model, fmt: str) -> QuantKVRunner:
-    runner = make_runner(lm, model, fmt, 24, BS, 8)
+def quant_runner(lm, model, fmt: str, residual: int = 0) -> QuantKVRunner:
+    runner = make_runner(lm, model, fmt, 24, BS, 8, residual)
     if isinstance(runner, str):
         pytest.skip(f"quantized pools: {runner}")
     return runner
@@ -160,6 +160,21 @@ def test_the_quantized_runner_seals_every_filled_block_and_keeps_the_tail_in_sta
     teacher_forced(runner, seq, ids[8:], ids[9:], 8)  # a partial block: in staging 0, not sealed
     assert runner.sealed[id(seq)] == 2 and seq.length == 10
     assert spec.pool_format == "int8"
+    runner.close(seq)
+    assert runner.cache.num_free_blocks == 24 and runner.sealed == {}
+
+
+def test_the_quantized_runner_seals_only_blocks_older_than_its_window(lm, model):
+    runner = quant_runner(lm, model, "int2", residual=4)
+    assert runner.residual == 4 and runner.staging.shape[0] == (8 + 4) // BS + 2
+    ids = random_ids(14, seed=5)
+    seq = runner.open()
+    teacher_forced(runner, seq, ids[:8], ids[1:9], 8)  # 8 tokens: block 1 holds the last 4, staged
+    assert runner.sealed[id(seq)] == 1
+    teacher_forced(runner, seq, ids[8:11], ids[9:12], 8)  # 11 tokens: the window 7..10 still touches block 1
+    assert runner.sealed[id(seq)] == 1
+    teacher_forced(runner, seq, ids[11:], ids[12:], 8)  # 14 tokens: window 10..13, blocks 0 and 1 sealed
+    assert runner.sealed[id(seq)] == 2 and seq.length == 14
     runner.close(seq)
     assert runner.cache.num_free_blocks == 24 and runner.sealed == {}
 
