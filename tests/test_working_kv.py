@@ -61,7 +61,7 @@ def test_forward_over_the_slab_equals_the_paged_forward_step_by_step(model):
     assert len(working) == 2 and working._valid == {1: 9, 2: 6}
 
 
-def test_rows_are_dense_and_the_slab_goes_when_the_last_row_does(model):
+def test_rows_are_dense_and_the_slab_stays_until_released(model):
     pool, working = _pool(model), _working(model)
     batch = working.batch(pool, [WorkingChunk(k, 0, 3, [k]) for k in (7, 8, 9)])
     assert batch is not None and [working.row_of(k) for k in (7, 8, 9)] == [0, 1, 2]
@@ -71,7 +71,11 @@ def test_rows_are_dense_and_the_slab_goes_when_the_last_row_does(model):
     working.drop(7)  # nothing held: nothing happens
     working.drop(9)
     working.drop(8)
-    assert len(working) == 0 and working.slab is None and working.bytes_held == 0
+    assert len(working) == 0 and working.slab is not None and working.bytes_held == 4 * 64 * 2 * model.shape.num_layers \
+        * model.shape.num_kv_heads * model.shape.head_dim * 4
+    assert working.batch(pool, [WorkingChunk(5, 0, 2, [5])]) is not None and working.row_of(5) == 0
+    working.release()
+    assert len(working) == 0 and working.slab is None and working.bytes_held == 0 and working.row_of(5) is None
 
 
 def test_a_batch_past_the_budget_is_refused_and_changes_nothing(model):

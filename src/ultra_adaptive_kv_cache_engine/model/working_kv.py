@@ -14,7 +14,8 @@ sequence's positions; before a forward, the positions between `valid` and a chun
 pool (the cached prefix at first use, or tokens a forward without the slab computed); a chunk's positions count
 as valid once `flush` wrote them to the pool. The owner `drop`s a sequence whenever its KV changes other than by
 a forward through the slab (closed, preempted, pressed). Rows are dense: a dropped row is refilled with the
-last one (so the decode call reads rows 0 .. n-1 and no more), and the slab is freed when no row is held.
+last one (so the decode call reads rows 0 .. n-1 and no more). The slab is kept when no row is held (the next
+sequences reuse it: allocating and zeroing it again cost more than a step); `release` gives it back.
 Capacity doubles, rows grow by half, when they run out (amortised O(1) per token); the slab stays within `budget_bytes`: a batch that would need more gets None (nothing
 changed) and the caller takes the paged path. Not for a quantized pool (sealed blocks are read dequantized
 there): the pool is a block-major tensor (blocks, layers, 2, block_size, kv_heads, head_dim).
@@ -77,14 +78,16 @@ class WorkingKV:
             return
         self._valid.pop(key)
         last = self._keys.pop()
-        if not self._keys:
-            self.slab = None  # idle: the memory goes back
-            return
         if last != key:
             assert self.slab is not None
             valid = self._valid[last]
             self.slab[row, :, :, :, :valid].copy_(self.slab[len(self._keys), :, :, :, :valid])
             self._keys[row], self._rows[last] = last, row
+
+    def release(self) -> None:
+        """Forgets every row and gives the slab's memory back."""
+        self.slab = None
+        self._rows, self._keys, self._valid = {}, [], {}
 
     def batch(self, pool: Tensor, chunks: list[WorkingChunk]) -> WorkingBatch | None:
         """The forward's view over `chunks` (in packed order), rows given, grown and filled up to each chunk's
