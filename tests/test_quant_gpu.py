@@ -58,7 +58,8 @@ def bf16_model() -> PagedLlama:
 class World:
     def __init__(self, model: PagedLlama, fmt: str | None, cuda_graphs: bool = True, num_blocks: int = 128) -> None:
         s = model.shape
-        config = KVCacheConfig(block_size=BS, device="cuda", kv_dtype=fmt, cpu_tier_bytes=0)
+        config = KVCacheConfig(block_size=BS, device="cuda", kv_dtype=fmt, cpu_tier_bytes=0,
+                               kv_residual_tokens=0)  # every full block read sealed: the kernels under test
         spec = KVSpec(s.num_layers, s.num_kv_heads, s.head_dim, BS, model.dtype, model.device, pool_format=fmt)
         self.cache = KVCacheManager(config, spec, num_blocks=num_blocks)
         sched = SchedulerConfig(cuda_graphs=cuda_graphs, admission_headroom=0.0)
