@@ -187,7 +187,7 @@ def test_a_dead_cluster_node_costs_only_hits(tmp_path: Path) -> None:
         assert all(r is not None for r in tier.get_many(keys))
         nodes[2].stop()
         got = tier.get_many(keys)  # no exception reaches the caller: misses, the breaker opens
-        assert got == [None] * 24 or all(g is None or torch.equal(g.tensor(), r.tensor()) for g, r in zip(got, many))
+        assert got == [None] * 24 or all(g is None or torch.equal(g.tensor(), r.tensor()) for g, r in zip(got, many, strict=True))
         assert tier.get_many(keys) == [None] * 24 and not tier.usage().healthy
         assert tier.usage().counters["errors"] >= 1 and tier.usage().last_error
     finally:

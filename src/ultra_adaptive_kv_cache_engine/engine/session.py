@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from ..cache.manager import KVCacheManager
@@ -25,6 +26,7 @@ from ..config import KVCacheConfig
 from ..metrics import Counters, Profiler
 from ..model.loaded import LoadedModel
 from ..model.loader import load_model
+from .backend import ModelBackend
 from .backend_registry import make_backend
 from .controllers import Controllers, conversation_key
 from .incremental_text import IncrementalText
@@ -36,6 +38,7 @@ from .sampling import parse_messages, parse_sampling
 from .scheduler import Scheduler
 from .scheduler_config import SchedulerConfig
 from .sequence_state import SequenceState
+from .setup_thread import run_on_setup_thread
 from .shadow import ShadowVerifier
 from .step_loop import StepLoop
 
@@ -56,17 +59,16 @@ class ModelSession:
         self.config = config
         self.press = parse_press(config.kv_press)  # a bad line fails before the model loads
         self.profiler = profiler or Profiler(enabled=False)
-        self.loaded = loaded if loaded is not None else load_model(config)
         self.optimizer = optimizer or PerformanceOptimizer()
         self.optimizer.bandwidth.set_prior(POOL, 1e18)  # blocks already in the pool cost nothing to "load"
-        spec = replace(self.loaded.kv_spec(config.block_size, dtype=config.dtype), pool_format=config.kv_dtype)
-        namespace = self.loaded.namespace(spec, codec=namespace_codec(config), tenant_salt=config.tenant_salt)
-        self.cache = KVCacheManager.from_config(config, spec, namespace)
-        if config.enable_optimizer:  # compute or load, per request, from measured costs
-            self.cache.set_load_planner(self._plan_load, self._observe_load)
         self.counters = Counters()
         self.scheduler_config = scheduler_config if scheduler_config is not None else SchedulerConfig.from_config(config)
-        self.backend = make_backend(self.scheduler_config.backend, self.loaded, self.cache, self.scheduler_config)
+        # The model, the pool and the backend: on a CPU built on a thread of their own (engine/setup_thread.py)
+        build = partial(self._build, config, loaded)
+        self.loaded, self.cache, self.backend = (
+            run_on_setup_thread(build) if config.device.resolve().type == "cpu" else build())
+        if config.enable_optimizer:  # compute or load, per request, from measured costs
+            self.cache.set_load_planner(self._plan_load, self._observe_load)
         if self.press is not None and not self.supports_press:
             raise ValueError(f"kv_press={config.kv_press!r} needs the paged_llama backend; {self.backend.name!r} "
                              f"serves {self.loaded.model_id!r} and cannot press (set kv_press none)")
@@ -78,6 +80,15 @@ class ModelSession:
             self.controllers.start()
         self.shadow = ShadowVerifier.for_session(config.shadow_fraction, self.cache, self.loaded.model,
                                                  getattr(self.controllers.metrics, "registry", None))
+
+    def _build(self, config: KVCacheConfig, loaded: LoadedModel | None
+               ) -> tuple[LoadedModel, KVCacheManager, ModelBackend]:
+        """The loaded model (`loaded`, else loaded from `config`), its cache manager and its model backend."""
+        loaded = loaded if loaded is not None else load_model(config)
+        spec = replace(loaded.kv_spec(config.block_size, dtype=config.dtype), pool_format=config.kv_dtype)
+        namespace = loaded.namespace(spec, codec=namespace_codec(config), tenant_salt=config.tenant_salt)
+        cache = KVCacheManager.from_config(config, spec, namespace)
+        return loaded, cache, make_backend(self.scheduler_config.backend, loaded, cache, self.scheduler_config)
 
     # ----------------------------------------------------------------- requests
     def encode_request(self, request: dict[str, Any]) -> list[int]:

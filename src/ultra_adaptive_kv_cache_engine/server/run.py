@@ -81,13 +81,23 @@ def serve_command(kv_config: KVCacheConfig, server_config: ServerConfig, model: 
     """`uakv serve`: model, engine, server, graceful shutdown; returns 0 (see the module docstring). `model`: an
     already loaded model (default: the one `kv_config.model_path` names, loaded now)."""
     from ..engine.engine import UltraAdaptiveKVCacheEngine
+    from ..engine.setup_thread import run_on_setup_thread
     from ..model.loader import load_model
     from .app import create_app
 
-    model = model if model is not None else load_model(kv_config)
-    engine = UltraAdaptiveKVCacheEngine(kv_config, model=model)
+    def build() -> tuple[Any, Any]:
+        loaded = model if model is not None else load_model(kv_config)
+        built = UltraAdaptiveKVCacheEngine(kv_config, model=loaded)
+        try:
+            return built, create_app(built, server_config, loaded)
+        except BaseException:
+            built.close()
+            raise
+
+    # built on a thread of its own, which leaves the event loop's thread no OpenMP team (engine/setup_thread.py)
+    engine, app = run_on_setup_thread(build)
     try:
-        run_server(create_app(engine, server_config, model), server_config)
+        run_server(app, server_config)
         if kv_config.enable_persistence:
             print(f"uakv serve: persisted on shutdown: {engine.persist()}", file=sys.stderr, flush=True)
     finally:
