@@ -74,7 +74,7 @@ def make_runner(lm: LoadedModel, model: PagedLlama, kv_dtype: str | None, num_bl
         return KVRunner("full", model, KVCacheManager(config, spec, num_blocks, lm.namespace(spec)))
     try:
         from ultra_adaptive_kv_cache_engine.cache.tier_list import namespace_codec
-        from ultra_adaptive_kv_cache_engine.compression.pool_formats import get_pool_format
+        from ultra_adaptive_kv_cache_engine.compression.pool_formats import get_pool_format, residual_window
         from ultra_adaptive_kv_cache_engine.model.kv_views import QuantPool
 
         extra = {} if residual is None else {"kv_residual_tokens": residual}
@@ -82,7 +82,7 @@ def make_runner(lm: LoadedModel, model: PagedLlama, kv_dtype: str | None, num_bl
         spec = dataclasses.replace(spec, pool_format=kv_dtype)
         cache = KVCacheManager(config, spec, num_blocks, lm.namespace(spec, namespace_codec(config)))
         runner = QuantKVRunner(kv_dtype, model, cache, QuantPool, get_pool_format(kv_dtype), max_chunk,
-                               config.kv_residual_tokens)
+                               residual_window(kv_dtype, config.kv_residual_tokens))
         model.check_pool(runner.pool)
     except (ImportError, TypeError, ValueError) as exc:
         return f"not available: {type(exc).__name__}: {exc}"

@@ -144,3 +144,21 @@ def test_committed_blocks_hold_the_quantized_prompt_and_are_reused(lm, model):
                 expected = fmt.quantize(plain.kv[fp_block, layer, kv][None], kv == 0)[0]
                 assert torch.equal(quant.kv[q_block, layer, kv], expected)
     assert (first.cached_tokens, again.cached_tokens) == (0, 20)
+
+
+@pytest.mark.parametrize(("fmt", "configured", "expected"),
+                         [("int2", None, 256), ("int4", None, 128), ("fp8", None, 128), ("int8", None, 128),
+                          ("int2", 0, 0), ("int4", 64, 64)])
+def test_the_backend_reads_the_formats_own_window_unless_one_is_configured(lm, model, fmt, configured, expected):
+    config = KVCacheConfig(block_size=BS, kv_dtype=fmt, kv_residual_tokens=configured, cpu_tier_bytes=0,
+                           device="cpu")
+    spec = dataclasses.replace(lm.kv_spec(BS), pool_format=fmt)
+    cache = KVCacheManager(config, spec, 16, lm.namespace(spec, namespace_codec(config)))
+    backend = PagedLlamaBackend(model, cache, SchedulerConfig())
+    assert backend.staging is not None and backend.staging.residual == expected
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "128", True])
+def test_a_bad_window_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="kv_residual_tokens"):
+        KVCacheConfig(kv_dtype="int2", kv_residual_tokens=bad)

@@ -188,10 +188,10 @@ class KVCacheConfig:
         "help": "precision of KV blocks in the pool: none keeps dtype; fp8, int8, int4 or int2 quantizes sealed "
                 "blocks (int4/int2 KIVI-style: keys per channel, values per token; a sequence's last, unfilled "
                 "block stays in full precision); tier codecs must then be lossless (identity or zstd)"})
-    kv_residual_tokens: int = field(default=128, metadata={
+    kv_residual_tokens: int | None = field(default=None, metadata={
         "help": "with kv_dtype: each sequence keeps reading its last this many tokens' blocks in full precision "
                 "(KIVI's residual window; blocks are still sealed, named and shared quantized); 0: only the "
-                "unfilled last block"})
+                "unfilled last block; none: the format's own (256 for int2, 128 for the others)"})
     kv_press: str | None = field(default=None, metadata={
         "help": "token eviction at the end of each prompt's prefill (paged_llama backend): none, or NAME:BUDGET"
                 "[,PARAM=VALUE...] with NAME sinks_window, snapkv or keys_norm and BUDGET a ratio (snapkv:0.5) or "
@@ -282,7 +282,8 @@ class KVCacheConfig:
                              f"{type(self.tier_secret).__name__} of length {len(str(self.tier_secret))})")
         _require_int("block_size", self.block_size, 1, MAX_BLOCK_SIZE)
         _require_int("cpu_tier_bytes", self.cpu_tier_bytes, 0)
-        _require_int("kv_residual_tokens", self.kv_residual_tokens, 0, 1 << 20)
+        if self.kv_residual_tokens is not None:
+            _require_int("kv_residual_tokens", self.kv_residual_tokens, 0, 1 << 20)
         _require_int("disk_tier_bytes", self.disk_tier_bytes, 0)
         _require_int("max_new_tokens", self.max_new_tokens, 1, 1 << 20)
         for name in ("max_running", "max_step_tokens", "max_waiting"):

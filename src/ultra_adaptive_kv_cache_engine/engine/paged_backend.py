@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from ..cache.manager import KVCacheManager
+from ..compression.pool_formats import residual_window
 from ..compression.presses import PressConfig
 from ..kernels.reference_attention import compute_dtype
 from ..memory import OutOfBlocksError
@@ -88,7 +89,7 @@ class PagedLlamaBackend(ModelBackend):
         if cache.spec.pool_format is not None:  # room for one step's blocks and every sequence's partial tail
             capacity = math.ceil(config.max_step_tokens / cache.block_size) + 2 * config.max_running + 2
             self.staging = StagingBlocks(cache.spec, cache.kv, model.backend, capacity,
-                                         cache.config.kv_residual_tokens)  # grows for the residual windows
+                                         residual_window(cache.spec.pool_format, cache.config.kv_residual_tokens))
         self.model.check_pool(self.pool)
         self.blocks = SequenceBlocks(cache)
         self.table_width = math.ceil(model.max_positions / cache.block_size)
