@@ -44,6 +44,7 @@ from ..memory import BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBloc
 from ..metrics import LOGGER_NAME, Counters
 from ..policies import EvictionPolicy, has_policy, make_policy
 from ..prefix import Namespace, PrefixIndex, hash_block, hash_blocks
+from ..prefix.chain_memo import ChainMemo
 from ..tiers import BlockRecord, FlushResult
 from .budget import PoolBudget, plan_pool
 from .kv_input import check_kv, gather_layer, token_list, usage_dict
@@ -110,6 +111,7 @@ class KVCacheManager(NamedChains):
         self.policy = self._make_policy(self.budget.num_blocks)
         self.pool = BlockPool(spec, self.budget.num_blocks, allocator, on_evict=self._on_evict, policy=self.policy)
         self.index = PrefixIndex()
+        self._chains = ChainMemo(namespace)  # a prompt looked up twice (count, then open) is hashed once
         self._sequences: dict[int, _Sequence] = {}
         self._next_seq_id = 0
         self.lower = lower
@@ -143,16 +145,13 @@ class KVCacheManager(NamedChains):
         """Hashes block by block and stops at the first miss (no hashing past it)."""
         block_ids: list[int] = []
         hashes: list[bytes] = []
-        parent: bytes | None = None
-        bs = self.block_size
-        for i in range(max_blocks):
-            parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
+        for parent in self._chains.names(tokens, max_blocks):
             block_id = self.index.get(parent)
             if block_id is None:
                 break
             block_ids.append(block_id)
             hashes.append(parent)
-        return PrefixMatch(tuple(block_ids), tuple(hashes), len(block_ids) * bs)
+        return PrefixMatch(tuple(block_ids), tuple(hashes), len(block_ids) * self.block_size)
 
     def new_sequence(self, token_ids: Sequence[int] = (), *, max_cached_tokens: int | None = None) -> int:
         """A new sequence recording `token_ids`, reusing (incref) the longest cached prefix of them.
