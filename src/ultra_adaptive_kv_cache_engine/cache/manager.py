@@ -21,7 +21,8 @@ Ownership and invariants (all public methods hold `self._lock`):
 - Errors (bad shapes, dtypes, tokens, unknown sequence, out of blocks) raise before anything changes.
 
 With `lower` (see `LowerTiers`), committed blocks are written through to the tiers below the pool, and
-`new_sequence` continues a prefix match into those tiers, promoting what it finds into pool blocks.
+`new_sequence` continues a prefix match into those tiers, promoting what it finds into pool blocks (that part of
+the class, and the tiers' façade, is `manager_tiers.TierLink`; pressed chains are `manager_named.NamedChains`).
 
 The clock the policy reads is the request tick: one value per `new_sequence`, so every event of one request
 shares a tick (as in the replay lab).
@@ -32,27 +33,25 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..config import KVCacheConfig
-from ..memory import BlockPool, EvictedBlock, KVSpec, MemoryAllocator, OutOfBlocksError
+from ..memory import BlockPool, KVSpec, MemoryAllocator, OutOfBlocksError
 from ..metrics import LOGGER_NAME, Counters
 from ..policies import EvictionPolicy, has_policy, make_policy
 from ..prefix import Namespace, PrefixIndex, hash_block, hash_blocks
 from ..prefix.chain_memo import ChainMemo
-from ..tiers import BlockRecord, FlushResult
 from .budget import PoolBudget, plan_pool
 from .kv_input import check_kv, gather_layer, token_list, usage_dict
-from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
+from .lower_tiers import LowerTiers
 from .manager_named import NamedChains
+from .manager_tiers import TierLink
 from .namespaces import check_namespace, default_namespace
 from .results import HeldBlocks, PrefixMatch, SequenceHits
-from .tier_controls import BlockSource, TierControl
 
 
 @dataclass(slots=True)
@@ -67,7 +66,7 @@ class _Sequence:
     refused: bool = False  # the policy refused one of its blocks: the rest of it is never named
 
 
-class KVCacheManager(NamedChains):
+class KVCacheManager(NamedChains, TierLink):
     """Paged KV for sequences, with prefix caching, over a `BlockPool` of blocks of `spec`, and tiers below it.
 
     `num_blocks` (tests, benchmarks) fixes the pool size; otherwise the memory budget decides (`plan_pool`:
@@ -183,102 +182,6 @@ class KVCacheManager(NamedChains):
             self.counters.add("prefix_query_tokens", len(tokens))
             self.counters.add("prefix_hit_tokens", match.num_tokens)
             return seq_id
-
-    def _promote(self, tokens: list[int], match: PrefixMatch, max_blocks: int) -> PrefixMatch:
-        """Continues `match` (blocks already pinned) with the leading run of the next blocks found in the lower
-        tiers, decoded into newly allocated (pinned) pool blocks and indexed. The run is fetched and loaded in
-        runs of `LowerTiers.fetch_runs` (on CUDA each run's copies are queued before the next run is looked
-        up, so the host's lookups and bookkeeping overlap the copies of the runs before it)."""
-        assert self.lower is not None
-        bs, first = self.block_size, len(match.block_ids)
-        runs = self._hash_runs(tokens, match.hashes[-1] if match.hashes else None, first, max_blocks)
-        if self.lower.planner is not None or self.lower.observer is not None:  # they see every name first
-            wanted = self.lower.choose([h for run in runs for h in run], first, len(tokens))
-            runs = iter([wanted[i : i + self.lower.promotion_run] for i in range(0, len(wanted), self.lower.promotion_run)])
-        started = time.perf_counter()
-        loaded: list[BlockRecord] = []
-        new_ids: list[int] = []
-        for run in self.lower.fetch_runs(runs):
-            records = run[: self.pool.num_free]
-            block_ids = self.pool.allocate_many(len(records)) if records else None
-            if not block_ids:
-                break
-            try:
-                self.lower.load(self.pool.kv, block_ids, records)
-            except ValueError as exc:  # a record of another shape or dtype: never served
-                self.logger.warning("lower-tier blocks not loaded: %s", exc)
-                self.pool.free(block_ids)
-                break
-            for block_id, record in zip(block_ids, records, strict=True):
-                if self.index.insert(record.block_hash, block_id):
-                    self.pool.set_block_hash(block_id, record.block_hash)
-            loaded += records
-            new_ids += block_ids
-            if len(records) < len(run):
-                break
-        if not loaded:
-            return match
-        self.counters.add("tier_hit_tokens", len(loaded) * bs)
-        self.lower.report(loaded, time.perf_counter() - started)
-        return PrefixMatch(match.block_ids + tuple(new_ids), match.hashes + tuple(r.block_hash for r in loaded),
-                           (len(match.block_ids) + len(loaded)) * bs)
-
-    def _hash_runs(self, tokens: list[int], parent: bytes | None, first: int, stop: int) -> Iterator[list[bytes]]:
-        """The names of blocks [first, stop) of `tokens` after `parent`, `promotion_run` at a time, each run
-        hashed only when it is asked for (the first copies start after one run's hashing, not all of it)."""
-        assert self.lower is not None
-        bs, step = self.block_size, self.lower.promotion_run
-        for start in range(first, stop, step):
-            run: list[bytes] = []
-            for i in range(start, min(start + step, stop)):
-                parent = hash_block(parent, tokens[i * bs : (i + 1) * bs], self.namespace)
-                run.append(parent)
-            yield run
-
-    def evict_blocks(self, hashes: Sequence[bytes]) -> int:
-        """Forgets the blocks named `hashes` everywhere: unnamed in the pool (a held block stays with its sequences,
-        never found again) and removed from every tier below (`LowerTiers.evict`); returns the pool blocks unnamed."""
-        with self._lock:
-            dropped = [b for b in map(self.index.remove, hashes) if b is not None]
-            for block_id in dropped:
-                self.pool.clear_block_hash(block_id)
-        if self.lower is not None:
-            self.lower.evict(hashes)
-        return len(dropped)
-
-    def persist(self) -> FlushResult | None:
-        """Makes every committed block durable in the lower tiers; None when there are none."""
-        return self.lower.flush() if self.lower is not None else None
-
-    def durable_blocks(self) -> int:
-        """Blocks the durable tiers (disk) hold now: what a restart warm-starts from."""
-        return self.lower.durable_blocks() if self.lower is not None else 0
-
-    def set_load_planner(self, planner: LoadPlanner | None, observer: LoadObserver | None = None) -> None:
-        """Compute or load: `planner` decides per request how many blocks found below the pool to load (the rest
-        is recomputed); `observer` is told what each promotion moved and how long it took. No-op without tiers."""
-        if self.lower is not None:
-            self.lower.planner, self.lower.observer = planner, observer
-
-    def close(self) -> FlushResult | None:
-        """Waits for queued tier writes and stops the writer threads (idempotent); None without tiers."""
-        return self.lower.close() if self.lower is not None else None
-
-    def usage(self) -> Any:
-        """The tiers' `TierUsage` tree, or None without tiers."""
-        return self.lower.usage() if self.lower is not None else None
-
-    def tier_controls(self) -> list[TierControl]:
-        """What the autoscaler resizes: one control per resizable tier, fastest first."""
-        return self.lower.tier_controls() if self.lower is not None else []
-
-    def block_record_bytes(self) -> int:
-        """What one block takes in the tiers (its record under the write codec; the pool's bytes without tiers)."""
-        return self.lower.record_bytes(self.spec) if self.lower is not None else self.spec.bytes_per_block
-
-    def block_source(self) -> BlockSource | None:
-        """What the prefetcher promotes through (in the write-through thread), or None without tiers."""
-        return self.lower.block_source() if self.lower is not None else None
 
     # -- the pool as kernels and runners see it ----------------------------------------------------------
     @property
@@ -521,19 +424,6 @@ class KVCacheManager(NamedChains):
             if self.lower is not None:
                 stats["tiers"] = usage_dict(self.lower.usage())
             return stats
-
-    def _on_evict(self, evicted: EvictedBlock) -> None:
-        """The pool hands a named block out again: its name leaves the index and, when the tiers take blocks on
-        eviction (`LowerTiers.write_on_evict`) and none holds it yet, a snapshot goes down to them. The snapshot
-        is taken now, on the pool's stream, so whatever overwrites the block later runs after it."""
-        block_hash, block_id = evicted.block_hash, evicted.block_id
-        if self.index.get(block_hash) != block_id:
-            return
-        self.index.remove(block_hash)
-        lower = self.lower
-        if lower is not None and lower.write_on_evict and not lower.store.contains(block_hash):
-            lower.write([block_hash], self.pool.kv[block_id : block_id + 1].clone())
-            self.counters.add("evicted_written_blocks")
 
     def _sequence(self, seq_id: int) -> _Sequence:
         seq = self._sequences.get(seq_id)
