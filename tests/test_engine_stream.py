@@ -297,3 +297,29 @@ def test_the_step_loop_wakes_a_step_s_streams_once(tiny, defer):
     assert 2 <= loop.wakeups <= 1 + steps[0] and balanced(session)
     session.close()
     loop.close()
+
+
+@pytest.mark.asyncio
+async def test_paged_cache_is_the_seeds_class_over_the_engines_own_blocks(engine):
+    from ultra_adaptive_kv_cache_engine import PagedKVCache
+
+    done = await engine.process_request({"action": "process", "text": "the same prompt, reused", "max_new_tokens": 3})
+    paged = engine.paged_cache()
+    session = engine._model_session()
+    assert isinstance(paged, PagedKVCache) and paged.manager is session.cache
+    prompt = session.encode_request({"text": "the same prompt, reused"})
+    full = len(prompt) // CONFIG.block_size * CONFIG.block_size
+    assert done["text"] and paged.lookup(prompt).num_tokens == full  # the request's blocks, found through it
+    seq = paged.new_sequence(prompt, max_cached_tokens=len(prompt) - 1)
+    assert paged.num_cached_tokens(seq) == (len(prompt) - 1) // CONFIG.block_size * CONFIG.block_size
+    paged.free(seq)
+    assert session.cache.num_free_blocks == session.cache.num_blocks
+
+
+def test_paged_cache_over_refuses_anything_but_a_manager_and_extra_arguments(engine):
+    from ultra_adaptive_kv_cache_engine import PagedKVCache
+
+    with pytest.raises(TypeError, match="KVCacheManager"):
+        PagedKVCache.over(object())
+    with pytest.raises(ValueError, match="as it is"):
+        PagedKVCache(CONFIG, num_blocks=4, manager=engine.paged_cache().manager)

@@ -5,7 +5,8 @@ eight KV heads of 64, `config.block_size` tokens per block, `config.dtype` or fl
 seed's content-addressed `store` / `retrieve` (inherited from `BaseKVCache`, bounded by `max_tokens`), and
 holds its sequences' KV in a `KVCacheManager` (`self.manager`): block pool sized from the memory budget, prefix
 index, the configured policy and the tiers of `config.tier_list`. The sequence methods below are the
-manager's, so code written for either works on both.
+manager's, so code written for either works on both. `PagedKVCache.over(manager)` wraps a manager that exists
+already: `UltraAdaptiveKVCacheEngine.paged_cache()` is the seed's class over the engine's own blocks.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class PagedKVCache(BaseKVCache):
     """Paged KV for sequences (through `self.manager`) plus the seed's tensor store; see the module docstring.
 
     `spec` defaults to `default_spec(config)`; `num_blocks` fixes the pool size (default: the memory budget);
-    `tiers=True` builds the tiers of `config.tier_list` below the pool (default: none, a pool only).
+    `tiers=True` builds the tiers of `config.tier_list` below the pool (default: none, a pool only);
+    `manager` uses that manager as it is (see `over`).
     """
 
     def __init__(
@@ -45,14 +47,29 @@ class PagedKVCache(BaseKVCache):
         namespace: Namespace | None = None,
         allocator: MemoryAllocator | None = None,
         tiers: bool = False,
+        manager: KVCacheManager | None = None,
     ) -> None:
         super().__init__(config)
+        if manager is not None:
+            if (spec, num_blocks, namespace, allocator, tiers) != (None, None, None, None, False):
+                raise ValueError("PagedKVCache(manager=...) takes the manager as it is; expected no spec, "
+                                 "num_blocks, namespace, allocator or tiers beside it")
+            self.manager = manager
+            return
         spec = spec if spec is not None else default_spec(config)
         if tiers:
             ns = namespace if namespace is not None else default_namespace(config, spec)
             self.manager = KVCacheManager.from_config(config, spec, ns, num_blocks, allocator)
         else:
             self.manager = KVCacheManager(config, spec, num_blocks, namespace, allocator)
+
+    @classmethod
+    def over(cls, manager: KVCacheManager) -> PagedKVCache:
+        """The seed's paged cache over `manager` (its config, blocks, index, policy and tiers): what one does
+        through it, the manager's other users see, and the other way round."""
+        if not isinstance(manager, KVCacheManager):
+            raise TypeError(f"manager must be a KVCacheManager, got {type(manager).__name__}")
+        return cls(manager.config, manager=manager)
 
     @property
     def spec(self) -> KVSpec:

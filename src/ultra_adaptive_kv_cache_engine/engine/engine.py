@@ -18,6 +18,7 @@ import torch
 
 from ..cache.disk_census import count_kv_blocks
 from ..cache.factory import create_cache
+from ..cache.paged_cache import PagedKVCache
 from ..cache.shared_snapshot import SharedSnapshot
 from ..config import KVCacheConfig
 from ..metrics import LOGGER_NAME, Profiler
@@ -150,6 +151,12 @@ class UltraAdaptiveKVCacheEngine:
         """The model session's KV cache manager, for reports through its public methods (the server's cache
         digest: `held_blocks`). Loads the model."""
         return self._model_session().cache
+
+    def paged_cache(self) -> PagedKVCache:
+        """The seed's `PagedKVCache` over the model session's KV cache manager: sequence-level access (`lookup`,
+        `new_sequence`, `append`, `commit`, `read_layer`, ...) to the same blocks, prefix index and tiers that
+        `process` requests fill and reuse. Loads the model."""
+        return PagedKVCache.over(self._model_session().cache)
 
     def hf_cache(self) -> PrefixCache:
         """A transformers cache over the model session's KV cache, for any number of `generate` calls of the
