@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from bench_common import emit
 from e2e_model import build_hf, log, make_cache
+from model_runner import ModelRunner, RunnerConfig
 
-from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
 from ultra_adaptive_kv_cache_engine.model.decode_step import DecodeStep
 from ultra_adaptive_kv_cache_engine.model.paged_llama import DecodeInputs, PagedLlama
 

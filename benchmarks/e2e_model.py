@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from model_runner import ModelRunner, RunnerConfig
 
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager, default_namespace
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
-from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
 from ultra_adaptive_kv_cache_engine.memory import KVSpec
 from ultra_adaptive_kv_cache_engine.model.gathered_prefill import PrefillPath
 from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama

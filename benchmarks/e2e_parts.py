@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 from e2e_model import World, sync
+from model_runner import ModelRunner
 
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
-from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner
 from ultra_adaptive_kv_cache_engine.model.gathered_prefill import PrefillPath
 from ultra_adaptive_kv_cache_engine.tiers.block_io import LoadResult
 

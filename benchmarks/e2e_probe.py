@@ -27,8 +27,8 @@ import bench_end_to_end_gpu  # noqa: F401 - stands in for missing optional modul
 import torch
 from bench_common import emit
 from e2e_model import build_hf, make_cache, sync
+from model_runner import ModelRunner, RunnerConfig
 
-from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
 from ultra_adaptive_kv_cache_engine.model.decode_step import DecodeStep
 from ultra_adaptive_kv_cache_engine.model.paged_llama import DecodeInputs, PagedLlama
 

@@ -205,8 +205,8 @@ def part_runner(hf: Any, ids: list[list[int]], args: argparse.Namespace) -> dict
     """Our ModelRunner over the same prompts, in fixed batches of `clients` (a warm-up batch first)."""
     import torch
     from e2e_model import make_cache
+    from model_runner import ModelRunner, RunnerConfig
 
-    from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
     from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama
 
     clients, prompt_tokens, new = sizes(args)

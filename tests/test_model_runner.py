@@ -4,6 +4,8 @@ transformers' generate with its DynamicCache; exact reuse and release accounting
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,13 @@ from model_fixtures import baseline_generate, make_paged, random_ids, tiny_model
 from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.compression import make_codec
-from ultra_adaptive_kv_cache_engine.engine.model_runner import DecodeMode, ModelRunner, RunnerConfig
 from ultra_adaptive_kv_cache_engine.memory import OutOfBlocksError
 from ultra_adaptive_kv_cache_engine.model.decode_step import DecodeStep
 from ultra_adaptive_kv_cache_engine.model.paged_llama import LlamaShape, PagedLlama
 from ultra_adaptive_kv_cache_engine.tiers import CPUTier, TieredStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from model_runner import DecodeMode, ModelRunner, RunnerConfig  # noqa: E402 - the GPU benches' fixed-batch baseline
 
 NEW = 10
 BS = 4

@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +20,15 @@ from ultra_adaptive_kv_cache_engine.cache.lower_tiers import LowerTiers
 from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
 from ultra_adaptive_kv_cache_engine.compression import make_codec
 from ultra_adaptive_kv_cache_engine.config import KVCacheConfig
-from ultra_adaptive_kv_cache_engine.engine.model_runner import DecodeMode, ModelRunner, RunnerConfig
 from ultra_adaptive_kv_cache_engine.kernels import triton_available
 from ultra_adaptive_kv_cache_engine.memory import KVSpec
 from ultra_adaptive_kv_cache_engine.model.loaded import LoadedModel
 from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama
 from ultra_adaptive_kv_cache_engine.model.tiny import TinyLlamaSpec, build_tiny_llama
 from ultra_adaptive_kv_cache_engine.tiers import CPUTier, TieredStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from model_runner import DecodeMode, ModelRunner, RunnerConfig  # noqa: E402 - the GPU benches' fixed-batch baseline
 
 pytestmark = [
     pytest.mark.gpu,

@@ -8,15 +8,20 @@ the Triton kernel vs SDPA on CUDA, up to the Llama-3-8B head shape), and the tin
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from model_fixtures import baseline_generate, make_paged, random_ids, tiny_model
 
-from ultra_adaptive_kv_cache_engine.engine.model_runner import ModelRunner, RunnerConfig
 from ultra_adaptive_kv_cache_engine.kernels import PagedKV, get_backend, triton_available
 from ultra_adaptive_kv_cache_engine.model.gathered_prefill import GatherRule, PrefillPath, gathered_attention
 from ultra_adaptive_kv_cache_engine.model.paged_llama import LlamaShape, PagedLlama
 from ultra_adaptive_kv_cache_engine.model.tiny import TinyLlamaSpec, build_tiny_llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from model_runner import ModelRunner, RunnerConfig  # noqa: E402 - the GPU benches' fixed-batch baseline
 
 BS = 4
 NEW = 8

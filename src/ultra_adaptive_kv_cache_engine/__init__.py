@@ -58,8 +58,6 @@ _EXPORTS: dict[str, str] = {
     "ReuseReport": ".model.prefix_cache",
     "build_tiny_llama": ".model.tiny",
     "TinyLlamaSpec": ".model.tiny",
-    "ModelRunner": ".engine.model_runner",
-    "RunnerConfig": ".engine.model_runner",
     "TieredStore": ".tiers.store",
     "CPUTier": ".tiers.cpu",
     "DiskTier": ".tiers.disk",

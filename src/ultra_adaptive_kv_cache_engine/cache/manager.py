@@ -3,7 +3,7 @@
 It composes the block pool (`memory.BlockPool`, sized from the memory budget: `cache.budget`), the prefix
 index (`prefix.PrefixIndex`), the eviction policy the configured strategy names (the pool asks it for victims)
 and the ordered tiers below the pool (`LowerTiers`, built from `config.tier_list`). The engine, the model
-runners, the Hugging Face cache adapter and the tensor-parallel runner use only its public methods:
+backends, the Hugging Face cache adapter and the tensor-parallel runner use only its public methods:
 `lookup`, `new_sequence` (reserve a sequence, reusing and promoting its cached prefix), `append`, `commit`,
 `fork`, `free`, `allocate_scratch` / `free_scratch`, `commit_named` / `acquire_named` (`NamedChains`: pressed
 chains), `read_layer`, `persist`, `durable_blocks`, `held_blocks`, `stats`, `close`.

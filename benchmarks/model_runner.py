@@ -1,5 +1,9 @@
 """`ModelRunner`: greedy generation for a batch of prompts with our own paged Llama over a `KVCacheManager`.
 
+The GPU benches' fixed-batch baseline (`bench_serving.py --gpu`, the e2e benches): a batch prefilled, then
+decoded in lock step. What users run is the scheduler's `PagedLlamaBackend` (continuous batching over the same
+`SequenceBlocks`, `DecodeStep` and kernels), which the in-process engine measured faster than this runner.
+
 Per call (`generate`):
 1. Each prompt opens a sequence in the cache through `SequenceBlocks` (the scheduler's backend uses the same
    piece): the longest cached prefix is reused (capped at ``len(prompt) - 1`` so the last prompt token is
@@ -34,13 +38,13 @@ from typing import Any
 
 import torch
 
-from ..cache.manager import KVCacheManager
-from ..memory import OutOfBlocksError
-from ..metrics import LOGGER_NAME
-from ..model.decode_step import DecodeStep
-from ..model.gathered_prefill import PrefillPath
-from ..model.paged_llama import PagedLlama
-from .sequence_blocks import PooledSequence, SequenceBlocks
+from ultra_adaptive_kv_cache_engine.cache.manager import KVCacheManager
+from ultra_adaptive_kv_cache_engine.engine.sequence_blocks import PooledSequence, SequenceBlocks
+from ultra_adaptive_kv_cache_engine.memory import OutOfBlocksError
+from ultra_adaptive_kv_cache_engine.metrics import LOGGER_NAME
+from ultra_adaptive_kv_cache_engine.model.decode_step import DecodeStep
+from ultra_adaptive_kv_cache_engine.model.gathered_prefill import PrefillPath
+from ultra_adaptive_kv_cache_engine.model.paged_llama import PagedLlama
 
 logger = logging.getLogger(LOGGER_NAME)
 
