@@ -17,30 +17,15 @@ Same lock, same pool and index as the rest of the manager (this is a part of its
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    import threading
-
-    from ..memory import BlockPool
-    from ..metrics import Counters
-    from ..prefix import PrefixIndex
-    from .lower_tiers import LowerTiers
+from .manager_state import ManagerState
 
 
-class NamedChains:
+class NamedChains(ManagerState):
     """Blocks named by caller-given chains (see the module docstring); mixed into `KVCacheManager`."""
-
-    _lock: threading.RLock
-    pool: BlockPool
-    index: PrefixIndex
-    counters: Counters
-    lower: LowerTiers | None
-    logger: logging.Logger
 
     def commit_named(self, block_ids: Sequence[int], hashes: Sequence[bytes]) -> int:
         """Names the held, unnamed `block_ids` by `hashes` (pairwise, in chain order); returns how many are new.

@@ -12,36 +12,23 @@ Same lock, same pool and index as the rest of the manager (this is a part of its
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..prefix import Namespace, PrefixIndex, hash_block
+from ..prefix import hash_block
 from ..tiers import BlockRecord, FlushResult
-from .lower_tiers import LoadObserver, LoadPlanner, LowerTiers
+from .lower_tiers import LoadObserver, LoadPlanner
+from .manager_state import ManagerState
 from .results import PrefixMatch
 from .tier_controls import BlockSource, TierControl
 
 if TYPE_CHECKING:
-    import threading
-
-    from ..memory import BlockPool, EvictedBlock, KVSpec
-    from ..metrics import Counters
+    from ..memory import EvictedBlock
 
 
-class TierLink:
+class TierLink(ManagerState):
     """Promotion from, eviction to and the façade of the tiers below the pool; mixed into `KVCacheManager`."""
-
-    _lock: threading.RLock
-    pool: BlockPool
-    index: PrefixIndex
-    counters: Counters
-    lower: LowerTiers | None
-    logger: logging.Logger
-    spec: KVSpec
-    namespace: Namespace
-    block_size: int
 
     def _promote(self, tokens: list[int], match: PrefixMatch, max_blocks: int) -> PrefixMatch:
         """Continues `match` (blocks already pinned) with the leading run of the next blocks found in the lower
